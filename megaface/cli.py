@@ -1,0 +1,56 @@
+"""The `megaface` command line: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing `main(argv: list[str]) -> int`; it is imported
+only when chosen, so `megaface pack --help` does not pay for DeepSpeed's import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("megaface.train", "main", "train a backbone + model-parallel FC7 with DeepSpeed"),
+    "eval": ("megaface.eval.cli", "main_eval", "verification on .bin packs (LFW, CFP-FP, AgeDB-30, ...)"),
+    "eval-ijb": ("megaface.eval.cli", "main_ijb", "IJB-B/C 1:1 template verification (TAR@FAR)"),
+    "eval-ident": ("megaface.eval.cli", "main_ident", "MegaFace-style 1:N identification (rank-1, CMC)"),
+    "embed": ("megaface.eval.cli", "main_embed", "embeddings for an image folder, a RecordIO pack or a .bin"),
+    "pack": ("megaface.data.cli", "main", "write RecordIO training packs, .bin verification packs, synthetic data"),
+    "convert": ("megaface.convert", "main", "inspect, consolidate, reshard, ONNX and InsightFace interop"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: megaface <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`megaface <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from megaface import __version__
+
+        print(f"megaface {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        print(f"megaface: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Process-group setup for every launcher megaface supports.
+
+`init_distributed()` reads the launcher's environment once and returns a frozen `DistState`; nothing
+happens at import time and nothing is kept in module globals. Supported launchers:
+
+| launcher                                   | variables read                                         |
+|--------------------------------------------|--------------------------------------------------------|
+| `deepspeed` (with or without a hostfile)   | RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT |
+| `torchrun`                                 | same                                                   |
+| `mpirun` (OpenMPI)                         | OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK/_LOCAL_SIZE     |
+| `mpirun` (MPICH, Intel MPI), `srun`        | PMI_RANK/PMI_SIZE, SLURM_PROCID/SLURM_NTASKS           |
+| plain `python`                             | nothing: one process, no process group                 |
+
+Under MPI the rendezvous address is MASTER_ADDR/MASTER_PORT when set; otherwise rank 0 picks one and
+broadcasts it with mpi4py (loopback when all ranks share one host).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistState:
+    """Where this process sits in the job. `group=None` means the default (world) group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+
+
+def _int_env(environ: dict[str, str], *names: str) -> int | None:
+    for name in names:
+        value = environ.get(name)
+        if value is not None and value != "":
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    return None
+
+
+def detect_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Rank / world size / local rank as the launcher set them (pure: reads `environ` only)."""
+    env = dict(os.environ if environ is None else environ)
+    candidates = [
+        ("torch", ("RANK",), ("WORLD_SIZE",), ("LOCAL_RANK",), ("LOCAL_WORLD_SIZE",)),
+        ("openmpi", ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",),
+         ("OMPI_COMM_WORLD_LOCAL_RANK",), ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+        ("pmi", ("PMI_RANK",), ("PMI_SIZE",), ("MPI_LOCALRANKID",), ("MPI_LOCALNRANKS",)),
+        ("slurm", ("SLURM_PROCID",), ("SLURM_NTASKS",), ("SLURM_LOCALID",), ("SLURM_NTASKS_PER_NODE",)),
+    ]
+    for launcher, rank_k, size_k, lrank_k, lsize_k in candidates:
+        rank = _int_env(env, *rank_k)
+        size = _int_env(env, *size_k)
+        if rank is None or size is None:
+            continue
+        if not 0 <= rank < size:
+            raise ValueError(f"launcher '{launcher}' set rank {rank} outside world size {size}")
+        local_rank = _int_env(env, *lrank_k)
+        local_size = _int_env(env, *lsize_k)
+        return LaunchEnv(rank, size, rank if local_rank is None else local_rank,
+                         size if local_size is None else local_size, launcher)
+    return LaunchEnv(0, 1, 0, 1, "single")
+
+
+def _default_device(local_rank: int) -> torch.device:
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and accel.is_available():
+        kind = accel.current_accelerator().type
+        return torch.device(kind, local_rank % max(accel.device_count(), 1))
+    return torch.device("cpu")
+
+
+def _default_backend(device: torch.device) -> str:
+    getter = getattr(dist, "get_default_backend_for_device", None)
+    if getter is not None:
+        return getter(device)
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _mpi_rendezvous(launch: LaunchEnv) -> None:
+    """Fill MASTER_ADDR/MASTER_PORT for MPI launches, where no launcher set them."""
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(
+            f"launched by MPI ({launch.launcher}) without MASTER_ADDR/MASTER_PORT and mpi4py is not "
+            "installed: `pip install megaface[mpi]`, or export MASTER_ADDR and MASTER_PORT"
+        ) from None
+    comm = MPI.COMM_WORLD
+    if launch.rank == 0:
+        single_host = launch.local_world_size == launch.world_size
+        addr = os.environ.get("MASTER_ADDR") or (
+            "127.0.0.1" if single_host else socket.gethostbyname(socket.gethostname()))
+        port = int(os.environ.get("MASTER_PORT") or _free_port())
+        payload = (addr, port)
+    else:
+        payload = None
+    addr, port = comm.bcast(payload, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistState:
+    """Join the job the launcher started (or stay a single process) and return its `DistState`.
+
+    Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed, started afterwards, finds the same
+    process group instead of running its own discovery.
+    """
+    launch = detect_launch_env()
+    device = _default_device(launch.local_rank)
+    if device.type != "cpu":
+        getattr(torch, device.type).set_device(device)
+    if launch.world_size == 1 and not dist.is_initialized():
+        return DistState(0, 1, 0, 1, device, None)
+    if launch.launcher in ("openmpi", "pmi", "slurm"):
+        _mpi_rendezvous(launch)
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
+                      LOCAL_RANK=str(launch.local_rank), LOCAL_WORLD_SIZE=str(launch.local_world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend or _default_backend(device),
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistState(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, device, None)
+
+
+def shutdown() -> None:
+    """Destroy the default process group (avoids rare aborts at interpreter exit under gloo)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
