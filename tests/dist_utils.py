@@ -6,6 +6,7 @@ The function must be a module-level callable; it receives a `DistState` followed
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
@@ -34,7 +35,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
         state = DistState(rank, world, rank, world, torch.device("cpu"), None)
         result = fn(state, *args)
         dist.barrier()
-        queue.put((rank, "ok", result))
+        # serialise by value: tensors sent through a Queue travel as shared-memory handles that vanish
+        # when this process exits before the parent reads them
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -61,7 +66,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break
