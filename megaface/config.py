@@ -1,0 +1,393 @@
+"""Experiment configuration: typed dataclasses loaded from YAML, with `--section.key=value` overrides.
+
+Precedence: command line > YAML file > dataclass default. Everything is validated when loaded: an unknown
+section or key is a ValueError naming it and the nearest valid one; values are coerced to the declared type
+or rejected. Relative paths written in a YAML file resolve against that file's directory (so a config works
+from any working directory); relative paths given on the command line resolve against the working directory.
+
+Values that DeepSpeed also reads (micro batch, gradient accumulation, precision, gradient clipping) are NOT
+fields here: the DeepSpeed JSON is their single source of truth (see `megaface.ds_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _path(default: Any = None, doc: str = "") -> Any:
+    """A field holding a filesystem path (resolved against the YAML file's directory)."""
+    return field(default=default, metadata={"path": True, "doc": doc})
+
+
+def _paths(doc: str = "") -> Any:
+    return field(default_factory=list, metadata={"path": True, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone."""
+
+    network: str = "mobilefacenet"
+    """Registry name for `megaface.models.build_model` (e.g. mobilefacenet, iresnet50, iresnet100)."""
+    embedding_size: int | None = None
+    """Embedding width D; None = the network's default (128 for mobilefacenet, 512 for iresnet*)."""
+    dropout: float | None = None
+    """Dropout before the embedding FC (iresnet "E" head); None = the network's default."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """FC7: the classifier over all identities, with a combined margin and optional Partial FC."""
+
+    margin: tuple[float, float, float] = (1.0, 0.5, 0.0)
+    """Combined margin (m1, m2, m3): target logit cos(m1*theta + m2) - m3. ArcFace = (1, 0.5, 0)."""
+    scale: float = 64.0
+    """Logit scale s."""
+    sample_rate: float = 1.0
+    """Partial FC: fraction of each rank's classes taking part per step (positives always kept); 1 = all."""
+    parallel: str = "model"
+    """"model": FC7 rows sharded over ranks, own optimizer; "data": replicated FC7 inside the DeepSpeed engine."""
+    straight_through: bool = False
+    """Margin gradient as InsightFace PyTorch (no-grad arccos) instead of the true derivative."""
+    num_classes: int | None = None
+    """Number of identities; None = taken from the training data. Set it to check the data against it."""
+    lr_scale: float = 1.0
+    """FC7 learning rate = this x the schedule's lr (model-parallel head only)."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Built-in synthetic identities (data.source = synthetic)."""
+
+    identities: int = 200
+    """Training identities."""
+    images_per_identity: int = 20
+    """Images per training identity."""
+    val_pairs: int = 1000
+    """Verification pairs on held-out identities (written as a .bin next to the pack)."""
+    seed: int = 0
+    """Generator seed (the same seed gives the same files)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data."""
+
+    source: str = "synthetic"
+    """One of synthetic, recordio, folder."""
+    path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property) or image folder root.")
+    cache_dir: str = _path("~/.cache/megaface/synthetic", "Where synthetic packs are written (once, cached).")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Synthetic data settings."""
+    workers: int = 2
+    """Decoding worker threads/processes per rank."""
+    flip: bool = True
+    """Random horizontal flip."""
+    normalize: str = "arcface_torch"
+    """Pixel normalisation: arcface_torch = (x/255-0.5)/0.5, oneflow = (x-127.5)/128 (the seed's)."""
+    seed: int = 0
+    """Shuffle / flip seed."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD and the learning-rate schedule (drives the DeepSpeed optimizer and the FC7 optimizer alike)."""
+
+    lr: float = 0.1
+    """Base learning rate (at a global batch of any size: scale it yourself)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay (backbone and FC7)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lr over this many iterations."""
+    milestones: list[int] = field(default_factory=list)
+    """Piecewise decay: lr *= gamma at each of these iterations."""
+    milestone_epochs: list[float] = field(default_factory=list)
+    """Alternative to milestones, in epochs (converted with the loader's iterations per epoch)."""
+    gamma: float = 0.1
+    """Decay factor at each milestone."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Run length, output, checkpoints, logging, distributed settings."""
+
+    ds_config: str | None = _path(None, "DeepSpeed JSON (micro batch, accumulation, precision, clipping, ZeRO).")
+    output_dir: str = _path("output", "Run directory: checkpoints/, tensorboard/, best backbone files.")
+    max_steps: int | None = None
+    """Training length in iterations (optimizer steps); exclusive with epochs."""
+    epochs: float | None = None
+    """Training length in epochs over the training data; exclusive with max_steps."""
+    save_every: int = 0
+    """Checkpoint every N iterations (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones deleted after a successful save); 0 = keep all."""
+    log_every: int = 10
+    """Print the train line every N iterations."""
+    throughput_window: int = 50
+    """Iterations in the windowed average throughput."""
+    tensorboard: bool = True
+    """Write tensorboard scalars under OUTPUT/tensorboard (rank 0)."""
+    progress: str = "auto"
+    """Progress bar: auto (only when stdout is a terminal), on, off."""
+    seed: int = 0
+    """Seed for weights and head sampling (data order has data.seed)."""
+    resume: str | None = None
+    """latest, a checkpoint tag directory, or None."""
+    collective_timeout_s: float = 600.0
+    """A collective waiting longer than this fails the job (a dead rank stops the others)."""
+    threads: int = 0
+    """torch intra-op threads per rank; 0 = leave torch's default."""
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Verification on .bin packs during training."""
+
+    bins: list[str] = _paths("Verification .bin files (lfw.bin, cfp_fp.bin, ...).")
+    synthetic: bool = True
+    """With data.source = synthetic, also validate on its held-out-identity .bin."""
+    interval: int = 2000
+    """Validate every N iterations (and at the end); 0 = never."""
+    batch_size: int = 64
+    """Embedding batch per rank."""
+    save_best: bool = True
+    """Save OUTPUT/best_<pack>.pt (backbone) whenever a pack's Accuracy-Flip improves."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. Sections mirror the YAML file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ---- coercion and validation --------------------------------------------------------------------------
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the declared type, or raise ValueError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value] if origin is list else value
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ValueError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{where}{near[0]}'?" if near else ""
+    return ValueError(f"unknown config key '{where}{key}'{hint} (valid keys under '{where or '<top>'}': "
+                      f"{', '.join(valid)})")
+
+
+def _build(cls: type, raw: dict[str, Any], base: Path | None, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section '{where.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown(str(key), list(fields), where)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, base, f"{where}{key}.")
+            continue
+        value = _coerce(value, hint, f"{where}{key}")
+        if fields[key].metadata.get("path"):
+            value = _resolve_paths(value, base)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _resolve_paths(value: Any, base: Path | None) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_resolve_paths(v, base) for v in value]
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return str(path)
+
+
+_CHOICES = {
+    ("head", "parallel"): ("model", "data"),
+    ("data", "source"): ("synthetic", "recordio", "folder"),
+    ("data", "normalize"): ("arcface_torch", "oneflow"),
+    ("train", "progress"): ("auto", "on", "off"),
+}
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cross-field checks; raises ValueError naming the key, the constraint and the fix."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ValueError(f"{section}.{key}={value!r} is not one of {list(choices)}")
+    t, o, h = cfg.train, cfg.optim, cfg.head
+    if (t.max_steps is None) == (t.epochs is None):
+        raise ValueError(f"set exactly one of train.max_steps and train.epochs (got max_steps={t.max_steps}, "
+                         f"epochs={t.epochs})")
+    if (t.max_steps is not None and t.max_steps <= 0) or (t.epochs is not None and t.epochs <= 0):
+        raise ValueError("train.max_steps / train.epochs must be positive")
+    if o.milestones and o.milestone_epochs:
+        raise ValueError("set optim.milestones (iterations) or optim.milestone_epochs, not both")
+    if sorted(o.milestones) != list(o.milestones) or sorted(o.milestone_epochs) != list(o.milestone_epochs):
+        raise ValueError(f"optim milestones must be increasing, got {o.milestones or o.milestone_epochs}")
+    if not 0.0 < h.sample_rate <= 1.0:
+        raise ValueError(f"head.sample_rate={h.sample_rate} must be in (0, 1]")
+    if h.parallel == "data" and h.sample_rate < 1.0:
+        raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
+    for name in ("save_every", "keep_last", "log_every", "throughput_window", "threads"):
+        if getattr(t, name) < 0:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")
+    if t.log_every == 0 or t.throughput_window == 0:
+        raise ValueError("train.log_every and train.throughput_window must be >= 1")
+    if t.collective_timeout_s <= 0:
+        raise ValueError(f"train.collective_timeout_s={t.collective_timeout_s} must be > 0")
+    return cfg
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'--a.b=value' or 'a.b=value' -> (['a', 'b'], value parsed as YAML: 64 -> int, [1,2] -> list)."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ValueError(f"override {text!r} must look like --section.key=value")
+    key, raw = body.split("=", 1)
+    parts = key.split(".")
+    if not all(parts):
+        raise ValueError(f"override {text!r}: empty key component in '{key}'")
+    return parts, yaml.safe_load(raw) if raw != "" else None
+
+
+def _set_nested(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _cli_paths(tree: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> None:
+    """Resolve relative paths given on the command line against the working directory."""
+    for parts, _ in overrides:
+        cls: Any = ExperimentConfig
+        for part in parts[:-1]:
+            hints = typing.get_type_hints(cls)
+            if part not in hints or not dataclasses.is_dataclass(hints[part]):
+                return
+            cls = hints[part]
+        fmap = {f.name: f for f in dataclasses.fields(cls)}
+        if parts[-1] in fmap and fmap[parts[-1]].metadata.get("path"):
+            node = tree
+            for part in parts[:-1]:
+                node = node[part]
+            node[parts[-1]] = _resolve_paths(node[parts[-1]], Path.cwd())
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load a YAML experiment file (or defaults when path is None), apply dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    base: Path | None = None
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file {str(file)!r} does not exist (pass --config <experiment>.yaml)")
+        with open(file, encoding="utf-8") as fh:
+            tree = yaml.safe_load(fh) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"config file {file}: top level must be a mapping of sections")
+        base = file.resolve().parent
+    cfg = _build(ExperimentConfig, tree, base, "")  # validates the file's keys against the file's paths
+    parsed = [parse_override(o) for o in overrides]
+    if parsed:
+        merged = _to_plain(dataclasses.asdict(cfg))
+        for parts, value in parsed:
+            _set_nested(merged, parts, value)
+        _cli_paths(merged, parsed)
+        cfg = _build(ExperimentConfig, merged, None, "")
+    return validate(cfg)
+
+
+def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, str]:
+    """'section.key' -> one-line description (from the attribute docstrings in this file)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[prefix + node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
+        elif "doc" in f.metadata:
+            docs[prefix + f.name] = f.metadata["doc"]
+    return docs
