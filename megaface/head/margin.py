@@ -1,0 +1,100 @@
+"""Combined angular margin on the target logit: cos(m1 * theta + m2) - m3 (scaled by s afterwards).
+
+Presets (`MARGIN_PRESETS`): arcface (1, 0.5, 0), cosface (1, 0, 0.35), combined (1, 0.3, 0.2) and a
+SphereFace-like multiplicative margin (1.35, 0, 0). Only the target column of each sample gets the margin.
+
+Gradient
+    By default the true derivative flows back: d/dcos = m1 * sin(m1*theta + m2) / sin(theta), as the OneFlow
+    seed computes it. `straight_through=True` evaluates the margin with no gradient through arccos/cos and
+    passes the gradient of the target cosine through unchanged (d/dcos = 1), as InsightFace's PyTorch trainer
+    does. The two give the same forward value.
+
+Boundaries (decided here, tested in tests/test_margin.py)
+    * The cosine is clamped to [-1 + EPS, 1 - EPS] (EPS = 1e-6) before arccos, so theta lies in
+      [theta_eps, pi - theta_eps], never 0 or pi exactly: no infinite derivative of arccos, no NaN. Cosines
+      outside that interval (|cos| > 1 - EPS, including rounding overshoot past 1) take the value at the
+      clamp and a zero gradient, the ordinary behaviour of a clamp.
+    * cos(m1*theta + m2) stops decreasing once m1*theta + m2 passes pi, i.e. beyond
+      theta_limit = (pi - m2) / m1 (pi - 0.5 for ArcFace). There the target logit follows a shifted cosine:
+          f(theta) = cos(theta) - cos(theta_limit) - 1 - m3        for theta > theta_limit,
+      which equals cos(pi) - m3 = -1 - m3 at theta_limit (continuous), keeps decreasing in theta (derivative
+      -sin(theta) <= 0, d/dcos = 1: finite), and stays below cos(theta) - m3 (a penalty, never a bonus).
+      Unlike the classic cos(theta) - m*sin(m) fallback it has no jump at the threshold.
+    * m1 == 1 and m2 == 0 (CosFace) never uses arccos: f = cos - m3 exactly, on the whole [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-6
+
+MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
+    "arcface": (1.0, 0.5, 0.0),
+    "cosface": (1.0, 0.0, 0.35),
+    "combined": (1.0, 0.3, 0.2),
+    "sphereface": (1.35, 0.0, 0.0),
+}
+
+
+def resolve_margin(margin: str | tuple[float, float, float] | list[float]) -> tuple[float, float, float]:
+    """A preset name or an (m1, m2, m3) triple -> validated (m1, m2, m3)."""
+    if isinstance(margin, str):
+        if margin not in MARGIN_PRESETS:
+            raise ValueError(f"margin={margin!r} is not a preset; use one of {sorted(MARGIN_PRESETS)} "
+                             "or an (m1, m2, m3) triple")
+        return MARGIN_PRESETS[margin]
+    values = tuple(float(m) for m in margin)
+    if len(values) != 3:
+        raise ValueError(f"margin={margin!r} must be a preset name or three numbers (m1, m2, m3)")
+    m1, m2, m3 = values
+    if not all(math.isfinite(m) for m in values):
+        raise ValueError(f"margin={values} must be finite")
+    if m1 <= 0:
+        raise ValueError(f"margin m1={m1} must be > 0 (1 = no multiplicative margin)")
+    if not 0 <= m2 < math.pi:
+        raise ValueError(f"margin m2={m2} must lie in [0, pi) (0 = no additive angular margin)")
+    return m1, m2, m3
+
+
+class CombinedMargin:
+    """Elementwise target-cosine -> margined target cosine (unscaled); see the module docstring."""
+
+    def __init__(self, margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0),
+                 straight_through: bool = False) -> None:
+        self.m1, self.m2, self.m3 = resolve_margin(margin)
+        self.straight_through = bool(straight_through)
+        self.angular = not (self.m1 == 1.0 and self.m2 == 0.0)
+        self.theta_limit = (math.pi - self.m2) / self.m1
+        # Past this cosine the angle is beyond theta_limit; -1 when theta_limit >= pi (never reached).
+        self.cos_limit = math.cos(self.theta_limit) if self.theta_limit < math.pi else -1.0
+
+    def __repr__(self) -> str:
+        return (f"CombinedMargin(m1={self.m1}, m2={self.m2}, m3={self.m3}, "
+                f"straight_through={self.straight_through})")
+
+    def _value(self, cos_t: torch.Tensor) -> torch.Tensor:
+        if not self.angular:
+            return cos_t - self.m3
+        c = cos_t.clamp(-1.0 + EPS, 1.0 - EPS)
+        theta = torch.acos(c)
+        inside = torch.cos(self.m1 * theta + self.m2) - self.m3
+        beyond = c - (self.cos_limit + 1.0 + self.m3)
+        return torch.where(theta <= self.theta_limit, inside, beyond)
+
+    def __call__(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """cos_t [n] (target cosines) -> [n]: cos(m1*theta + m2) - m3 with the documented fallback."""
+        if not self.straight_through:
+            return self._value(cos_t)
+        with torch.no_grad():
+            shift = self._value(cos_t) - cos_t
+        return cos_t + shift
+
+    def derivative(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """d margin / d cos_t, elementwise (1 for straight-through), computed by autograd on a tiny graph."""
+        with torch.enable_grad():
+            c = cos_t.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self(c).sum(), c)
+        return grad

@@ -1,0 +1,158 @@
+"""ShardSGD (the FC7 shard's optimizer, sparse over Partial FC rows) and the per-rank shard files.
+
+Sparse update (sparse=True, the seed's indexed-slices SGD): with Partial FC the head hands over
+(index [k], grad [k, D]); the step gathers those k rows of weight and momentum, applies
+    d = grad + weight_decay * w;  buf = momentum * buf + d;  w = w - lr * buf
+to them only and writes them back with index_copy_. No [num_local, D] gradient is allocated or read;
+unsampled rows keep their weight AND momentum bit-for-bit (no decay, no momentum drift).
+Dense update (sparse=False, InsightFace PyTorch's behaviour): the sampled gradient is scattered into a zero
+[num_local, D] gradient and every row takes the step, so unsampled rows still decay and follow their momentum.
+Both equal torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False) on the rows they touch; with
+sample_rate=1.0 (dense gradient on the Parameter) the two modes are identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from megaface.head.partial_fc import PartialFC
+
+SHARD_FORMAT = "megaface.fc7_shard.v1"
+
+
+class ShardSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay for one PartialFC shard; `param_groups[0]["lr"]` is schedulable."""
+
+    def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 sparse: bool = True) -> None:
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not value >= 0.0:
+                raise ValueError(f"ShardSGD {name}={value} must be >= 0")
+        defaults = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
+                        sparse=bool(sparse))
+        super().__init__([head.weight], defaults)
+        self.head = head
+
+    def grads(self) -> list[torch.Tensor]:
+        """The live gradient tensors of the next step (dense weight.grad and/or sampled [k, D] grads)."""
+        out = self.head.sampled_grads()
+        if self.head.weight.grad is not None:
+            out.append(self.head.weight.grad)
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self.head.clear_sampled()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        weight = self.head.weight
+        sampled = self.head.take_sampled_grads()
+        if weight.grad is not None:  # all rows took part (sample_rate 1.0 or eval-mode forward)
+            if sampled is not None:
+                weight.grad.index_add_(0, sampled[0], sampled[1])
+            self._update(None, weight.grad)
+        elif sampled is not None and self.param_groups[0]["sparse"]:
+            self._update(*sampled)
+        elif sampled is not None:
+            dense = torch.zeros_like(weight).index_copy_(0, sampled[0], sampled[1])
+            self._update(None, dense)
+        return loss
+
+    def _momentum_buffer(self) -> torch.Tensor | None:
+        if self.param_groups[0]["momentum"] == 0:
+            return None
+        state = self.state[self.head.weight]
+        if "momentum_buffer" not in state:
+            # Zero start: momentum * 0 + d == d, bit-identical to torch.optim.SGD's first step.
+            state["momentum_buffer"] = torch.zeros_like(self.head.weight)
+        return state["momentum_buffer"]
+
+    def _update(self, index: torch.Tensor | None, grad: torch.Tensor) -> None:
+        """SGD on rows `index` (all rows when None) with grad [len(index) or num_local, D]."""
+        group, weight = self.param_groups[0], self.head.weight
+        buf = self._momentum_buffer()
+        w_rows = weight if index is None else weight.index_select(0, index)
+        d = grad.add(w_rows, alpha=group["weight_decay"]) if group["weight_decay"] else grad
+        if buf is not None:
+            b_rows = buf if index is None else buf.index_select(0, index)
+            b_rows.mul_(group["momentum"]).add_(d)
+            if index is not None:
+                buf.index_copy_(0, index, b_rows)
+            d = b_rows
+        w_rows.add_(d, alpha=-group["lr"])
+        if index is not None:
+            weight.index_copy_(0, index, w_rows)
+
+    def momentum_buffer(self) -> torch.Tensor | None:
+        """The dense momentum [num_local, D] (None before the first step or with momentum 0)."""
+        return self.state[self.head.weight].get("momentum_buffer")
+
+
+def shard_state_dict(head: PartialFC, optimizer: ShardSGD | None = None) -> dict[str, Any]:
+    """This rank's FC7 shard file content (CPU tensors); see FORMATS / CONTRACTS "FC7 shard"."""
+    momentum = optimizer.momentum_buffer() if optimizer is not None else None
+    group = optimizer.param_groups[0] if optimizer is not None else {}
+    return {
+        "format": SHARD_FORMAT,
+        "weight": head.weight.detach().to("cpu", copy=True),
+        "momentum": None if momentum is None else momentum.detach().to("cpu", copy=True),
+        "class_start": head.class_start,
+        "num_local": head.num_local,
+        "num_classes": head.num_classes,
+        "embedding_size": head.embedding_size,
+        "rank": head.rank,
+        "world_size": head.world_size,
+        "hyper": {key: group.get(key) for key in ("lr", "momentum", "weight_decay", "sparse")},
+        # Extras (not needed to merge/reshard): the exact Partial FC sampler position and head settings.
+        "sampler_rng": head.sampler_state(),
+        "margin": (head.margin.m1, head.margin.m2, head.margin.m3),
+        "scale": head.scale,
+        "sample_rate": head.sample_rate,
+        "parallel": head.parallel,
+    }
+
+
+def load_shard_state_dict(head: PartialFC, optimizer: ShardSGD | None, state: dict[str, Any]) -> None:
+    """Validate `state` against this rank's head and load weight, momentum, lr and the sampler state.
+
+    momentum / weight_decay / sparse stay as constructed (the current config wins); lr is restored so a
+    resumed schedule continues from the saved value. A missing `sampler_rng` (e.g. after resharding)
+    re-seeds the sampler from (seed, rank).
+    """
+    if not isinstance(state, dict) or state.get("format") != SHARD_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"FC7 shard format {found!r} is not {SHARD_FORMAT!r}; is this an FC7 shard file?")
+    for key in ("num_classes", "embedding_size", "class_start", "num_local"):
+        if key not in state:
+            raise ValueError(f"FC7 shard is missing key {key!r}")
+        if int(state[key]) != getattr(head, key):
+            raise ValueError(
+                f"FC7 shard {key}={state[key]} but this rank's head has {key}={getattr(head, key)} "
+                f"(rank {head.rank} of {head.world_size}); a shard saved on world size "
+                f"{state.get('world_size')} must be resharded (megaface.convert.fc7.reshard)")
+    weight = state["weight"]
+    if tuple(weight.shape) != tuple(head.weight.shape):
+        raise ValueError(f"FC7 shard weight shape {tuple(weight.shape)} != {tuple(head.weight.shape)}")
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    head.set_sampler_state(state.get("sampler_rng"))
+    if optimizer is None:
+        return
+    optimizer.zero_grad()
+    momentum = state.get("momentum")
+    if momentum is not None:
+        if tuple(momentum.shape) != tuple(head.weight.shape):
+            raise ValueError(f"FC7 shard momentum shape {tuple(momentum.shape)} != {tuple(head.weight.shape)}")
+        optimizer.state[head.weight]["momentum_buffer"] = momentum.to(head.weight, copy=True)
+    else:
+        optimizer.state[head.weight].pop("momentum_buffer", None)
+    lr = (state.get("hyper") or {}).get("lr")
+    if lr is not None:
+        optimizer.param_groups[0]["lr"] = float(lr)

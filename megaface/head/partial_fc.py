@@ -1,0 +1,248 @@
+"""The FC7 head: column-sharded classifier + Partial FC sampling + combined margin + distributed softmax CE.
+
+Data path of `PartialFC(...)(embeddings_local, labels_local)` with parallel="model" (W ranks, b local rows):
+
+| step                                   | shape                       | collective                       |
+|----------------------------------------|-----------------------------|----------------------------------|
+| embeddings_local -> fp32, unit norm     | [b, D]                      | -                                |
+| gradient scale x W (see below)          | [b, D]                      | -                                |
+| all-gather embeddings / labels          | [B, D] / [B], B = W*b       | all-gather (backward: reduce-scatter sum) |
+| select rows: positives + negatives      | index [k], rows [k, D]      | -                                |
+| margin softmax CE over all columns      | [B] per-sample loss         | all-reduce max, all-reduce (sum-exp, target) |
+| mean over the global batch              | scalar, same on every rank  | -                                |
+
+Gradient algebra (the only place the world size enters a gradient)
+    The returned loss L is the mean over the GLOBAL batch. The reduce-scatter in the all-gather's backward sums
+    every rank's column contributions, so rank r receives exactly dL/d(embeddings_local_r). Its backbone
+    replica then yields J_r^T dL/d(emb_r), and the true gradient of L w.r.t. the (replicated) backbone is the
+    SUM over ranks of these terms. DeepSpeed, however, AVERAGES backbone gradients over the W data-parallel
+    ranks. `_DataParallelGradScale` therefore multiplies the gradient reaching embeddings_local by W, so that
+    after DeepSpeed's average the backbone holds exactly dL/d(backbone) of the global-batch mean loss.
+    FC7 shard gradients are not scaled: every rank saw the whole global batch, so they are the complete
+    dL/dW_shard and no averaging is applied to them (the shard lives outside the DeepSpeed engine).
+    parallel="data" needs no scale: the loss is the local-batch mean and DeepSpeed's average of the W local
+    gradients (equal local batches) is the global-mean gradient, for the backbone and the replicated FC7 alike.
+
+Partial FC (sample_rate < 1, training mode)
+    Rank r keeps every class of its shard that occurs in the global batch (positives) and fills with
+    uniformly drawn negatives up to k = max(ceil(sample_rate * num_local), #positives) rows. The rows are
+    copied into a fresh leaf tensor [k, D]: forward and backward touch only them and the gradient is [k, D].
+    `ShardSGD` then updates only those rows (sparse=True) or, for the dense behaviour, all rows. The draw uses a
+    torch.Generator seeded from (seed, rank); its state is part of `shard_state_dict`, so a resume is exact.
+    At sample_rate 1.0 (or in eval mode) the Parameter itself is used and gets an ordinary dense gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megaface.dist import comm
+from megaface.head.margin import CombinedMargin
+from megaface.head.sharding import class_range
+from megaface.head.softmax import sharded_margin_cross_entropy
+
+INIT_STD = 0.01
+INIT_BLOCK = 4096  # rows drawn per seeded block: the initial weight does not depend on the world size
+
+
+class _DataParallelGradScale(torch.autograd.Function):
+    """Identity forward; backward multiplies by W so DeepSpeed's 1/W average restores the exact gradient.
+
+    x [b, D] -> x [b, D]; grad [b, D] -> W * grad (see "Gradient algebra" in the module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def init_shard(class_start: int, num_local: int, embedding_size: int, seed: int = 0) -> torch.Tensor:
+    """N(0, 0.01) rows [class_start, class_start + num_local), drawn in seeded blocks of class ids."""
+    out = torch.empty((num_local, embedding_size), dtype=torch.float32)
+    end = class_start + num_local
+    gen = torch.Generator()
+    for block in range(class_start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
+        lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
+        gen.manual_seed(seed * 1_000_003 + block)
+        values = torch.randn((INIT_BLOCK, embedding_size), generator=gen).mul_(INIT_STD)
+        a, b = max(lo, class_start), min(hi, end)
+        out[a - class_start:b - class_start] = values[a - lo:b - lo]
+    return out
+
+
+class PartialFC(nn.Module):
+    """Column-sharded FC7 with combined margin and Partial FC; returns the GLOBAL-batch mean loss.
+
+    parallel="model": rank r of `group` holds classes [class_start, class_start + num_local).
+    parallel="data": the full weight on every rank, local-batch loss, no collectives (goes inside the engine).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int,
+                 margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
+                 sample_rate: float = 1.0, group: dist.ProcessGroup | None = None, parallel: str = "model",
+                 straight_through: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        _check_config(embedding_size, num_classes, scale, sample_rate, parallel)
+        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
+        self.scale, self.sample_rate, self.parallel = float(scale), float(sample_rate), parallel
+        self.group, self.seed = group, int(seed)
+        self.rank, self.world_size = comm.rank(group), comm.world_size(group)
+        if parallel == "model":
+            self.class_start, self.num_local = class_range(num_classes, self.world_size, self.rank)
+        else:
+            self.class_start, self.num_local = 0, self.num_classes
+        self.margin = CombinedMargin(margin, straight_through)
+        self.weight = nn.Parameter(init_shard(self.class_start, self.num_local, self.embedding_size, seed))
+        self.sampled_index: torch.Tensor | None = None  # rows of the last forward (None: all rows)
+        self._generator: torch.Generator | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (index [k], leaf [k, D]) until step
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"class_start={self.class_start}, num_local={self.num_local}, margin={self.margin}, "
+                f"scale={self.scale}, sample_rate={self.sample_rate}, parallel={self.parallel!r}")
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def forward(self, embeddings_local: torch.Tensor, labels_local: torch.Tensor) -> torch.Tensor:
+        """embeddings_local [b, D] (any float dtype), labels_local [b] int -> scalar loss (fp32)."""
+        _check_inputs(embeddings_local, labels_local, self.embedding_size)
+        emb = F.normalize(embeddings_local.float(), dim=1)  # the head always computes in fp32
+        labels = labels_local.detach().to(device=emb.device, dtype=torch.long)  # a copy; caller's untouched
+        distributed = self.parallel == "model" and self.world_size > 1
+        if distributed:
+            emb = _DataParallelGradScale.apply(emb, float(self.world_size))
+            emb = comm.all_gather(emb, self.group)
+            labels = comm.all_gather(labels, self.group)
+        _check_labels(labels, self.num_classes)
+        index, weight_rows = self._select_rows(labels)
+        target = self._local_targets(labels, index)
+        per_sample = sharded_margin_cross_entropy(emb, weight_rows, target, self.margin, self.scale,
+                                                  self.group, reduce=distributed)
+        return per_sample.mean()
+
+    def _select_rows(self, labels_global: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(index [k] sorted or None, rows [k, D]): positives of this shard plus random negatives."""
+        self._pending = [p for p in self._pending if p[1].grad is not None]  # drop forwards never backpropagated
+        self.sampled_index = None
+        if self.sample_rate >= 1.0 or not self.training:
+            return None, self.weight
+        local = labels_global - self.class_start
+        positives = torch.unique(local[(local >= 0) & (local < self.num_local)])
+        k = max(math.ceil(self.sample_rate * self.num_local - 1e-9), positives.numel())
+        if k >= self.num_local:
+            return None, self.weight
+        scores = torch.rand(self.num_local, generator=self._rng(), device=self.weight.device)
+        scores[positives] = 2.0  # above every uniform draw: positives are always kept
+        index = torch.topk(scores, k, sorted=False).indices.sort().values
+        rows = self.weight.detach().index_select(0, index)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            rows.requires_grad_(True)
+            self._pending.append((index, rows))
+        self.sampled_index = index
+        return index, rows
+
+    def _local_targets(self, labels_global: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """[B]: the column of each label among this rank's (selected) rows, -1 where it lives elsewhere."""
+        local = labels_global - self.class_start
+        here = (local >= 0) & (local < self.num_local)
+        if index is not None:
+            local = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
+        return torch.where(here, local, torch.full_like(local, -1))
+
+    # ---- sampler state and sparse gradients (used by ShardSGD and the shard files) -----------------
+
+    def _rng(self) -> torch.Generator:
+        if self._generator is None or self._generator.device != self.weight.device:
+            self._generator = torch.Generator(device=self.weight.device)
+            self._generator.manual_seed(2**48 + self.seed * 1009 + self.rank)
+        return self._generator
+
+    def sampler_state(self) -> torch.Tensor:
+        """The Partial FC generator state (uint8 tensor on CPU) for exact resume."""
+        return self._rng().get_state().cpu()
+
+    def set_sampler_state(self, state: torch.Tensor | None) -> None:
+        """Restore a `sampler_state()`; None re-seeds from (seed, rank)."""
+        self._generator = None
+        if state is not None:
+            self._rng().set_state(state.cpu())  # generator states are CPU byte tensors on every device
+
+    def take_sampled_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(index [k], grad [k, D]) of the sampled rows since the last step, merged over accumulated
+        micro-batches; None when no sampled forward was backpropagated. Clears the pending list."""
+        pairs = [(i, r.grad) for i, r in self._pending if r.grad is not None]
+        self._pending = []
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            return pairs[0]
+        index, inverse = torch.unique(torch.cat([i for i, _ in pairs]), return_inverse=True)
+        grad = torch.zeros((index.numel(), self.embedding_size), dtype=pairs[0][1].dtype,
+                           device=pairs[0][1].device)
+        return index, grad.index_add_(0, inverse, torch.cat([g for _, g in pairs]))
+
+    def sampled_grads(self) -> list[torch.Tensor]:
+        """The live [k, D] gradients of pending sampled rows (for unscaling / clipping in place)."""
+        return [r.grad for _, r in self._pending if r.grad is not None]
+
+    def clear_sampled(self) -> None:
+        self._pending = []
+
+
+# ---- validation (user errors -> ValueError naming the value and the constraint) ------------------------
+
+def _check_config(embedding_size: int, num_classes: int, scale: float, sample_rate: float, parallel: str) -> None:
+    if parallel not in ("model", "data"):
+        raise ValueError(f"parallel={parallel!r} must be 'model' (sharded FC7) or 'data' (replicated FC7)")
+    if int(embedding_size) < 1:
+        raise ValueError(f"embedding_size={embedding_size} must be >= 1")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1")
+    if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
+        raise ValueError(f"sample_rate={sample_rate} must lie in (0, 1] (1.0 = no Partial FC sampling)")
+    if parallel == "data" and float(sample_rate) != 1.0:
+        raise ValueError(f"sample_rate={sample_rate} needs parallel='model': the data-parallel FC7 "
+                         "(parallel='data') supports only sample_rate=1.0")
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale={scale} must be a positive finite number (64 is usual)")
+
+
+def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: int) -> None:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be a 2-D tensor [batch, {embedding_size}], got "
+                         f"{getattr(embeddings, 'shape', type(embeddings))}")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"embeddings dtype={embeddings.dtype} is not a floating type; pass float32, "
+                         "float16 or bfloat16 embeddings")
+    if embeddings.shape[1] != embedding_size:
+        raise ValueError(f"embeddings width {embeddings.shape[1]} != embedding_size={embedding_size} "
+                         "of the head; build the head with the backbone's embedding size")
+    if embeddings.shape[0] == 0:
+        raise ValueError("embeddings batch is empty; every rank needs at least one sample per step")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must be a 1-D tensor of {embeddings.shape[0]} class ids, got "
+                         f"{getattr(labels, 'shape', type(labels))}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels dtype={labels.dtype} is not an integer type; pass int64 class ids")
+
+
+def _check_labels(labels_global: torch.Tensor, num_classes: int) -> None:
+    # Checked on the GLOBAL labels so every rank raises together (a one-rank raise would leave the others
+    # waiting in a collective). One device->host sync per step for both bounds.
+    low, high = torch.stack([labels_global.min(), labels_global.max()]).tolist()
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"label {bad} is outside [0, num_classes={num_classes}); check the dataset's "
+                         "class count against the head's num_classes")
