@@ -1,0 +1,155 @@
+"""Embedding extraction on any world size, safe under ZeRO-3.
+
+Every rank embeds one contiguous share of the images (`shard_range`) and the shares are gathered in rank
+order, so the result, identical on every rank, is in input order. Under ZeRO-3 each forward call
+all-gathers parameters, so a rank that stops calling the model early would hang the others: every rank
+therefore runs the same number of forward calls (`num_forward_batches`, derived from N, W and the batch
+size alone, no communication), padding its last batches with blank images whose outputs are dropped.
+
+| step                  | shape                                          |
+|-----------------------|------------------------------------------------|
+| images (all ranks)    | N encoded images or uint8 [H, W, 3] RGB arrays |
+| share of rank r       | n_r = N // W + (r < N % W) images              |
+| forward calls         | ceil(ceil(N / W) / batch_size) per rank (x2 with flip) |
+| emb_local             | [n_r, D]                                       |
+| gather_rows -> emb    | [N, D] float32 on every rank                   |
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from megaface.dist import DistState
+from megaface.dist.comm import gather_rows
+
+NORMALIZE_MODES = ("arcface_torch", "oneflow")
+
+
+def shard_range(num_items: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of rank `rank`'s contiguous share; the first N % W ranks hold one extra item."""
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def num_forward_batches(num_items: int, world_size: int, batch_size: int) -> int:
+    """Forward calls every rank makes: enough batches for the largest share (ceil(N / W))."""
+    return max(1, math.ceil(math.ceil(num_items / world_size) / batch_size))
+
+
+def _decode_fallback(data: bytes) -> np.ndarray:
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"could not decode an image of {len(data)} bytes (not a JPEG/PNG?)")
+    return np.ascontiguousarray(img[:, :, ::-1])  # OpenCV decodes BGR; the models take RGB
+
+
+def _normalize_fallback(images: np.ndarray, mode: str) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    if mode == "arcface_torch":
+        return (x / 255.0 - 0.5) / 0.5
+    return (x - 127.5) / 128.0
+
+
+def _codec() -> tuple[Any, Any]:
+    """The data package's decoder and normaliser; local stand-ins until it provides them."""
+    try:
+        from megaface.data import decode_image, normalize_batch
+    except ImportError:
+        return _decode_fallback, _normalize_fallback
+    return decode_image, normalize_batch
+
+
+def check_normalize(mode: str) -> str:
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize={mode!r} is not one of {NORMALIZE_MODES}; use the mode the model was "
+                         "trained with ('arcface_torch' = (x/255-0.5)/0.5, 'oneflow' = (x-127.5)/128)")
+    return mode
+
+
+def decode_images(images: Sequence[Any]) -> np.ndarray:
+    """Encoded bytes or uint8 HWC arrays -> one uint8 [N, H, W, 3] RGB array (all of one size)."""
+    decode, _ = _codec()
+    out = []
+    for i, img in enumerate(images):
+        if isinstance(img, np.ndarray) and img.ndim == 3:
+            arr = img
+        else:  # encoded: bytes, or a 1-D uint8 array as in some .bin files
+            arr = decode(img.tobytes() if isinstance(img, np.ndarray) else bytes(img))
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
+        if out and arr.shape != out[0].shape:
+            raise ValueError(f"image {i} has shape {arr.shape} but earlier images are {out[0].shape}; "
+                             "resize/align all images to one size (112x112 for the bundled models)")
+        out.append(arr)
+    return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _model_device_dtype(model: torch.nn.Module, state: DistState) -> tuple[torch.device, torch.dtype]:
+    # Under ZeRO-3 parameters are empty placeholders, but their device and dtype are still the real ones.
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return state.device, torch.float32
+
+
+@torch.no_grad()
+def embed_share(model: torch.nn.Module, images_local: np.ndarray, num_batches: int, batch_size: int,
+                normalize: str, flip: bool, image_shape: tuple[int, ...], state: DistState
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embed this rank's decoded uint8 [n, H, W, 3] share in exactly `num_batches` batches (x2 with flip).
+
+    Batches past the end of the share hold one blank image whose output is discarded.
+    Returns float32 tensors [n, D] on the model's device.
+    """
+    _, norm = _codec()
+    device, dtype = _model_device_dtype(model, state)
+    outs: list[torch.Tensor] = []
+    outs_flip: list[torch.Tensor] = []
+    for b in range(num_batches):
+        chunk = images_local[b * batch_size:(b + 1) * batch_size]
+        real = len(chunk)
+        if real == 0:  # share exhausted: a one-image blank batch keeps the forward count equal
+            chunk = np.zeros((1, *image_shape), np.uint8)
+        x = norm(chunk, normalize).to(device=device, dtype=dtype)
+        outs.append(model(x)[:real].float())
+        if flip:
+            outs_flip.append(model(torch.flip(x, dims=[3]))[:real].float())
+    emb = torch.cat(outs)
+    return emb, (torch.cat(outs_flip) if flip else None)
+
+
+def embed_images(model: torch.nn.Module, images: Sequence[Any], state: DistState, batch_size: int = 64,
+                 normalize: str = "arcface_torch", flip: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embeddings of `images` (and of their horizontal flips) as float32 numpy [N, D], on every rank.
+
+    All ranks must call this with the same images. The model runs in eval mode under no_grad and gets its
+    previous mode back afterwards. Only this rank's share of `images` is indexed and decoded.
+    """
+    check_normalize(normalize)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    total = len(images)
+    if total == 0:
+        raise ValueError("embed_images got no images")
+    start, stop = shard_range(total, state.world_size, state.rank)
+    # A rank with an empty share still needs the image size for its blank batches.
+    probe = decode_images([images[start if stop > start else 0]])
+    local = decode_images([images[i] for i in range(start, stop)]) if stop > start else probe[:0]
+    num_batches = num_forward_batches(total, state.world_size, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        emb, emb_flip = embed_share(model, local, num_batches, batch_size, normalize, flip,
+                                    probe.shape[1:], state)
+    finally:
+        model.train(was_training)
+    emb_all = gather_rows(emb.contiguous(), state.group).cpu().numpy()
+    flip_all = gather_rows(emb_flip.contiguous(), state.group).cpu().numpy() if flip else None
+    return emb_all, flip_all
