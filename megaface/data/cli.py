@@ -1,0 +1,133 @@
+"""``megaface pack``: write RecordIO training packs, .bin verification packs and synthetic data.
+
+  megaface pack rec --images ROOT --output DIR          root/<identity>/*.jpg -> DIR/train.rec/.idx/property
+  megaface pack bin --pairs PAIRS --images ROOT --output X.bin
+  megaface pack synthetic --output DIR --identities N --images-per-identity K --val-pairs P --seed S
+
+Pairs list (``pack bin``): one pair per line, ``path_a path_b same`` separated by whitespace, ``same`` one of
+1/0 (also true/false, same/diff). Paths are relative to ``--images`` (or absolute) and may not contain
+whitespace. Blank lines and lines starting with ``#`` are ignored. Image bytes are stored as they are.
+
+Everything is written aside and renamed into place at the end: a failed run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from megaface.data.bin_pack import save_bin
+from megaface.data.datasets import FolderDataset
+from megaface.data.decode import CorruptImageError, decode_image
+from megaface.data.packs import PackWriter
+
+_TRUE, _FALSE = {"1", "true", "same", "yes"}, {"0", "false", "diff", "different", "no"}
+
+
+def pack_folder(images: str | Path, output: str | Path, verify: bool = True, overwrite: bool = False) -> dict:
+    """Image folder -> InsightFace pack; returns a summary. Images are stored byte for byte."""
+    ds = FolderDataset(images)
+    size = None
+    with PackWriter(output, overwrite=overwrite) as writer:
+        for i in range(len(ds)):
+            label, data = ds[i]
+            if verify or size is None:
+                try:
+                    shape = decode_image(data).shape[:2]
+                except CorruptImageError as err:
+                    raise CorruptImageError(f"{ds.where(i)}: {err}; remove or replace the file") from None
+                if size is not None and shape != size:
+                    raise ValueError(f"{ds.where(i)}: image is {shape[0]}x{shape[1]}, the first image was "
+                                     f"{size[0]}x{size[1]}; a pack holds aligned images of one size")
+                size = shape
+                writer.image_size = size
+            writer.add(label, data)
+    return {"images": len(ds), "classes": ds.num_classes, "image_size": list(size), "output": str(output)}
+
+
+def read_pairs(path: str | Path, root: str | Path) -> tuple[list[Path], list[bool]]:
+    """Parse a pairs list -> (2P image paths in pair order, issame [P])."""
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs list not found: {path}")
+    files, issame = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 3 or fields[2].lower() not in _TRUE | _FALSE:
+            raise ValueError(f"{path}:{n}: expected 'path_a path_b 1|0', got {line.strip()!r}")
+        for name in fields[:2]:
+            p = Path(name) if Path(name).is_absolute() else root / name
+            if not p.is_file():
+                raise FileNotFoundError(f"{path}:{n}: image {p} not found (paths are relative to {root})")
+            files.append(p)
+        issame.append(fields[2].lower() in _TRUE)
+    if not issame:
+        raise ValueError(f"{path}: no pairs found; expected lines 'path_a path_b 1|0'")
+    return files, issame
+
+
+def pack_pairs(pairs: str | Path, images: str | Path, output: str | Path, verify: bool = True) -> dict:
+    files, issame = read_pairs(pairs, images)
+    blobs = []
+    for f in files:
+        data = f.read_bytes()
+        if verify:
+            try:
+                decode_image(data)
+            except CorruptImageError as err:
+                raise CorruptImageError(f"{f}: {err}; remove the pair or replace the file") from None
+        blobs.append(data)
+    save_bin(output, blobs, issame)
+    return {"pairs": len(issame), "same": sum(issame), "output": str(output)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="megaface pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="kind", required=True)
+    rec = sub.add_parser("rec", help="image folder root/<identity>/*.jpg -> train.rec/.idx/property")
+    rec.add_argument("--images", required=True)
+    rec.add_argument("--output", required=True)
+    b = sub.add_parser("bin", help="pairs list -> .bin verification pack")
+    b.add_argument("--pairs", required=True)
+    b.add_argument("--images", required=True)
+    b.add_argument("--output", required=True)
+    syn = sub.add_parser("synthetic", help="synthetic identities -> pack + held-out val.bin")
+    syn.add_argument("--output", required=True)
+    syn.add_argument("--identities", type=int, default=1000)
+    syn.add_argument("--images-per-identity", type=int, default=20)
+    syn.add_argument("--val-pairs", type=int, default=3000)
+    syn.add_argument("--seed", type=int, default=0)
+    for p in (rec, b, syn):
+        p.add_argument("--force", action="store_true", help="replace an existing output")
+    for p in (rec, b):
+        p.add_argument("--no-verify", action="store_true", help="do not decode every image before packing")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.kind == "rec":
+            summary = pack_folder(args.images, args.output, verify=not args.no_verify, overwrite=args.force)
+        elif args.kind == "bin":
+            if Path(args.output).exists() and not args.force:
+                raise FileExistsError(f"output {args.output} exists; pass --force to replace it")
+            summary = pack_pairs(args.pairs, args.images, args.output, verify=not args.no_verify)
+        else:
+            from megaface.data.synthetic import write_synthetic
+
+            out, bin_path = write_synthetic(args.output, args.identities, args.images_per_identity,
+                                            args.val_pairs, args.seed, overwrite=args.force)
+            summary = {"output": str(out), "val_bin": str(bin_path), "identities": args.identities,
+                       "images": args.identities * args.images_per_identity, "val_pairs": args.val_pairs}
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"megaface pack: error: {err}", file=sys.stderr)
+        return 1
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0

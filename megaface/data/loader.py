@@ -1,0 +1,198 @@
+"""TrainLoader: per-rank shard of each global batch, deterministic shuffle/flip, exact resume.
+
+One epoch is a permutation of all N samples drawn from ``(seed, epoch)``, identical on every rank.
+Global batch g covers permutation positions ``[g*B*W, (g+1)*B*W)``; rank r takes the r-th slice of B,
+so each sample is used exactly once per epoch across ranks (B = `batch_size`, the per-rank batch;
+W = `world_size`). With ``drop_last=False`` the last, short global batch is split as evenly as possible
+(rank r gets ``m // W + (r < m % W)`` samples, possibly 0): ranks then see unequal batch sizes.
+
+The horizontal flip of a sample is a function of ``(seed, epoch, dataset index)``, so it does not depend
+on the world size, the worker count or a resume. ``state_dict()`` records (epoch, samples consumed in
+the epoch); after ``load_state_dict`` the loader yields exactly the batches the uninterrupted run would.
+
+Decoding runs in worker processes (torch DataLoader over whole batches; one task per batch keeps the
+IPC per image small).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from megaface.data.datasets import dataset_where
+from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image, normalize_batch
+
+STATE_FORMAT = "megaface.loader.v1"
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    dtype = np.int32 if num_samples < 2**31 else np.int64
+    return np.random.default_rng((seed, epoch, 0)).permutation(num_samples).astype(dtype)
+
+
+def epoch_flips(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """flip[i] for dataset index i (bool [N])."""
+    return np.random.default_rng((seed, epoch, 1)).random(num_samples, dtype=np.float32) < 0.5
+
+
+class _BatchTask(torch.utils.data.Dataset):
+    """Map-style dataset whose item is a whole batch: (indices, flips) -> (images, labels, skipped)."""
+
+    def __init__(self, dataset, normalize: str, skip_corrupt: bool):
+        self.dataset, self.normalize, self.skip_corrupt = dataset, normalize, skip_corrupt
+
+    def __len__(self) -> int:  # unused: items are index arrays from the sampler
+        return 0
+
+    def _load(self, i: int) -> np.ndarray | None:
+        label, item = self.dataset[int(i)]
+        if isinstance(item, np.ndarray) and item.ndim == 3:
+            return label, item
+        try:
+            return label, decode_image(item)
+        except CorruptImageError as err:
+            if self.skip_corrupt:
+                return label, None
+            raise CorruptImageError(
+                f"{dataset_where(self.dataset, int(i))}: {err}; pass skip_corrupt=True to skip such images"
+            ) from None
+
+    def __getitem__(self, task: tuple[np.ndarray, np.ndarray]):
+        indices, flips = task
+        loaded = [self._load(i) for i in indices]
+        good = [k for k, (_, im) in enumerate(loaded) if im is not None]
+        skipped = [dataset_where(self.dataset, int(indices[k])) for k, (_, im) in enumerate(loaded) if im is None]
+        if skipped and not good:
+            raise CorruptImageError(f"every image of a batch is corrupt, e.g. {skipped[0]}")
+        # a corrupt image is replaced by a good one of the same batch so batch shapes stay equal on all ranks
+        src = [k if loaded[k][1] is not None else good[j % len(good)] for j, k in enumerate(range(len(loaded)))]
+        shapes = {loaded[k][1].shape for k in good}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images of one batch differ in size {sorted(shapes)} (e.g. {dataset_where(self.dataset, int(indices[0]))}); "
+                "align/resize the data to one size (112x112)"
+            )
+        if not loaded:
+            return torch.empty(0, 3, 112, 112), torch.empty(0, dtype=torch.int64), []
+        images = np.stack([loaded[k][1][:, ::-1] if flips[k] else loaded[k][1] for k in src])
+        labels = torch.tensor([int(loaded[k][0]) for k in src], dtype=torch.int64)
+        return normalize_batch(images, self.normalize), labels, skipped
+
+
+def _worker_init(_: int) -> None:
+    # parallelism comes from worker processes; intra-op threads would only fight over the cores
+    torch.set_num_threads(1)
+
+
+class TrainLoader:
+    """Iterate -> (images float32 [B, 3, H, W], labels int64 [B]) for this rank."""
+
+    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 drop_last: bool = True, workers: int = 2, flip: bool = True, normalize: str = "arcface_torch",
+                 skip_corrupt: bool = False, prefetch: int = 2, log=None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (per-rank batch), got {batch_size}")
+        if not (world_size >= 1 and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"unknown normalize mode {normalize!r}; choose one of {', '.join(NORMALIZE_MODES)}")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
+        self.seed, self.drop_last, self.workers, self.flip = int(seed), bool(drop_last), int(workers), bool(flip)
+        self.normalize, self.skip_corrupt, self.prefetch = normalize, bool(skip_corrupt), int(prefetch)
+        self.num_samples = len(dataset)
+        self.global_batch = self.batch_size * self.world_size
+        if len(self) == 0:
+            raise ValueError(
+                f"dataset of {self.num_samples} samples is smaller than one global batch ({self.global_batch} = "
+                f"{self.batch_size} x {self.world_size} ranks) with drop_last; lower batch_size or add data"
+            )
+        self._epoch, self._position = 0, 0
+        self.skipped = 0
+        self.skipped_where: list[str] = []
+        self._log = log or print
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch, self._position = int(epoch), 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.global_batch)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def _epoch_samples(self) -> int:
+        return len(self) * self.global_batch if self.drop_last else self.num_samples
+
+    def _rank_slice(self, start: int) -> tuple[int, int]:
+        """Permutation positions [a, b) of this rank within the global batch starting at `start`."""
+        m = min(self.global_batch, self.num_samples - start)
+        if m == self.global_batch:
+            return start + self.rank * self.batch_size, start + (self.rank + 1) * self.batch_size
+        base, extra = divmod(m, self.world_size)
+        a = start + self.rank * base + min(self.rank, extra)
+        return a, a + base + (self.rank < extra)
+
+    def _tasks(self, perm: np.ndarray, flips: np.ndarray, first: int):
+        for start in range(first, self._epoch_samples(), self.global_batch):
+            a, b = self._rank_slice(start)
+            idx = perm[a:b]
+            yield idx, (flips[idx] if self.flip else np.zeros(len(idx), dtype=bool))
+
+    def __iter__(self):
+        if self._position >= self._epoch_samples():
+            self.set_epoch(self._epoch + 1)
+        perm = epoch_permutation(self.num_samples, self.seed, self._epoch)
+        flips = epoch_flips(self.num_samples, self.seed, self._epoch)
+        task = _BatchTask(self.dataset, self.normalize, self.skip_corrupt)
+        tasks = list(self._tasks(perm, flips, self._position))
+        if self.workers > 0 and tasks:
+            source = torch.utils.data.DataLoader(
+                task, batch_size=None, sampler=tasks, num_workers=min(self.workers, len(tasks)),
+                worker_init_fn=_worker_init, prefetch_factor=self.prefetch, multiprocessing_context="fork",
+            )
+        else:
+            source = (task[t] for t in tasks)
+        for images, labels, skipped in source:
+            self._position += self.global_batch
+            if skipped:
+                self._report(skipped)
+            yield images, labels
+        self.set_epoch(self._epoch + 1)
+
+    def _report(self, skipped: list[str]) -> None:
+        self.skipped += len(skipped)
+        self.skipped_where += skipped[: max(0, 100 - len(self.skipped_where))]
+        self._log(f"data: skipped {len(skipped)} corrupt image(s) ({self.skipped} so far), e.g. {skipped[0]}")
+
+    def state_dict(self) -> dict:
+        epoch, position = self._epoch, self._position
+        if position >= self._epoch_samples():
+            epoch, position = epoch + 1, 0
+        return {"format": STATE_FORMAT, "epoch": epoch, "position": position, "seed": self.seed,
+                "num_samples": self.num_samples, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        if int(state["num_samples"]) != self.num_samples or int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"loader state was saved for {state['num_samples']} samples with seed {state['seed']}, but this "
+                f"loader has {self.num_samples} samples with seed {self.seed}; resume with the same data and seed"
+            )
+        position = int(state["position"])
+        if position % self.global_batch and position < self._epoch_samples():
+            raise ValueError(
+                f"loader state position {position} is not a multiple of the global batch {self.global_batch}; "
+                "resume with the same global batch size (batch_size x world_size)"
+            )
+        self._epoch, self._position, self.skipped = int(state["epoch"]), position, int(state.get("skipped", 0))
+
+
+def loader_batches_per_epoch(num_samples: int, batch_size: int, world_size: int, drop_last: bool = True) -> int:
+    """len(TrainLoader) without building one."""
+    g = batch_size * world_size
+    return num_samples // g if drop_last else math.ceil(num_samples / g)
