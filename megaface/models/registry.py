@@ -1,0 +1,84 @@
+"""Backbone registry: build a network by name with validated options."""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+from torch import nn
+
+from .iresnet import IRESNET_UNITS, IResNet
+from .mobilefacenet import MOBILEFACENET_SPECS, MobileFaceNet
+
+# Default dropout of the "E" head: the seed trains resnet100 with 0.4, the others without.
+_IRESNET_DROPOUT = {100: 0.4}
+_EXTRA_OPTIONS = ("bn_eps", "bn_momentum")
+
+
+def _iresnet_factory(depth: int) -> Callable[..., nn.Module]:
+    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> nn.Module:
+        p = _IRESNET_DROPOUT.get(depth, 0.0) if dropout is None else dropout
+        return IResNet(depth, embedding_size or 512, p, **options)
+    return build
+
+
+def _mobilefacenet_factory(name: str) -> Callable[..., nn.Module]:
+    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> nn.Module:
+        if dropout:
+            raise ValueError(
+                f"{name} has no dropout layer (the GDC head is linear), got dropout={dropout}; "
+                "pass dropout=None or 0"
+            )
+        return MobileFaceNet(name, MOBILEFACENET_SPECS[name], embedding_size, **options)
+    return build
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    **{name: _mobilefacenet_factory(name) for name in MOBILEFACENET_SPECS},
+    **{f"iresnet{depth}": _iresnet_factory(depth) for depth in sorted(IRESNET_UNITS)},
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return list(_FACTORIES)
+
+
+def _check_name(name: str) -> str:
+    if name not in _FACTORIES:
+        close = difflib.get_close_matches(str(name), list(_FACTORIES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown network {name!r}{hint}; choose one of {list_models()}")
+    return name
+
+
+def default_embedding_size(name: str) -> int:
+    """Embedding width D that :func:`build_model` uses when ``embedding_size`` is None."""
+    _check_name(name)
+    if name in MOBILEFACENET_SPECS:
+        return MOBILEFACENET_SPECS[name].embedding_size
+    return 512
+
+
+def build_model(name: str, embedding_size: int | None = None, dropout: float | None = None,
+                **kwargs: Any) -> nn.Module:
+    """Build backbone ``name``: float [N, 3, 112, 112] -> embeddings [N, D].
+
+    embedding_size: D (None: :func:`default_embedding_size`).
+    dropout: dropout before the FC of the IResNet "E" head (None: 0.4 for iresnet100, else 0);
+        MobileFaceNets have no dropout and accept only None/0.
+    kwargs: ``bn_eps`` (override every BatchNorm eps, e.g. 1e-5 to reproduce arcface_torch outputs
+        exactly) and ``bn_momentum`` (PyTorch convention, default 0.1 == MXNet 0.9).
+    The returned module has ``.network_name`` and ``.embedding_size``.
+    """
+    _check_name(name)
+    unknown = sorted(set(kwargs) - set(_EXTRA_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown build_model option(s) {unknown} for {name!r}; valid: {list(_EXTRA_OPTIONS)}")
+    if embedding_size is not None and (not isinstance(embedding_size, int) or embedding_size <= 0):
+        raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    for key in _EXTRA_OPTIONS:
+        if key in kwargs and not float(kwargs[key]) > 0:
+            raise ValueError(f"{key} must be > 0, got {kwargs[key]!r}")
+    return _FACTORIES[name](embedding_size, dropout, **kwargs)
