@@ -1,0 +1,296 @@
+"""`megaface eval | embed | eval-ijb | eval-ident`.
+
+`eval` and `embed` run a model and work under any launcher (plain python, torchrun, deepspeed, mpirun):
+every rank embeds its share, rank 0 scores and writes. `eval-ijb` and `eval-ident` score saved features in
+one process.
+
+Files written by `embed --output out.npy`:
+  out.npy          float32 [N, D] (embedding of each image; + the flipped image's with --flip-fuse)
+  out.labels.npy   int64 [N]: identity label (-1 where unknown: loose images, .bin packs)
+  out.paths.txt    one line per row: the image path, `<pack dir>:<index>` or `<bin file>:<index>`
+  out.issame.npy   bool [N/2] (only for a .bin input)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from megaface.eval.embed import NORMALIZE_MODES
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+# ---- shared helpers ----------------------------------------------------------------------------------
+
+def load_model(checkpoint: str, network: str | None, embedding_size: int | None) -> tuple[Any, dict]:
+    """The backbone at `checkpoint` (eval mode, CPU), checked against the requested network / size."""
+    try:
+        from megaface.checkpoint import load_backbone
+    except ImportError as err:
+        raise RuntimeError(f"megaface.checkpoint.load_backbone is unavailable ({err}); this build cannot "
+                           "read checkpoints") from None
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist (give an output dir, a "
+                                "checkpoints dir, a tag dir or a backbone .pt/.safetensors file)")
+    model, meta = load_backbone(checkpoint, network=network)
+    actual = getattr(model, "embedding_size", None) or meta.get("embedding_size")
+    if embedding_size is not None and actual is not None and int(actual) != embedding_size:
+        raise ValueError(f"{checkpoint} produces {actual}-d embeddings, not --embedding-size {embedding_size}; "
+                         "pass the matching checkpoint or drop --embedding-size")
+    return model, dict(meta)
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="output dir, checkpoints dir, tag dir or backbone file")
+    parser.add_argument("--network", default=None, help="network name (required when the file has no meta)")
+    parser.add_argument("--embedding-size", type=int, default=None, help="fail unless the model has this size")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward call and rank")
+    parser.add_argument("--normalize", choices=NORMALIZE_MODES, default=None,
+                        help="pixel normalisation (default: the checkpoint's, else arcface_torch)")
+
+
+def _start(args: argparse.Namespace) -> tuple[Any, Any, str, dict, bool]:
+    """Join the job, load the model onto this rank's device; -> state, model, normalize, meta, owns group."""
+    import torch.distributed as dist
+
+    from megaface.dist import init_distributed
+
+    owns_group = not dist.is_initialized()
+    state = init_distributed()
+    model, meta = load_model(args.checkpoint, args.network, args.embedding_size)
+    normalize = args.normalize or meta.get("normalize") or "arcface_torch"
+    return state, model.to(state.device), normalize, meta, owns_group
+
+
+def _finish(owns_group: bool) -> None:
+    if owns_group:
+        from megaface.dist import shutdown
+
+        shutdown()
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _sidecar(output: Path, suffix: str) -> Path:
+    return output.with_name(output.name[: -len(".npy")] + suffix if output.name.endswith(".npy")
+                            else output.name + suffix)
+
+
+# ---- megaface eval -----------------------------------------------------------------------------------
+
+def main_eval(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megaface eval", description="verification on .bin packs")
+    _model_args(parser)
+    parser.add_argument("--bin", nargs="+", required=True, help="verification packs (lfw.bin cfp_fp.bin ...)")
+    parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (10 in the protocol)")
+    parser.add_argument("--json", default=None, help="write a JSON report here")
+    parser.add_argument("--roc", default=None, help="draw the ROC curves into this image (png/pdf/svg)")
+    args = parser.parse_args(list(argv))
+    from megaface.eval.embed import embed_images
+    from megaface.eval.roc import plot_roc
+    from megaface.eval.validation import pack_name, read_bin
+    from megaface.eval.verification import evaluate, format_result, json_summary
+
+    names = [pack_name(p) for p in args.bin]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--bin packs share a name: {names}; each pack needs a distinct file name")
+    packs = [(name, *read_bin(p)) for name, p in zip(names, args.bin)]  # all checked before the model loads
+    state, model, normalize, meta, owns_group = _start(args)
+    try:
+        report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "network": meta.get("network"),
+                                  "embedding_size": getattr(model, "embedding_size", None),
+                                  "normalize": normalize, "world_size": state.world_size, "packs": {}}
+        curves = {}
+        for name, images, issame in packs:
+            emb, emb_flip = embed_images(model, images, state, args.batch_size, normalize, flip=True)
+            if not state.is_main:
+                continue
+            result = evaluate(emb, emb_flip, issame, args.folds)
+            print("\n".join(format_result(name, result)), flush=True)
+            report["packs"][name] = json_summary(result)
+            curves[name] = (result["fpr"], result["tpr"])
+        if state.is_main:
+            _write_json(args.json, report)
+            if args.roc:
+                plot_roc(curves, args.roc, title="Verification ROC (mean of test folds)")
+    finally:
+        _finish(owns_group)
+    return 0
+
+
+# ---- megaface embed ----------------------------------------------------------------------------------
+
+class _LazyFiles:
+    """Image files read on access (each rank reads only its share)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.paths[i].read_bytes()
+
+
+class _PackImages:
+    def __init__(self, pack: Any) -> None:
+        self.pack = pack
+
+    def __len__(self) -> int:
+        return len(self.pack)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.pack[i][1]
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
+    """Images under `root` (recursive, sorted). Labels: the sorted identity sub-folder index when every
+    image sits in a direct sub-folder (`root/<identity>/*.jpg`), else -1."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"--images {root} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    if all(p.parent.parent == root for p in paths):
+        names = sorted({p.parent.name for p in paths})
+        index = {n: i for i, n in enumerate(names)}
+        return paths, np.array([index[p.parent.name] for p in paths], np.int64)
+    return paths, np.full(len(paths), -1, np.int64)
+
+
+def _embed_source(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str], np.ndarray | None]:
+    """-> images (lazy sequence), labels, path strings, issame (for a .bin)."""
+    if args.images:
+        paths, labels = list_image_folder(args.images)
+        return _LazyFiles(paths), labels, [str(p) for p in paths], None
+    if args.pack:
+        from megaface.data import open_pack
+
+        pack = open_pack(args.pack)
+        return _PackImages(pack), np.asarray(pack.labels(), np.int64), \
+            [f"{args.pack}:{i}" for i in range(len(pack))], None
+    from megaface.eval.validation import read_bin
+
+    images, issame = read_bin(args.bin)
+    return images, np.full(len(images), -1, np.int64), [f"{args.bin}:{i}" for i in range(len(images))], \
+        np.asarray(issame, bool)
+
+
+def main_embed(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megaface embed", description="embeddings to .npy")
+    _model_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="image folder (root/<identity>/*.jpg, or loose images)")
+    source.add_argument("--pack", help="RecordIO pack folder (train.rec/train.idx)")
+    source.add_argument("--bin", help="verification .bin pack")
+    parser.add_argument("--output", required=True, help="output .npy (labels/paths written beside it)")
+    parser.add_argument("--flip-fuse", action="store_true", help="add the horizontally flipped image's embedding")
+    args = parser.parse_args(list(argv))
+    from megaface.eval.embed import embed_images
+
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"--output {output}: folder {output.parent} does not exist")
+    images, labels, paths, issame = _embed_source(args)
+    state, model, normalize, _, owns_group = _start(args)
+    try:
+        emb, emb_flip = embed_images(model, images, state, args.batch_size, normalize, flip=args.flip_fuse)
+        if state.is_main:
+            np.save(output, (emb + emb_flip) if args.flip_fuse else emb)
+            np.save(_sidecar(output, ".labels.npy"), labels)
+            _sidecar(output, ".paths.txt").write_text("".join(p + "\n" for p in paths))
+            if issame is not None:
+                np.save(_sidecar(output, ".issame.npy"), issame)
+            print(f"wrote {output} {tuple(emb.shape)} (+ labels, paths)", flush=True)
+    finally:
+        _finish(owns_group)
+    return 0
+
+
+# ---- megaface eval-ijb -------------------------------------------------------------------------------
+
+def _load_npy(path: str, what: str, mmap: bool = False) -> np.ndarray:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (write it with `megaface embed`)")
+    arr = np.load(path, mmap_mode="r" if mmap else None)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} {path} has shape {arr.shape}; expected [N, D] features")
+    return arr
+
+
+def main_ijb(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megaface eval-ijb", description="IJB-B/C 1:1 TAR@FAR")
+    parser.add_argument("--features", required=True, help="[N, D] .npy, one row per face-list line")
+    parser.add_argument("--meta-dir", required=True, help="folder with <target>_face_tid_mid.txt and "
+                                                          "<target>_template_pair_label.txt")
+    parser.add_argument("--target", default="IJBC", choices=("IJBB", "IJBC"))
+    parser.add_argument("--paths", default=None, help="image paths of the feature rows (default: "
+                                                      "<features>.paths.txt when present)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--roc", default=None)
+    args = parser.parse_args(list(argv))
+    from megaface.eval.ijb import evaluate_ijb, format_ijb
+
+    feats = _load_npy(args.features, "--features")
+    paths = Path(args.paths) if args.paths else _sidecar(Path(args.features), ".paths.txt")
+    if args.paths and not paths.is_file():
+        raise FileNotFoundError(f"--paths {paths} does not exist")
+    result = evaluate_ijb(feats, args.meta_dir, args.target, paths)
+    print("\n".join(format_ijb(result)), flush=True)
+    _write_json(args.json, {k: v for k, v in result.items() if k not in ("fpr", "tpr")})
+    if args.roc:
+        from megaface.eval.roc import plot_roc
+
+        plot_roc({result["target"]: (result["fpr"], result["tpr"])}, args.roc, "IJB 1:1 ROC", log_far=True)
+    return 0
+
+
+# ---- megaface eval-ident -----------------------------------------------------------------------------
+
+def _labels_for(features: str, explicit: str | None, what: str, rows: int) -> np.ndarray:
+    path = Path(explicit) if explicit else _sidecar(Path(features), ".labels.npy")
+    if not path.is_file():
+        raise FileNotFoundError(f"labels for {what} {features}: {path} does not exist; pass --{what}-labels")
+    labels = np.load(path)
+    if labels.shape != (rows,):
+        raise ValueError(f"{path} holds {labels.shape} labels for {rows} {what} rows")
+    return labels
+
+
+def main_ident(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megaface eval-ident", description="1:N identification (rank-1, CMC)")
+    parser.add_argument("--probe", required=True, help="probe features .npy (labels: <probe>.labels.npy)")
+    parser.add_argument("--gallery", required=True, help="gallery features .npy (labels: <gallery>.labels.npy)")
+    parser.add_argument("--probe-labels", default=None)
+    parser.add_argument("--gallery-labels", default=None)
+    parser.add_argument("--distractors", nargs="*", default=[], help="distractor features .npy (memory-mapped)")
+    parser.add_argument("--max-rank", type=int, default=10)
+    parser.add_argument("--block-mb", type=int, default=256, help="size of one probe x candidate score block")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(list(argv))
+    from megaface.eval.identification import format_ident, identify
+
+    probe, gallery = _load_npy(args.probe, "--probe"), _load_npy(args.gallery, "--gallery", mmap=True)
+    distractors = [_load_npy(d, "--distractors", mmap=True) for d in args.distractors]
+    result = identify(probe, _labels_for(args.probe, args.probe_labels, "probe", len(probe)), gallery,
+                      _labels_for(args.gallery, args.gallery_labels, "gallery", len(gallery)), distractors,
+                      args.max_rank, args.block_mb << 20)
+    print("\n".join(format_ident(result)), flush=True)
+    _write_json(args.json, {k: v for k, v in result.items() if k != "ranks"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_eval(sys.argv[1:]))
