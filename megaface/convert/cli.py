@@ -1,0 +1,137 @@
+"""Argument parsing for `megaface convert <subcommand>`; each handler calls one library function.
+
+User errors (ValueError, FileNotFoundError, FileExistsError) print one line naming the problem and return
+exit status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from megaface.convert.inspect import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(args.checkpoint)
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from megaface.convert.consolidate import consolidate
+
+    out = consolidate(args.checkpoint, args.output, network=args.network)
+    print(f"wrote fp32 backbone {out} (+ {out}.json)")
+    return 0
+
+
+def _fc7(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megaface.convert.fc7 import merge_checkpoint, reshard_checkpoint
+    from megaface.convert.files import resolve_checkpoint
+
+    tag_dir = resolve_checkpoint(args.checkpoint)
+    if args.merge:
+        if args.output is None:
+            raise ValueError("fc7 --merge needs -o FILE.pt for the merged classifier")
+        print(f"wrote merged FC7 {merge_checkpoint(tag_dir, args.output)}")
+        return 0
+    if args.reshard < 1:
+        raise ValueError(f"--reshard {args.reshard}: the world size must be >= 1")
+    output = args.output or str(Path(tag_dir).with_name(f"{Path(tag_dir).name}_fc7w{args.reshard}"))
+    out = reshard_checkpoint(tag_dir, args.reshard, output)
+    print(f"wrote checkpoint {out} with FC7 resharded for {args.reshard} ranks")
+    return 0
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    from megaface.convert.onnx_export import export_onnx, verify_onnx
+
+    out = export_onnx(args.checkpoint, args.output, network=args.network, opset=args.opset, fp16=args.fp16)
+    print(f"wrote {out}")
+    if args.verify:
+        print(f"verified with onnxruntime: {verify_onnx(out, args.checkpoint, network=args.network)}")
+    return 0
+
+
+def _import_insightface(args: argparse.Namespace) -> int:
+    from megaface.convert.insightface import import_insightface
+
+    result = import_insightface(args.model, args.output, network=args.network, embedding_size=args.embedding_size)
+    print(result if isinstance(result, str) else f"wrote megaface backbone {args.output}")
+    return 0
+
+
+def _export_insightface(args: argparse.Namespace) -> int:
+    from megaface.convert.insightface import export_insightface
+
+    result = export_insightface(args.checkpoint, args.output, network=args.network)
+    print(result if isinstance(result, str) else f"wrote arcface_torch state_dict {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megaface convert", description=(
+        "Inspect and convert megaface checkpoints. CKPT is an output dir, its checkpoints/ dir or one "
+        "step_NNNNNNNN tag dir (the newest complete one is used for the first two)."))
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="iteration, network, FC7 shards, ZeRO stage, precision, config")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("consolidate", help="plain fp32 backbone (.pt/.safetensors) from any ZeRO stage")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("-o", "--output", required=True, help="backbone.pt or backbone.safetensors")
+    p.add_argument("--network", help="network name when meta.json has none (must agree when it has one)")
+    p.set_defaults(handler=_consolidate)
+
+    p = sub.add_parser("fc7", help="merge the FC7 shards into one matrix, or reshard for another world size")
+    p.add_argument("checkpoint", metavar="CKPT")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--merge", action="store_true", help="write the full [num_classes, D] weight + momentum")
+    mode.add_argument("--reshard", type=int, metavar="W", help="write a copy of the checkpoint with W shards")
+    p.add_argument("-o", "--output", help="--merge: output file; --reshard: output tag dir "
+                                          "(default: <tag>_fc7w<W> next to the source)")
+    p.set_defaults(handler=_fc7)
+
+    p = sub.add_parser("onnx", help="ONNX export (dynamic batch), verified with onnxruntime")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or a backbone file")
+    p.add_argument("-o", "--output", required=True, help="model.onnx")
+    p.add_argument("--network", help="network name when the source has no meta")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
+    p.add_argument("--fp16", action="store_true", help="export fp16 weights and activations")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the onnxruntime comparison with torch")
+    p.set_defaults(handler=_onnx)
+
+    p = sub.add_parser("import-insightface", help="arcface_torch iresnet/mbf state_dict -> megaface backbone")
+    p.add_argument("model", help="arcface_torch backbone .pt/.pth (a state_dict)")
+    p.add_argument("-o", "--output", required=True, help="megaface backbone .pt or .safetensors")
+    p.add_argument("--network", required=True, help="megaface network name (e.g. iresnet50, mobilefacenet)")
+    p.add_argument("--embedding-size", type=int, help="embedding width (default: the network's)")
+    p.set_defaults(handler=_import_insightface)
+
+    p = sub.add_parser("export-insightface", help="megaface backbone -> arcface_torch state_dict")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or a backbone file")
+    p.add_argument("-o", "--output", required=True, help="arcface_torch backbone .pt")
+    p.add_argument("--network", help="network name when the source has no meta")
+    p.set_defaults(handler=_export_insightface)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except _USER_ERRORS as err:
+        print(f"megaface convert {args.command}: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,108 @@
+"""`megaface convert consolidate`: one plain fp32 backbone file from a checkpoint of any ZeRO stage.
+
+The output loads with `torch.load` (or safetensors) straight into `megaface.models.build_model(network)`;
+no DeepSpeed needed. The fp32 master weights are read from the DeepSpeed partitions by
+`megaface.convert.zero_reader` (tested equal to DeepSpeed's own zero_to_fp32 for ZeRO 1-3).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megaface.convert.files import read_meta, resolve_checkpoint
+from megaface.convert.zero_reader import read_fp32_state_dict
+
+# Wrappers that may sit around the backbone inside the engine: torch.compile, (Distributed)DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# DataParallelFace (megaface.engine, parallel="data") holds the backbone next to the replicated FC7.
+_BACKBONE_PREFIX = "backbone."
+
+__all__ = ["strip_prefixes", "check_architecture", "consolidate_state_dict", "consolidate"]
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's own keys: drop wrapper prefixes shared by every key, then keep only `backbone.*`
+    (dropping the data-parallel head) when the engine held a backbone + head container."""
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    if any(k.startswith(_BACKBONE_PREFIX) for k in state):
+        state = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+    return state
+
+
+def check_architecture(state: dict[str, torch.Tensor], network: str, embedding_size: int | None,
+                       source: str) -> None:
+    """Raise ValueError naming `source` unless `state` fits `network` key for key and shape for shape."""
+    from megaface.models import build_model
+
+    with torch.device("meta"):  # shapes only: no memory for the weights, no init cost
+        reference = build_model(network, embedding_size=embedding_size).state_dict()
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in reference.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"{len(items)} {label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise ValueError(f"{source}: the weights are not a '{network}' backbone (embedding_size="
+                         f"{embedding_size}): {'; '.join(parts)}. Pass the right --network, or this is a "
+                         "checkpoint of another architecture")
+
+
+def consolidate_state_dict(path: str | os.PathLike, network: str | None = None
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(fp32 backbone state_dict, backbone meta) of the checkpoint at `path` (output/checkpoints/tag dir).
+
+    `network` overrides the name in meta.json (must be given when the meta has none); the weights are
+    checked against that network's architecture.
+    """
+    tag_dir = resolve_checkpoint(path)
+    meta = read_meta(tag_dir)
+    raw, info = read_fp32_state_dict(tag_dir / "ds")
+    state = strip_prefixes(raw)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    stored = meta.get("network")
+    if network is not None and stored is not None and network != stored:
+        raise ValueError(f"{tag_dir / 'meta.json'} names network '{stored}', not '{network}': drop --network "
+                         "or pass the matching checkpoint")
+    name = network or stored
+    if name is None:
+        raise ValueError(f"{tag_dir / 'meta.json'} names no network: pass --network NAME")
+    check_architecture(state, name, meta.get("embedding_size"), str(tag_dir / "ds"))
+    if "zero_stage" in meta and int(meta["zero_stage"]) != info["zero_stage"]:
+        raise ValueError(f"{tag_dir / 'meta.json'} says ZeRO stage {meta['zero_stage']} but {tag_dir / 'ds'} "
+                         f"holds a ZeRO-{info['zero_stage']} checkpoint; the directory was mixed up")
+    backbone_meta = {
+        "network": name,
+        "embedding_size": meta.get("embedding_size"),
+        "normalize": meta.get("normalize"),
+        "num_classes": meta.get("num_classes"),
+        "iteration": meta.get("iteration"),
+        "source": str(tag_dir),
+        "zero_stage": info["zero_stage"],
+        "precision": meta.get("precision"),
+        "saved_world_size": info["world_size"],
+    }
+    return state, backbone_meta
+
+
+def consolidate(path: str | os.PathLike, output: str | os.PathLike, network: str | None = None) -> Path:
+    """Write the fp32 backbone of the checkpoint at `path` to `output` (.pt or .safetensors, + sidecar .json)."""
+    from megaface.checkpoint import save_backbone_file
+
+    output = Path(output)
+    if output.suffix not in (".pt", ".pth", ".safetensors"):
+        raise ValueError(f"output {output} must end in .pt, .pth or .safetensors")
+    state, meta = consolidate_state_dict(path, network)
+    return save_backbone_file(output, state, meta)

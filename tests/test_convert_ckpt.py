@@ -1,0 +1,185 @@
+"""`megaface convert` on real DeepSpeed checkpoints: 2 gloo ranks train a tiny MobileFaceNet + model-parallel
+FC7 for two steps under ZeRO 0/1/2/3 (fp32, SGD) and save in the megaface layout (CONTRACTS.md). The
+consolidated backbone is checked against the live engine weights and against DeepSpeed's zero_to_fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megaface.convert.consolidate import consolidate, consolidate_state_dict
+from megaface.convert.fc7 import load_checkpoint_shards, merge_checkpoint, reshard_checkpoint, shard_file_name
+from megaface.convert.inspect import format_report, inspect_checkpoint
+from tests.dist_utils import run_distributed
+
+NETWORK, NUM_CLASSES, STEPS = "mobilefacenet_tiny", 7, 2
+
+
+def _ds_config(stage: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _full_backbone_state(engine, stage: int) -> dict[str, torch.Tensor]:
+    """The live backbone weights on every rank (ZeRO-3 gathers its partitions)."""
+    if stage != 3:
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed compiles a shared-memory op for its inference all-reduce on CPU; training does not use it."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def save_tiny_checkpoints(state, roots: list[str], stages: list[int]) -> list[dict]:
+    """One tiny run per ZeRO stage in the same process group (forking once is the slow part)."""
+    _skip_shm_build()
+    return [save_tiny_checkpoint(state, root, stage) for root, stage in zip(roots, stages)]
+
+
+def save_tiny_checkpoint(state, output_dir: str, stage: int) -> dict:
+    """Train STEPS steps on 2 ranks and save `output_dir/checkpoints/step_0000000N/` like the trainer does."""
+    import deepspeed
+
+    from megaface.head import PartialFC, ShardSGD, shard_state_dict
+    from megaface.models import build_model
+
+    torch.manual_seed(0)
+    backbone = build_model(NETWORK)
+    head = PartialFC(backbone.embedding_size, NUM_CLASSES, scale=32.0)
+    fc7_opt = ShardSGD(head, lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    engine, *_ = deepspeed.initialize(model=backbone, optimizer=opt, config=_ds_config(stage),
+                                      dist_init_required=False)
+    gen = torch.Generator().manual_seed(state.rank)
+    for _ in range(STEPS):
+        images = torch.randn(2, 3, 112, 112, generator=gen)
+        labels = torch.randint(0, NUM_CLASSES, (2,), generator=gen)
+        loss = head(engine(images), labels)
+        engine.backward(loss)
+        engine.step()
+        fc7_opt.step()
+        fc7_opt.zero_grad()
+    tag_dir = Path(output_dir) / "checkpoints" / f"step_{STEPS:08d}"
+    engine.save_checkpoint(str(tag_dir), tag="ds", save_latest=False)
+    (tag_dir / "fc7").mkdir(exist_ok=True)
+    (tag_dir / "trainer").mkdir(exist_ok=True)
+    torch.save(shard_state_dict(head, fc7_opt), tag_dir / "fc7" / shard_file_name(state.rank, state.world_size))
+    torch.save({"iteration": STEPS}, tag_dir / "trainer" / f"rank_{state.rank:05d}.pt")
+    if state.rank == 0:
+        ranges = [[0, 4], [4, 3]]
+        meta = {"format": "megaface.checkpoint.v1", "iteration": STEPS, "network": NETWORK,
+                "embedding_size": backbone.embedding_size, "num_classes": NUM_CLASSES,
+                "world_size": state.world_size, "class_ranges": ranges, "zero_stage": stage,
+                "precision": "fp32", "parallel": "model", "normalize": "arcface_torch",
+                "config": {"model": {"network": NETWORK}}, "ds_config": _ds_config(stage)}
+        (tag_dir / "meta.json").write_text(json.dumps(meta))
+        (tag_dir.parent / "latest").write_text(tag_dir.name + "\n")
+    return {"backbone": _full_backbone_state(engine, stage), "weight": head.weight.detach().clone(),
+            "momentum": fc7_opt.momentum_buffer().detach().clone()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{stage: (output dir, per-rank live results)} for ZeRO 0-3 (about 20 s on 2 CPU cores)."""
+    import deepspeed  # noqa: F401 - imported before forking, so the ranks start quickly
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    stages = [0, 1, 2, 3]
+    roots = [tmp_path_factory.mktemp(f"zero{stage}") for stage in stages]
+    per_rank = run_distributed(save_tiny_checkpoints, 2, [str(r) for r in roots], stages, timeout=300)
+    return {stage: (root, [rank_results[i] for rank_results in per_rank])
+            for i, (stage, root) in enumerate(zip(stages, roots))}
+
+
+def _deepspeed_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag="ds")
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_consolidate_equals_live_weights_and_deepspeed(checkpoints, stage, tmp_path):
+    root, results = checkpoints[stage]
+    state, meta = consolidate_state_dict(root)
+    live = results[0]["backbone"]
+    _assert_same_state(state, live)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert meta["network"] == NETWORK and meta["zero_stage"] == stage and meta["embedding_size"] == 128
+    if stage > 0:  # DeepSpeed's zero_to_fp32 only handles ZeRO 1-3
+        _assert_same_state(state, _deepspeed_fp32(root / "checkpoints" / f"step_{STEPS:08d}"))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_consolidated_file_loads_without_deepspeed(checkpoints, suffix, tmp_path):
+    from megaface.checkpoint import load_backbone
+    from megaface.models import build_model
+
+    root, results = checkpoints[3]
+    out = consolidate(root / "checkpoints", tmp_path / f"backbone{suffix}")
+    if suffix == ".pt":
+        plain = torch.load(out, map_location="cpu", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        plain = load_file(str(out))
+    model = build_model(NETWORK)
+    model.load_state_dict(plain, strict=True)
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["network"] == NETWORK and sidecar["normalize"] == "arcface_torch"
+    loaded, meta = load_backbone(out)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_inspect_reports_layout(checkpoints):
+    root, _ = checkpoints[2]
+    report = inspect_checkpoint(root)
+    assert report["iteration"] == STEPS and report["network"] == NETWORK and report["zero_stage"] == 2
+    assert report["fc7"]["world_size"] == 2
+    assert [(s["class_start"], s["num_local"]) for s in report["fc7"]["shards"]] == [(0, 4), (4, 3)]
+    assert "optimizer state partitioned" in report["deepspeed"]["layout"]
+    json.dumps(report)  # --json must be serialisable
+    text = format_report(report)
+    assert "rank 1    classes [4, 7)" in text and "mobilefacenet_tiny" in text
+
+
+def test_fc7_merge_and_reshard_checkpoint(checkpoints, tmp_path):
+    root, results = checkpoints[1]
+    tag_dir = root / "checkpoints" / f"step_{STEPS:08d}"
+    merged = torch.load(merge_checkpoint(tag_dir, tmp_path / "fc7.pt"), weights_only=True)
+    assert torch.equal(merged["weight"], torch.cat([r["weight"] for r in results]))
+    assert torch.equal(merged["momentum"], torch.cat([r["momentum"] for r in results]))
+    assert merged["network"] == NETWORK and merged["num_classes"] == NUM_CLASSES
+    out = reshard_checkpoint(tag_dir, 3, tmp_path / "w3")
+    states, _ = load_checkpoint_shards(out)
+    assert [(s["class_start"], s["num_local"]) for s in states] == [(0, 3), (3, 2), (5, 2)]
+    assert torch.equal(torch.cat([s["weight"] for s in states]), merged["weight"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["fc7_world_size"] == 3 and meta["class_ranges"] == [[0, 3], [3, 2], [5, 2]]
+    assert sorted(p.name for p in (out / "ds").iterdir()) == sorted(p.name for p in (tag_dir / "ds").iterdir())
+    # the copy is a complete checkpoint: its backbone consolidates to the same weights
+    _assert_same_state(consolidate_state_dict(out)[0], consolidate_state_dict(tag_dir)[0])
