@@ -22,10 +22,16 @@ class ScalelessBatchNorm1d(nn.BatchNorm1d):
 
 
 def init_conv_weights(module: nn.Module) -> None:
-    """He init (fan_out) for conv/linear weights, identity BatchNorm, zero biases."""
+    """He init (fan_out) for conv/linear weights, identity BatchNorm, zero biases.
+
+    The fan is counted per group: ``kaiming_normal_`` ignores groups, which makes depthwise kernels
+    (fan_out = k*k, not channels*k*k) hundreds of times too small and fresh networks output ~0 in eval mode.
+    """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            groups = m.groups if isinstance(m, nn.Conv2d) else 1
+            fan_out = m.weight.shape[0] // groups * m.weight[0, 0].numel()
+            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
@@ -35,6 +41,9 @@ def init_conv_weights(module: nn.Module) -> None:
 
 def check_input(x: torch.Tensor, network_name: str, size: int = 112) -> None:
     """Raise a ValueError naming the shape when the input is not [N, 3, size, size] float."""
+    if torch.jit.is_tracing():
+        # Traced shapes are tensors; the check would only be frozen into the graph as a constant.
+        return
     if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
         raise ValueError(
             f"{network_name} expects input of shape [N, 3, {size}, {size}], got {list(x.shape)}; "
