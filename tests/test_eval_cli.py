@@ -1,4 +1,4 @@
-"""`megaface eval` and `megaface embed` end to end on a small real backbone (mobilefacenet, 128-d)."""
+"""`megaface eval` and `megaface embed` end to end on a small real backbone (mobilefacenet_tiny, 128-d)."""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evalcli")
     torch.manual_seed(0)
-    model = build_model("mobilefacenet")
+    model = build_model("mobilefacenet_tiny")
     ckpt = root / "backbone.pt"
     torch.save(model.state_dict(), ckpt)
-    (root / "backbone.pt.json").write_text(json.dumps({"network": "mobilefacenet", "embedding_size": 128}))
+    (root / "backbone.pt.json").write_text(json.dumps({"network": "mobilefacenet_tiny", "embedding_size": 128}))
     rng = np.random.default_rng(0)
     faces = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(12)]
     bins = {}
@@ -80,7 +80,7 @@ def test_eval_prints_seed_lines_and_writes_report(files, tmp_path):
     assert re.fullmatch(r"Accuracy-Flip: \d\.\d{5}\+-\d\.\d{5}", lines[3])
     assert lines[4:6] == ["Validation on [cfp_fp]:", "Embedding shape: (20, 128)"] and len(lines) == 8
     data = json.loads(report.read_text())
-    assert data["network"] == "mobilefacenet" and set(data["packs"]) == {"lfw", "cfp_fp"}
+    assert data["network"] == "mobilefacenet_tiny" and set(data["packs"]) == {"lfw", "cfp_fp"}
     assert roc.stat().st_size > 0
     # the numbers are the protocol applied to the model's embeddings
     from megaface.checkpoint import load_backbone

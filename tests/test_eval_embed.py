@@ -138,3 +138,29 @@ def test_validator_bad_packs(tmp_path):
         Validator([_write_bin(tmp_path / "short.bin", 5, flags=4)], DistState())
     with pytest.raises(ValueError, match="at least one"):
         Validator([], DistState())
+
+
+def _zero3_job(state: DistState, images: list, batch_size: int):
+    import deepspeed
+
+    model = TinyNet()
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config=config)
+    partitioned = all(p.numel() == 0 for p in engine.module.fc.parameters())
+    emb, emb_flip = embed_images(engine.module, images, state, batch_size=batch_size)
+    return emb, emb_flip, partitioned
+
+
+@pytest.mark.slow
+def test_embed_under_zero3_with_uneven_shares():
+    # 9 images, batch 2, 2 ranks: shares of 5 and 4 images -> 3 batches each (rank 1 pads one); a rank
+    # that skipped its last forward would leave the other waiting in ZeRO-3's parameter all-gather.
+    images = _images(9)
+    ref, ref_flip, _, _ = _embed_job(DistState(), images, 2, True)
+    for emb, emb_flip, partitioned in run_distributed(_zero3_job, 2, images, 2, timeout=300):
+        assert partitioned
+        np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(emb_flip, ref_flip, rtol=1e-5, atol=1e-5)

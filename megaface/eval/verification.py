@@ -154,9 +154,9 @@ def xnorm(*arrays: np.ndarray) -> float:
     return float(np.cumsum(norms)[-1] / len(norms))
 
 
-def _protocol(normalized: np.ndarray, issame: np.ndarray, nrof_folds: int) -> tuple[dict, dict]:
+def _protocol(normalized: np.ndarray, issame: np.ndarray, nrof_folds: int) -> tuple[dict, dict, np.ndarray]:
     dist = pair_distances(normalized)
-    return calculate_roc(dist, issame, nrof_folds), calculate_val(dist, issame, nrof_folds)
+    return calculate_roc(dist, issame, nrof_folds), calculate_val(dist, issame, nrof_folds), dist
 
 
 def evaluate(embeddings: np.ndarray, flipped_embeddings: np.ndarray | None, issame: Any,
@@ -173,12 +173,12 @@ def evaluate(embeddings: np.ndarray, flipped_embeddings: np.ndarray | None, issa
     same = np.asarray(issame, dtype=bool)
     _check_inputs(emb, flipped, same)
     fused = _l2_normalize(emb + flipped) if flipped is not None else _l2_normalize(emb)
-    roc, val = _protocol(fused, same, nrof_folds)
+    roc, val, dist = _protocol(fused, same, nrof_folds)
     if flipped is not None:
-        roc_noflip, _ = _protocol(_l2_normalize(emb), same, nrof_folds)
+        roc_noflip = calculate_roc(pair_distances(_l2_normalize(emb)), same, nrof_folds)
     else:
         roc_noflip = roc
-    whole = calculate_roc(pair_distances(fused), same, 1)
+    whole = calculate_roc(dist, same, 1)
     return {
         "accuracy": float(np.mean(roc["accuracy"])),
         "std": float(np.std(roc["accuracy"])),
