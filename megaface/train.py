@@ -1,0 +1,109 @@
+"""`megaface train`: the command line and the train step.
+
+    megaface train --config launch/configs/quickstart.yaml [--ds-config ds_configs/zero1_bf16.json]
+                   [--output DIR] [--max-steps N] [--save-every N] [--resume latest|PATH]
+                   [--section.key=value ...] [--ds.<json key>=value ...]
+
+Any launcher works the same way (`deepspeed --module megaface train ...`, `torchrun -m megaface train ...`,
+`mpirun ... python -m megaface train ...`, or plain `megaface train ...` for one process).
+Iterations are counted from 0 in the log lines (as the seed prints them); a checkpoint tag step_N holds the
+state after N completed iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+
+from megaface.dist import comm
+from megaface.engine import TrainParts, engine_step_applied, loss_scale, lr_at, set_lr, step_fc7
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf under fp32/bf16 (fp16 skips such steps through loss scaling instead)."""
+
+
+def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """One micro-batch: backbone -> FC7 (all-gather, sharded logits + margin, distributed CE) -> backward -> steps.
+
+    Returns the loss (global-batch mean, identical on every rank). Raises NonFiniteLoss before any update.
+    """
+    engine = parts.engine
+    images = images.to(parts.state.device, parts.input_dtype, non_blocking=True)
+    labels = labels.to(parts.state.device, non_blocking=True)
+    embeddings_local = engine(images)                            # [b, 3, 112, 112] -> [b, D], data parallel
+    loss = parts.head(embeddings_local, labels)                  # all-gather -> FC7 shard -> CE: global mean
+    value = _global_loss(loss, parts)                            # host sync (needed for the stop decision)
+    if not math.isfinite(value) and parts.precision != "fp16":
+        raise NonFiniteLoss(value)
+    boundary = engine.is_gradient_accumulation_boundary()        # before step(), which advances the counter
+    engine.backward(loss)                                        # x loss scale / gas; DeepSpeed averages backbone
+    scale, skipped_before = loss_scale(engine), engine.skipped_steps  # the scale this backward used
+    engine.step()                                                # backbone step at the boundary (or fp16 skip)
+    if boundary and parts.fc7_optimizer is not None:
+        step_fc7(parts.fc7_optimizer, parts.state, scale, parts.clip, engine_step_applied(engine, skipped_before))
+    return value
+
+
+def _global_loss(loss: torch.Tensor, parts: TrainParts) -> float:
+    if parts.fc7_optimizer is None and parts.state.world_size > 1:
+        # data-parallel head: each rank has its local-batch loss; all ranks must agree on stopping
+        return float(comm.all_reduce_(loss.detach().clone(), "avg", parts.state.group))
+    return float(loss.detach())
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """(flags, experiment overrides '--section.key=value', DeepSpeed overrides '--ds.key=value')."""
+    parser = argparse.ArgumentParser(prog="megaface train", description=__doc__.split("\n\n")[0],
+                                     epilog="Overrides: --section.key=value (see megaface/config.py), "
+                                            "--ds.<json key>=value for the DeepSpeed JSON.")
+    parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml); defaults when omitted")
+    parser.add_argument("--ds-config", help="DeepSpeed JSON (ds_configs/*.json); overrides train.ds_config")
+    parser.add_argument("--output", help="run directory; overrides train.output_dir")
+    parser.add_argument("--max-steps", type=int, help="training iterations; overrides train.max_steps")
+    parser.add_argument("--save-every", type=int, help="checkpoint every N iterations; train.save_every")
+    parser.add_argument("--resume", help="'latest' or a checkpoint directory; train.resume")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    args, rest = parser.parse_known_args(argv)
+    overrides: list[str] = []
+    ds_overrides: list[str] = []
+    for item in rest:
+        if not (item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]):
+            parser.error(f"unrecognized argument {item!r} (overrides look like --section.key=value)")
+        (ds_overrides if item.startswith("--ds.") else overrides).append(item)
+    for flag, key in (("ds_config", "train.ds_config"), ("output", "train.output_dir"),
+                      ("max_steps", "train.max_steps"), ("save_every", "train.save_every"),
+                      ("resume", "train.resume")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"--{key}={value}")
+    if args.max_steps is not None:
+        overrides.append("--train.epochs=null")  # --max-steps replaces an epoch-based length
+    return args, overrides, ds_overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megaface.config import load_config
+    from megaface.ds_config import load_ds_config
+
+    args, overrides, ds_overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, overrides)
+        ds_raw = load_ds_config(cfg.train.ds_config, ds_overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"megaface train: error: {err}", file=sys.stderr)
+        return 2
+    from megaface.trainer.loop import run_training
+
+    return run_training(cfg, ds_raw)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

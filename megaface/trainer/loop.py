@@ -1,0 +1,161 @@
+"""The iteration loop around `megaface.train.train_step`: lr, accumulation, logging, validation, checkpoints."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from megaface.checkpoint import find_checkpoint, save_backbone_file
+from megaface.config import ExperimentConfig
+from megaface.dist import comm, shutdown
+from megaface.engine import CastInputs, loss_scale, lr_at, set_lr
+from megaface.logging_utils import TrainLogger
+from megaface.trainer.checkpointing import load_checkpoint, save_checkpoint
+from megaface.trainer.setup import Run, build_run, init_process_group
+
+
+def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches; the loader itself advances its epoch (and records its position for resume)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"the training data gives no full batch per rank (len {len(loader)}): use a "
+                             "smaller train_micro_batch_size_per_gpu or more data")
+
+
+def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
+    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss, 2 user error)."""
+    started = time.perf_counter()
+    state = init_process_group(cfg.train.collective_timeout_s)
+    prefix = f"[rank {state.rank}] " if state.world_size > 1 else ""
+
+    def log(message: str) -> None:
+        if state.is_main:
+            print(message, flush=True)
+
+    try:
+        run = build_run(cfg, ds_raw, state, log)
+        _resume(run, log)
+        log(f"start-up: {time.perf_counter() - started:.1f} s to the first step (world size {state.world_size}, "
+            f"ZeRO-{run.meta()['zero_stage']}, {run.parts.precision}, {run.total_steps} iterations, global batch "
+            f"{run.ds['train_batch_size']}, {run.num_classes} classes, head {cfg.head.parallel}-parallel)")
+        return _train(run, log)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        shutdown()
+
+
+def _resume(run: Run, log: Callable[[str], None]) -> None:
+    resume = run.cfg.train.resume
+    if not resume:
+        return
+    try:
+        tag_dir = find_checkpoint(resume, run.output_dir)
+    except FileNotFoundError:
+        if resume != "latest":
+            raise
+        log(f"resume: no checkpoint under {run.output_dir} yet, starting from scratch")
+        return
+    from megaface.ds_config import zero_stage
+
+    trainer = load_checkpoint(run.parts, tag_dir, run.expected(), zero_stage(run.ds), run.parts.precision, log)
+    run.start_iteration = int(trainer["iteration"])
+    run.skipped_steps = int(trainer.get("skipped_steps", 0))
+    try:
+        run.loader.load_state_dict(trainer["loader"])
+    except ValueError as err:  # e.g. another world size: the loader cannot map the old position
+        log(f"resume: loader position not restored ({err}); continuing from the start of its epoch")
+    if run.validator is not None and trainer.get("best"):
+        run.validator.best = dict(trainer["best"])
+    run.resumed_from = tag_dir
+    log(f"resume: continuing from {tag_dir} at iteration {run.start_iteration}")
+
+
+def _train(run: Run, log: Callable[[str], None]) -> int:
+    from megaface.train import NonFiniteLoss, train_step
+
+    cfg, parts = run.cfg, run.parts
+    t = cfg.train
+    logger = TrainLogger(run.state, run.output_dir, int(run.ds["train_batch_size"]), run.total_steps,
+                         run.start_iteration, t.log_every, t.throughput_window, t.tensorboard, t.progress)
+    if run.validator is not None:
+        run.validator.writer = logger.writer
+    batches = _batches(run.loader)
+    fp16 = parts.precision == "fp16"
+    try:
+        for iteration in range(run.start_iteration, run.total_steps):
+            lr = lr_at(iteration, cfg.optim, run.milestones)
+            set_lr(parts, lr, cfg.head.lr_scale)
+            start = time.perf_counter()
+            losses = []
+            for _ in range(run.gas):
+                images, labels = next(batches)
+                try:
+                    losses.append(train_step(parts, images, labels))
+                except NonFiniteLoss as err:
+                    logger.info(f"train: non-finite loss ({err}) at iteration {iteration}: stopping without "
+                                "saving (lower optim.lr, set gradient_clipping in the DeepSpeed JSON, or resume "
+                                "from the last checkpoint)")
+                    return 1
+            seconds = time.perf_counter() - start
+            run.skipped_steps = int(parts.engine.skipped_steps)
+            logger.iteration(iteration, sum(losses) / len(losses), seconds, lr,
+                             loss_scale(parts.engine) if fp16 else None, run.skipped_steps)
+            _after_iteration(run, iteration + 1, logger)
+    finally:
+        logger.close()
+    if fp16 and run.skipped_steps:
+        log(f"train: {run.skipped_steps} iterations skipped by fp16 loss scaling (overflow / non-finite loss)")
+    return 0
+
+
+def _after_iteration(run: Run, done: int, logger: TrainLogger) -> None:
+    """Validation and checkpoints after `done` completed iterations."""
+    last = done == run.total_steps
+    interval = run.cfg.validation.interval
+    if run.validator is not None and (done % interval == 0 or last):
+        _validate(run, done, logger)
+    save_every = run.cfg.train.save_every
+    if (save_every and done % save_every == 0) or last:
+        trainer_state = {"iteration": done, "loader": run.loader.state_dict(), "skipped_steps": run.skipped_steps,
+                         "best": dict(run.validator.best) if run.validator is not None else {}}
+        path = save_checkpoint(run.parts, run.output_dir, done, trainer_state, run.meta(), run.cfg.train.keep_last)
+        logger.info(f"checkpoint: saved {path}")
+
+
+def _validate(run: Run, done: int, logger: TrainLogger) -> None:
+    parts = run.parts
+    model = parts.backbone if parts.precision == "fp32" else CastInputs(parts.backbone)
+    logger.info(f"validation at iteration {done}:")
+    run.validator.run(model, done, log=logger.info)
+    if run.cfg.validation.save_best and run.validator.improved:
+        state_dict = _backbone_state_dict(run)
+        if run.state.is_main:
+            meta = {k: v for k, v in run.meta().items() if k not in ("ds_config",)}
+            for name in run.validator.improved:
+                path = Path(run.output_dir) / f"best_{name}.pt"
+                save_backbone_file(path, state_dict, {**meta, "iteration": done, "pack": name,
+                                                      "accuracy_flip": run.validator.best[name]})
+                logger.info(f"validation: new best {name} {run.validator.best[name]:.5f} -> {path}")
+        comm.barrier(run.state.group)
+
+
+def _backbone_state_dict(run: Run) -> dict[str, torch.Tensor]:
+    """Full fp32 backbone weights (collective under ZeRO-3, where every rank holds a partition)."""
+    engine = run.parts.engine
+    if run.meta()["zero_stage"] == 3:
+        full = engine._zero3_consolidated_16bit_state_dict() or {}  # every rank must call it
+        prefix = "backbone." if run.cfg.head.parallel == "data" else ""
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    else:
+        state = run.parts.backbone.state_dict()
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
