@@ -2,12 +2,13 @@
 
 Sparse update (sparse=True, the seed's indexed-slices SGD): with Partial FC the head hands over
 (index [k], grad [k, D]); the step gathers those k rows of weight and momentum, applies
-    d = grad + weight_decay * w;  buf = momentum * buf + d;  w = w - lr * buf
+    buf = momentum * buf + grad + weight_decay * w;  w = w - lr * buf
 to them only and writes them back with index_copy_. No [num_local, D] gradient is allocated or read;
 unsampled rows keep their weight AND momentum bit-for-bit (no decay, no momentum drift).
 Dense update (sparse=False, InsightFace PyTorch's behaviour): the sampled gradient is scattered into a zero
 [num_local, D] gradient and every row takes the step, so unsampled rows still decay and follow their momentum.
-Both equal torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False) on the rows they touch; with
+Both equal torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False) on the rows they touch (up to
+float rounding: the weight decay is added into the momentum in place instead of into a temporary); with
 sample_rate=1.0 (dense gradient on the Parameter) the two modes are identical.
 """
 
@@ -75,18 +76,26 @@ class ShardSGD(torch.optim.Optimizer):
         return state["momentum_buffer"]
 
     def _update(self, index: torch.Tensor | None, grad: torch.Tensor) -> None:
-        """SGD on rows `index` (all rows when None) with grad [len(index) or num_local, D]."""
+        """SGD on rows `index` (all rows when None) with grad [len(index) or num_local, D].
+
+        With momentum the step is buf = momentum*buf + grad + wd*w; w -= lr*buf, accumulated into the
+        momentum rows in place, so no weight-sized temporary is created (equal to torch.optim.SGD up to
+        float rounding: torch forms grad + wd*w first).
+        """
         group, weight = self.param_groups[0], self.head.weight
+        lr, wd = group["lr"], group["weight_decay"]
         buf = self._momentum_buffer()
         w_rows = weight if index is None else weight.index_select(0, index)
-        d = grad.add(w_rows, alpha=group["weight_decay"]) if group["weight_decay"] else grad
-        if buf is not None:
-            b_rows = buf if index is None else buf.index_select(0, index)
-            b_rows.mul_(group["momentum"]).add_(d)
+        if buf is None:
+            d = grad.add(w_rows, alpha=wd) if wd else grad
+        else:
+            d = buf if index is None else buf.index_select(0, index)
+            d.mul_(group["momentum"]).add_(grad)
+            if wd:
+                d.add_(w_rows, alpha=wd)
             if index is not None:
-                buf.index_copy_(0, index, b_rows)
-            d = b_rows
-        w_rows.add_(d, alpha=-group["lr"])
+                buf.index_copy_(0, index, d)
+        w_rows.add_(d, alpha=-lr)
         if index is not None:
             weight.index_copy_(0, index, w_rows)
 
