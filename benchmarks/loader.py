@@ -1,0 +1,112 @@
+"""Loader throughput: decoded + augmented images/s on 112x112 JPEGs from a RecordIO pack.
+
+Prints one JSON line per case:
+  {"case": "decode", "decoder": ...}   raw single-thread decode rate of each available decoder on the pack's
+                                        JPEG bytes (already in memory), RGB output;
+  {"case": "loader", "workers": W}     TrainLoader images/s end to end (pread + decode + flip + normalise +
+                                        IPC), and per worker.
+
+  python benchmarks/loader.py [--identities 100 --images-per-identity 20 --workers 0 1 2 --batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+
+import numpy as np
+
+
+def _decoders() -> dict:
+    import cv2
+
+    from megaface.data.decode import decode_image
+
+    cv2.setNumThreads(1)
+    out = {
+        "megaface.decode_image (cv2.imdecode + BGR->RGB)": decode_image,
+        "cv2.imdecode (BGR, no conversion)": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR),
+    }
+    try:
+        from PIL import Image
+
+        out["PIL.Image.open + convert('RGB')"] = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+    except ImportError:
+        pass
+    try:
+        import simplejpeg
+
+        out["simplejpeg.decode_jpeg (RGB)"] = lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB")
+    except ImportError:
+        pass
+    try:
+        from turbojpeg import TurboJPEG
+
+        tj = TurboJPEG()
+        out["PyTurboJPEG (BGR)"] = tj.decode
+    except Exception:  # not installed, or libturbojpeg missing
+        pass
+    return out
+
+
+def bench_decode(blobs: list[bytes], seconds: float) -> None:
+    for name, fn in _decoders().items():
+        fn(blobs[0])
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for b in blobs[:256]:
+                fn(b)
+            n += min(256, len(blobs))
+        rate = n / (time.perf_counter() - start)
+        print(json.dumps({"case": "decode", "decoder": name, "images_per_s": round(rate, 1), "threads": 1}), flush=True)
+
+
+def bench_loader(pack, workers: int, batch_size: int, epochs: int) -> None:
+    import torch
+
+    from megaface.data import TrainLoader
+
+    torch.set_num_threads(1)
+    loader = TrainLoader(pack, batch_size, workers=workers, seed=0)
+    n, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for images, _labels in loader:
+            n += images.shape[0]
+    rate = n / (time.perf_counter() - start)
+    print(json.dumps({"case": "loader", "workers": workers, "batch_size": batch_size, "images": n,
+                      "images_per_s": round(rate, 1), "per_worker": round(rate / max(workers, 1), 1),
+                      "includes": "pread+decode+flip+normalize+worker IPC, worker start-up per epoch"}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=None, help="where the synthetic pack is cached (default: a temp dir)")
+    ap.add_argument("--identities", type=int, default=100)
+    ap.add_argument("--images-per-identity", type=int, default=20)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--decode-seconds", type=float, default=2.0)
+    args = ap.parse_args()
+
+    from megaface.data import open_pack
+    from megaface.data.synthetic import ensure_synthetic
+
+    root = args.root or tempfile.mkdtemp(prefix="megaface-bench-")
+    start = time.perf_counter()
+    pack_dir, _ = ensure_synthetic(root, args.identities, args.images_per_identity, val_pairs=0, seed=0)
+    pack = open_pack(pack_dir)
+    print(json.dumps({"case": "pack", "images": len(pack), "seconds": round(time.perf_counter() - start, 1),
+                      "mean_jpeg_bytes": int(np.mean([len(pack[i][1]) for i in range(min(len(pack), 500))]))}),
+          flush=True)
+    blobs = [pack[i][1] for i in range(min(len(pack), 512))]
+    bench_decode(blobs, args.decode_seconds)
+    for w in args.workers:
+        bench_loader(pack, w, args.batch_size, args.epochs)
+
+
+if __name__ == "__main__":
+    main()
