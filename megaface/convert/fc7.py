@@ -91,9 +91,9 @@ def _check_ranges(order: Sequence[int], states: Sequence[dict], names: Sequence[
     for i in order:
         start, count = int(states[i]["class_start"]), int(states[i]["num_local"])
         if start != end:
-            kind = "overlap" if start < end else "gap"
-            raise ValueError(f"{names[i]}: class range [{start}, {start + count}) leaves a {kind} after "
-                             f"{prev} (expected it to start at class {end})")
+            kind = f"overlaps {prev}" if start < end else f"leaves a gap after {prev}"
+            raise ValueError(f"{names[i]}: class range [{start}, {start + count}) {kind}: expected it to "
+                             f"start at class {end}")
         end, prev = start + count, f"{names[i]} (ends at class {start + count})"
     if end != num_classes:
         raise ValueError(f"FC7 shards cover classes [0, {end}) but num_classes={num_classes}; last shard "
