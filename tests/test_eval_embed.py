@@ -79,8 +79,9 @@ def test_embed_accepts_arrays_and_no_flip():
         np.testing.assert_allclose(emb, model(x).numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="normalize"):
         embed_images(TinyNet(), arrays, DistState(), normalize="imagenet")
-    with pytest.raises(ValueError, match="shape"):
-        embed_images(TinyNet(), arrays + [arrays[0][:100]], DistState())
+    for batch in (64, 2):  # within one batch, and across batches
+        with pytest.raises(ValueError, match="shape"):
+            embed_images(TinyNet(), arrays + [arrays[0][:100]], DistState(), batch_size=batch)
 
 
 def _write_bin(path, pairs: int, odd: bool = False, flags: int | None = None) -> str:
@@ -164,3 +165,18 @@ def test_embed_under_zero3_with_uneven_shares():
         assert partitioned
         np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(emb_flip, ref_flip, rtol=1e-5, atol=1e-5)
+
+
+class _NanNet(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * float("nan")
+
+
+def test_validator_reports_nan_for_a_diverged_model(tmp_path):
+    validator = Validator([_write_bin(tmp_path / "lfw.bin", 10)], DistState())
+    lines: list[str] = []
+    validator.run(_NanNet(), 1, log=lines.append)
+    assert lines[2:] == ["XNorm: nan", "Accuracy-Flip: nan+-nan"]
+    assert validator.best == {} and validator.improved == []
+    validator.run(TinyNet(), 2, log=lines.append)
+    assert validator.improved == ["lfw"]

@@ -99,13 +99,34 @@ def _model_device_dtype(model: torch.nn.Module, state: DistState) -> tuple[torch
     return state.device, torch.float32
 
 
-@torch.no_grad()
-def embed_share(model: torch.nn.Module, images_local: np.ndarray, num_batches: int, batch_size: int,
-                normalize: str, flip: bool, image_shape: tuple[int, ...], state: DistState
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Embed this rank's decoded uint8 [n, H, W, 3] share in exactly `num_batches` batches (x2 with flip).
+class _Share:
+    """Images [start, stop) of a sequence, indexed from 0 (nothing is read until a batch needs it)."""
 
-    Batches past the end of the share hold one blank image whose output is discarded.
+    def __init__(self, images: Sequence[Any], start: int, stop: int) -> None:
+        self.images, self.start, self.stop = images, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Any:
+        return self.images[self.start + i]
+
+
+def _batch(images_local: Sequence[Any] | np.ndarray, lo: int, hi: int) -> np.ndarray:
+    if isinstance(images_local, np.ndarray):  # already decoded uint8 [n, H, W, 3]
+        return images_local[lo:hi]
+    # Decoded one batch at a time: a 469k-image IJB-C folder never sits in memory as pixels.
+    return decode_images([images_local[i] for i in range(lo, min(hi, len(images_local)))])
+
+
+@torch.no_grad()
+def embed_share(model: torch.nn.Module, images_local: Sequence[Any] | np.ndarray, num_batches: int,
+                batch_size: int, normalize: str, flip: bool, image_shape: tuple[int, ...], state: DistState
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embed this rank's share in exactly `num_batches` batches (x2 with flip).
+
+    `images_local`: decoded uint8 [n, H, W, 3], or a sequence of encoded images / HWC arrays decoded per
+    batch. Batches past the end of the share hold one blank image whose output is discarded.
     Returns float32 tensors [n, D] on the model's device.
     """
     _, norm = _codec()
@@ -113,10 +134,13 @@ def embed_share(model: torch.nn.Module, images_local: np.ndarray, num_batches: i
     outs: list[torch.Tensor] = []
     outs_flip: list[torch.Tensor] = []
     for b in range(num_batches):
-        chunk = images_local[b * batch_size:(b + 1) * batch_size]
+        chunk = _batch(images_local, b * batch_size, (b + 1) * batch_size)
         real = len(chunk)
         if real == 0:  # share exhausted: a one-image blank batch keeps the forward count equal
             chunk = np.zeros((1, *image_shape), np.uint8)
+        if tuple(chunk.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"batch {b} holds images of shape {chunk.shape[1:]} but the first image is "
+                             f"{tuple(image_shape)}; align all images to one size (112x112 for the bundled models)")
         x = norm(chunk, normalize).to(device=device, dtype=dtype)
         outs.append(model(x)[:real].float())
         if flip:
@@ -129,8 +153,9 @@ def embed_images(model: torch.nn.Module, images: Sequence[Any], state: DistState
                  normalize: str = "arcface_torch", flip: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Embeddings of `images` (and of their horizontal flips) as float32 numpy [N, D], on every rank.
 
-    All ranks must call this with the same images. The model runs in eval mode under no_grad and gets its
-    previous mode back afterwards. Only this rank's share of `images` is indexed and decoded.
+    All ranks must call this with the same images (encoded bytes, 1-D encoded uint8 arrays or uint8 HWC RGB
+    arrays; any sequence with len and indexing). The model runs in eval mode under no_grad and gets its
+    previous mode back afterwards. Only this rank's share of `images` is read, one batch at a time.
     """
     check_normalize(normalize)
     if batch_size < 1:
@@ -140,14 +165,13 @@ def embed_images(model: torch.nn.Module, images: Sequence[Any], state: DistState
         raise ValueError("embed_images got no images")
     start, stop = shard_range(total, state.world_size, state.rank)
     # A rank with an empty share still needs the image size for its blank batches.
-    probe = decode_images([images[start if stop > start else 0]])
-    local = decode_images([images[i] for i in range(start, stop)]) if stop > start else probe[:0]
+    image_shape = decode_images([images[start if stop > start else 0]]).shape[1:]
     num_batches = num_forward_batches(total, state.world_size, batch_size)
     was_training = model.training
     model.eval()
     try:
-        emb, emb_flip = embed_share(model, local, num_batches, batch_size, normalize, flip,
-                                    probe.shape[1:], state)
+        emb, emb_flip = embed_share(model, _Share(images, start, stop), num_batches, batch_size, normalize,
+                                    flip, image_shape, state)
     finally:
         model.train(was_training)
     emb_all = gather_rows(emb.contiguous(), state.group).cpu().numpy()

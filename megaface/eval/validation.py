@@ -111,6 +111,11 @@ class Validator:
     def _score(self, pack: _Pack, emb: np.ndarray, emb_flip: np.ndarray) -> dict[str, Any] | None:
         if not self.state.is_main:
             return None
+        if not (np.isfinite(emb).all() and np.isfinite(emb_flip).all()):
+            # A diverged model: report NaN (printed as "nan") instead of aborting the training run.
+            nan = float("nan")
+            return {"accuracy": nan, "std": nan, "xnorm": nan, "embedding_shape": emb.shape,
+                    "error": "embeddings contain NaN or infinite values"}
         result = evaluate(emb, emb_flip, pack.issame, self.nrof_folds)
         result.pop("tpr"), result.pop("fpr")  # keep the broadcast small
         return result
@@ -139,6 +144,8 @@ class Validator:
         self.improved = []
         for name, result in results.items():
             acc = result["accuracy"]
+            if not np.isfinite(acc):
+                continue
             if name not in self.best or acc > self.best[name]:
                 self.best[name] = acc
                 self.improved.append(name)
