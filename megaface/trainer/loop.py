@@ -32,7 +32,10 @@ def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
     """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss, 2 user error)."""
+    import torch.distributed as dist
+
     started = time.perf_counter()
+    owns_group = not dist.is_initialized()  # a caller's (e.g. a test harness's) group is left alone
     state = init_process_group(cfg.train.collective_timeout_s)
     prefix = f"[rank {state.rank}] " if state.world_size > 1 else ""
 
@@ -51,7 +54,8 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:
-        shutdown()
+        if owns_group:
+            shutdown()
 
 
 def _resume(run: Run, log: Callable[[str], None]) -> None:
