@@ -256,6 +256,8 @@ def test_errors_name_keys_and_cause():
         import_insightface({"backbone.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="not tensors"):
         import_insightface({"conv1.weight": [1, 2]})
+    with pytest.raises(ValueError, match="import_insightface_file"):
+        import_insightface("backbone.pth")
     with pytest.raises(ValueError, match="no arcface_torch counterpart"):
         export_insightface(build_model("mobilefacenet_tiny").state_dict(), "mobilefacenet_tiny")
 

@@ -129,6 +129,8 @@ def test_missing_paths(tiny, tmp_path):
         export_onnx(tiny, tmp_path / "no_such_dir" / "x.onnx")
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         verify_onnx(tiny, tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="verify_onnx\\(model_or_checkpoint, onnx_path\\)"):
+        verify_onnx(tmp_path / "model.onnx", tmp_path / "ckpt")
 
 
 @pytest.mark.slow

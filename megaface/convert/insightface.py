@@ -60,6 +60,9 @@ def _expected_shapes(network: str, embedding_size: int) -> dict[str, tuple[int, 
 
 
 def _unwrap(state: Mapping[str, Any], notes: list[str]) -> dict[str, torch.Tensor]:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a state_dict (a mapping of tensors), got {type(state).__name__} {state!r:.80}; "
+                         "for files use import_insightface_file(src, output) / export_insightface_file")
     for key in _WRAPPER_KEYS:
         if key in state and isinstance(state[key], Mapping):
             notes.append(f"took the backbone from the checkpoint entry {key!r}")
@@ -196,6 +199,9 @@ def export_insightface(megaface_state_dict: Mapping[str, torch.Tensor], network:
     """
     if network not in INSIGHTFACE_NETWORKS:
         raise ValueError(f"{network!r} has no arcface_torch counterpart; choose one of {list(INSIGHTFACE_NETWORKS)}")
+    if not isinstance(megaface_state_dict, Mapping):
+        raise ValueError(f"expected a megaface backbone state_dict, got {type(megaface_state_dict).__name__}; "
+                         "for checkpoints use export_insightface_file(src, output)")
     state = dict(megaface_state_dict)
     key = "fc.weight" if network.startswith("iresnet") else "features.layers.2.weight"
     if key not in state:

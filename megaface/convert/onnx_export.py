@@ -81,6 +81,9 @@ def _stamp_metadata(path: Path, model: nn.Module, fp16: bool) -> None:
 def _as_model(model: nn.Module | str | os.PathLike, network: str | None) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
+    if Path(model).suffix == ".onnx":
+        raise ValueError(f"got the ONNX file {model} where the model or its checkpoint belongs: "
+                         "call verify_onnx(model_or_checkpoint, onnx_path)")
     from megaface.checkpoint import load_backbone
 
     return load_backbone(model, network=network)[0]
@@ -143,10 +146,10 @@ def verify_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, a
     and compared with the fp32 model. Returns the max absolute difference; raises ValueError when any
     element exceeds ``atol + rtol * |torch_output|``.
     """
+    model = _as_model(model, network)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file {path} does not exist; export it with export_onnx first")
-    model = _as_model(model, network)
     session = _onnx_session(path)
     feed = session.get_inputs()[0]
     fp16 = "float16" in feed.type
