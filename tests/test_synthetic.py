@@ -148,7 +148,7 @@ def test_learnable_fast(small_data):
                 flip = torch.rand(len(i), generator=g) < 0.5
                 yield torch.where(flip[:, None, None, None], x[i].flip(3), x[i]), y[i]
 
-    _train(net, batches(), steps=8 * (len(x) // 64))
+    _train(net, batches(), steps=12 * (len(x) // 64))
     after = _verify(net, v, issame)
     print(f"fast learnability: before {before:.3f} after {after:.3f}")
     assert before < 0.7 and after >= 0.75
