@@ -97,6 +97,8 @@ case "$LAUNCHER" in
     # OpenMPI refuses to start as root unless asked explicitly (containers often run as root).
     (( EUID == 0 )) && cmd+=(--allow-run-as-root)
     [[ -n "$HOSTFILE" ]] && cmd+=(--hostfile "$HOSTFILE" --map-by "ppr:${GPUS_PER_NODE}:node")
+    # OpenMPI pins each rank to one core or socket by default; data-loader workers need the whole node.
+    cmd+=(--bind-to none)
     # Remote ranks start with ssh's bare environment: forward what the job needs.
     export MASTER_ADDR MASTER_PORT
     for var in $(compgen -e); do
