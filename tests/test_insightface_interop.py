@@ -271,6 +271,7 @@ def test_file_helpers_round_trip(tmp_path):
     assert "iresnet18" in text
     model, meta = load_backbone(tmp_path / "r18.pt")
     assert model.network_name == "iresnet18" and meta["source"] == "arcface_torch"
+    assert meta["build_options"] == {"bn_eps": EPS}
     export_insightface_file(tmp_path / "r18.pt", tmp_path / "back.pth")
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert all(torch.equal(back[k], reference[k]) for k in reference) and set(back) == set(reference)

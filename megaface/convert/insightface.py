@@ -231,7 +231,7 @@ def import_insightface_file(src: str | os.PathLike, output: str | os.PathLike, n
     if embedding_size is not None and embedding_size != report.embedding_size:
         raise ValueError(f"{src} holds a {report.embedding_size}-d {report.network}, not {embedding_size}-d")
     meta = {"network": report.network, "embedding_size": report.embedding_size, "source": "arcface_torch",
-            "source_file": str(src), "insightface_bn_eps": INSIGHTFACE_BN_EPS}
+            "source_file": str(src), "build_options": dict(report.build_options)}
     out = save_backbone_file(output, state, meta)
     return f"wrote megaface backbone {out}\n{report}"
 
