@@ -193,3 +193,13 @@ def test_synthetic_on_the_fly_dataset():
     assert label == 2 and img.shape == (112, 112, 3) and img.dtype == np.uint8
     (x, y), = list(TrainLoader(ds, 6, workers=0))
     assert sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_persistent_workers_resume_mid_epoch_and_next_epoch():
+    ds = IndexImages(40)
+    reference = make(ds, 4, 0, 2, seed=6)
+    full = run(reference) + run(reference)
+    loader = make(ds, 4, 0, 2, seed=6, workers=2)
+    head = run(loader, limit=2)  # abandon the epoch's iterator mid-way
+    assert head + run(loader) + run(loader) == full
+    loader.close()

@@ -81,6 +81,19 @@ class _BatchTask(torch.utils.data.Dataset):
         return normalize_batch(images, self.normalize), labels, skipped
 
 
+class _TaskList(torch.utils.data.Sampler):
+    """The current epoch's (indices, flips) tasks; replaced before each epoch."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
 def _worker_init(_: int) -> None:
     # parallelism comes from worker processes; intra-op threads would only fight over the cores
     torch.set_num_threads(1)
@@ -112,6 +125,9 @@ class TrainLoader:
         self.skipped = 0
         self.skipped_where: list[str] = []
         self._log = log or print
+        self._task = _BatchTask(dataset, normalize, self.skip_corrupt)
+        self._sampler = _TaskList()
+        self._pool: torch.utils.data.DataLoader | None = None
 
     @property
     def epoch(self) -> int:
@@ -147,21 +163,33 @@ class TrainLoader:
             self.set_epoch(self._epoch + 1)
         perm = epoch_permutation(self.num_samples, self.seed, self._epoch)
         flips = epoch_flips(self.num_samples, self.seed, self._epoch)
-        task = _BatchTask(self.dataset, self.normalize, self.skip_corrupt)
         tasks = list(self._tasks(perm, flips, self._position))
         if self.workers > 0 and tasks:
-            source = torch.utils.data.DataLoader(
-                task, batch_size=None, sampler=tasks, num_workers=min(self.workers, len(tasks)),
-                worker_init_fn=_worker_init, prefetch_factor=self.prefetch, multiprocessing_context="fork",
-            )
+            self._sampler.tasks = tasks
+            source = self._worker_pool()
         else:
-            source = (task[t] for t in tasks)
+            source = (self._task[t] for t in tasks)
         for images, labels, skipped in source:
             self._position += self.global_batch
             if skipped:
                 self._report(skipped)
             yield images, labels
         self.set_epoch(self._epoch + 1)
+
+    def _worker_pool(self) -> torch.utils.data.DataLoader:
+        # Workers persist across epochs (forking a process that holds torch costs ~0.5 s); the sampler
+        # lives in this process, so handing it a new task list re-targets them.
+        if self._pool is None:
+            self._pool = torch.utils.data.DataLoader(
+                self._task, batch_size=None, sampler=self._sampler, num_workers=self.workers,
+                worker_init_fn=_worker_init, prefetch_factor=self.prefetch, persistent_workers=True,
+                multiprocessing_context="fork",
+            )
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the loader is garbage-collected)."""
+        self._pool = None
 
     def _report(self, skipped: list[str]) -> None:
         self.skipped += len(skipped)
