@@ -54,10 +54,14 @@ class MobileFaceNetSpec:
 
 
 MOBILEFACENET_SPECS: dict[str, MobileFaceNetSpec] = {
-    "mobilefacenet": MobileFaceNetSpec(64, 64, 1, ((64, 128, 4, 128), (128, 256, 6, 256), (128, 512, 2, 256)), 512, 128),
-    "mobilefacenet_wide": MobileFaceNetSpec(128, 64, 1, ((128, 128, 4, 128), (256, 256, 6, 256), (256, 512, 2, 256)), 512, 512),
-    "mobilefacenet_large": MobileFaceNetSpec(256, 128, 2, ((256, 128, 8, 128), (512, 256, 12, 256), (512, 512, 4, 256)), 512, 512),
-    "mobilefacenet_tiny": MobileFaceNetSpec(32, 32, 1, ((32, 32, 1, 64), (64, 128, 1, 128), (64, 128, 1, 128)), 256, 128),
+    "mobilefacenet": MobileFaceNetSpec(
+        64, 64, 1, ((64, 128, 4, 128), (128, 256, 6, 256), (128, 512, 2, 256)), 512, 128),
+    "mobilefacenet_wide": MobileFaceNetSpec(
+        128, 64, 1, ((128, 128, 4, 128), (256, 256, 6, 256), (256, 512, 2, 256)), 512, 512),
+    "mobilefacenet_large": MobileFaceNetSpec(
+        256, 128, 2, ((256, 128, 8, 128), (512, 256, 12, 256), (512, 512, 4, 256)), 512, 512),
+    "mobilefacenet_tiny": MobileFaceNetSpec(
+        32, 32, 1, ((32, 32, 1, 64), (64, 128, 1, 128), (64, 128, 1, 128)), 256, 128),
 }
 
 
