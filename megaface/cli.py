@@ -7,6 +7,7 @@ only when chosen, so `megaface pack --help` does not pay for DeepSpeed's import.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function, one-line help)
@@ -29,8 +30,24 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _take_local_rank(args: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that `deepspeed --module megaface ...` puts before the subcommand.
+
+    The rank is also in the LOCAL_RANK environment variable, which megaface reads; the flag is kept in the
+    environment only when the launcher did not set it.
+    """
+    rest = list(args)
+    while rest and rest[0].replace("-", "_").startswith("__local_rank"):
+        flag = rest.pop(0)
+        value = flag.split("=", 1)[1] if "=" in flag else (rest.pop(0) if rest else "")
+        if not value.isdigit():
+            raise SystemExit(f"megaface: {flag!r} needs an integer local rank (got {value!r})")
+        os.environ.setdefault("LOCAL_RANK", value)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
@@ -49,7 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name, _ = COMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        # Errors a user can cause carry their own explanation (value, constraint, fix): print it alone.
+        # MEGAFACE_TRACEBACK=1 shows where it came from.
+        if os.environ.get("MEGAFACE_TRACEBACK"):
+            raise
+        print(f"megaface {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
