@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401 - the first optimizer imports it (~10 s); once here, not in every forked rank
 
 from megaface.convert.fc7 import (MERGED_FORMAT, load_checkpoint_shards, load_rank_shard, merge_checkpoint,
                                   merge_shards, reshard, reshard_checkpoint, shard_file_name)
@@ -214,7 +215,7 @@ def _train_head(state, shards: list[dict] | None, steps: list[int]) -> dict:
         b = emb.shape[0] // state.world_size
         rows = slice(state.rank * b, (state.rank + 1) * b)
         loss = head(emb[rows].clone().requires_grad_(True), labels[rows])
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
         opt.zero_grad()
