@@ -140,3 +140,10 @@ def test_dynamo_exporter_matches_torch(tiny, tmp_path):
     out = export_onnx(tiny, tmp_path / "dynamo.onnx", exporter="dynamo")
     assert _input_dims(out)[0][1:] == [3, 112, 112]
     assert verify_onnx(tiny, out, batch_sizes=(1, 4)) < 1e-4
+
+
+@pytest.mark.slow
+def test_iresnet18_fp32_matches_torch(tmp_path):
+    model = _calibrated("iresnet18")
+    out = export_onnx(model, tmp_path / "r18.onnx")
+    assert verify_onnx(model, out, atol=1e-4) < 1e-4
