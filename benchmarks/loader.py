@@ -27,7 +27,9 @@ def _decoders() -> dict:
 
     cv2.setNumThreads(1)
     out = {
-        "megaface.decode_image (cv2.imdecode + BGR->RGB)": decode_image,
+        "megaface.decode_image (chosen: simplejpeg if installed, else cv2)": decode_image,
+        "cv2.imdecode + cvtColor (RGB)": lambda b: cv2.cvtColor(
+            cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB),
         "cv2.imdecode (BGR, no conversion)": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR),
     }
     try:

@@ -203,3 +203,26 @@ def test_persistent_workers_resume_mid_epoch_and_next_epoch():
     head = run(loader, limit=2)  # abandon the epoch's iterator mid-way
     assert head + run(loader) + run(loader) == full
     loader.close()
+
+
+def test_decoders_agree_and_reject_truncated():
+    import cv2
+
+    import megaface.data.decode as dec
+
+    rng = np.random.default_rng(3)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8), (0, 0), 2)
+    data = encode_jpeg(img)
+    chosen = dec.decode_image(data)
+    reference = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert chosen.shape == (112, 112, 3) and np.array_equal(chosen, reference)  # bit-identical pixels
+    assert np.abs(chosen.astype(int) - img).mean() < 3  # RGB order kept through encode/decode
+    png = cv2.imencode(".png", img[:, :, ::-1])[1].tobytes()
+    assert np.array_equal(dec.decode_image(png), img)
+    gray = cv2.imencode(".jpg", img[:, :, 0])[1].tobytes()
+    assert dec.decode_image(gray).shape == (112, 112, 3)
+    for cut in (len(data) // 2, len(data) - 8):
+        with pytest.raises(CorruptImageError, match="cannot decode"):
+            dec.decode_image(data[:cut])
+    with pytest.raises(CorruptImageError, match="empty"):
+        dec.decode_image(b"")
