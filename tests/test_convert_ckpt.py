@@ -45,65 +45,80 @@ def _skip_shm_build() -> None:
     ds_torch_comm.build_shm_op = lambda: None
 
 
-def save_tiny_checkpoints(state, roots: list[str], stages: list[int]) -> list[dict]:
-    """One tiny run per ZeRO stage in the same process group (forking once is the slow part)."""
+def save_tiny_checkpoints(state, roots: list[str], runs: list[tuple[int, str]]) -> list[dict]:
+    """One tiny run per (ZeRO stage, head parallelism) in the same process group (forking once is the slow
+    part)."""
     _skip_shm_build()
-    return [save_tiny_checkpoint(state, root, stage) for root, stage in zip(roots, stages)]
+    return [save_tiny_checkpoint(state, root, stage, parallel) for root, (stage, parallel) in zip(roots, runs)]
 
 
-def save_tiny_checkpoint(state, output_dir: str, stage: int) -> dict:
-    """Train STEPS steps on 2 ranks and save `output_dir/checkpoints/step_0000000N/` like the trainer does."""
+def save_tiny_checkpoint(state, output_dir: str, stage: int, parallel: str = "model") -> dict:
+    """Train STEPS steps on 2 ranks and save `output_dir/checkpoints/step_0000000N/` like the trainer does.
+
+    parallel="data": the replicated head goes into the engine next to the backbone (megaface.engine's
+    DataParallelFace), so DeepSpeed saves both and there are no fc7/ shards."""
     import deepspeed
 
+    from megaface.engine import DataParallelFace
     from megaface.head import PartialFC, ShardSGD, shard_state_dict
     from megaface.models import build_model
 
     torch.manual_seed(0)
     backbone = build_model(NETWORK)
-    head = PartialFC(backbone.embedding_size, NUM_CLASSES, scale=32.0)
-    fc7_opt = ShardSGD(head, lr=0.1, momentum=0.9)
-    opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    engine, *_ = deepspeed.initialize(model=backbone, optimizer=opt, config=_ds_config(stage),
+    head = PartialFC(backbone.embedding_size, NUM_CLASSES, scale=32.0, parallel=parallel)
+    module = DataParallelFace(backbone, head) if parallel == "data" else backbone
+    fc7_opt = ShardSGD(head, lr=0.1, momentum=0.9) if parallel == "model" else None
+    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=_ds_config(stage),
                                       dist_init_required=False)
+    live_head = engine.module.head if parallel == "data" else head
     gen = torch.Generator().manual_seed(state.rank)
     for _ in range(STEPS):
         images = torch.randn(2, 3, 112, 112, generator=gen)
         labels = torch.randint(0, NUM_CLASSES, (2,), generator=gen)
-        loss = head(engine(images), labels)
+        loss = live_head(engine(images), labels)
         engine.backward(loss)
         engine.step()
-        fc7_opt.step()
-        fc7_opt.zero_grad()
+        if fc7_opt is not None:
+            fc7_opt.step()
+            fc7_opt.zero_grad()
     tag_dir = Path(output_dir) / "checkpoints" / f"step_{STEPS:08d}"
     engine.save_checkpoint(str(tag_dir), tag="ds", save_latest=False)
-    (tag_dir / "fc7").mkdir(exist_ok=True)
     (tag_dir / "trainer").mkdir(exist_ok=True)
-    torch.save(shard_state_dict(head, fc7_opt), tag_dir / "fc7" / shard_file_name(state.rank, state.world_size))
+    if fc7_opt is not None:
+        (tag_dir / "fc7").mkdir(exist_ok=True)
+        torch.save(shard_state_dict(head, fc7_opt), tag_dir / "fc7" / shard_file_name(state.rank, state.world_size))
     torch.save({"iteration": STEPS}, tag_dir / "trainer" / f"rank_{state.rank:05d}.pt")
     if state.rank == 0:
         ranges = [[0, 4], [4, 3]]
         meta = {"format": "megaface.checkpoint.v1", "iteration": STEPS, "network": NETWORK,
                 "embedding_size": backbone.embedding_size, "num_classes": NUM_CLASSES,
                 "world_size": state.world_size, "class_ranges": ranges, "zero_stage": stage,
-                "precision": "fp32", "parallel": "model", "normalize": "arcface_torch",
+                "precision": "fp32", "parallel": parallel, "normalize": "arcface_torch",
                 "config": {"model": {"network": NETWORK}}, "ds_config": _ds_config(stage)}
         (tag_dir / "meta.json").write_text(json.dumps(meta))
         (tag_dir.parent / "latest").write_text(tag_dir.name + "\n")
-    return {"backbone": _full_backbone_state(engine, stage), "weight": head.weight.detach().clone(),
+    live = _full_backbone_state(engine, stage)
+    if parallel == "data":
+        weight = live["head.weight"]
+        return {"backbone": {k[len("backbone."):]: v for k, v in live.items() if k.startswith("backbone.")},
+                "weight": weight, "momentum": None}
+    return {"backbone": live, "weight": head.weight.detach().clone(),
             "momentum": fc7_opt.momentum_buffer().detach().clone()}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """{stage: (output dir, per-rank live results)} for ZeRO 0-3 (about 20 s on 2 CPU cores)."""
+    """{stage: (output dir, per-rank live results)} for ZeRO 0-3 and "data" (ZeRO-2, data-parallel head)."""
     import deepspeed  # noqa: F401 - imported before forking, so the ranks start quickly
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    stages = [0, 1, 2, 3]
-    roots = [tmp_path_factory.mktemp(f"zero{stage}") for stage in stages]
-    per_rank = run_distributed(save_tiny_checkpoints, 2, [str(r) for r in roots], stages, timeout=300)
-    return {stage: (root, [rank_results[i] for rank_results in per_rank])
-            for i, (stage, root) in enumerate(zip(stages, roots))}
+    runs = [(0, "model"), (1, "model"), (2, "model"), (3, "model"), (2, "data")]
+    keys = [0, 1, 2, 3, "data"]
+    roots = [tmp_path_factory.mktemp(f"zero{stage}_{parallel}") for stage, parallel in runs]
+    per_rank = run_distributed(save_tiny_checkpoints, 2, [str(r) for r in roots], runs, timeout=300)
+    return {key: (root, [rank_results[i] for rank_results in per_rank])
+            for i, (key, root) in enumerate(zip(keys, roots))}
 
 
 def _deepspeed_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -183,3 +198,17 @@ def test_fc7_merge_and_reshard_checkpoint(checkpoints, tmp_path):
     assert sorted(p.name for p in (out / "ds").iterdir()) == sorted(p.name for p in (tag_dir / "ds").iterdir())
     # the copy is a complete checkpoint: its backbone consolidates to the same weights
     _assert_same_state(consolidate_state_dict(out)[0], consolidate_state_dict(tag_dir)[0])
+
+
+def test_data_parallel_head(checkpoints, tmp_path):
+    """Backbone + replicated FC7 in one engine: consolidate keeps the backbone, fc7 --merge takes the head."""
+    root, results = checkpoints["data"]
+    state, meta = consolidate_state_dict(root)
+    _assert_same_state(state, results[0]["backbone"])
+    merged = torch.load(merge_checkpoint(root / "checkpoints" / f"step_{STEPS:08d}", tmp_path / "fc7.pt"),
+                        weights_only=True)
+    assert torch.equal(merged["weight"], results[0]["weight"]) and merged["momentum"] is None
+    assert merged["parallel"] == "data" and merged["num_classes"] == NUM_CLASSES
+    assert inspect_checkpoint(root)["fc7"]["shards"] == []
+    with pytest.raises(ValueError, match="data-parallel FC7 .* no shards to reshard"):
+        reshard_checkpoint(root / "checkpoints" / f"step_{STEPS:08d}", 3, tmp_path / "w3")

@@ -21,12 +21,11 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # DataParallelFace (megaface.engine, parallel="data") holds the backbone next to the replicated FC7.
 _BACKBONE_PREFIX = "backbone."
 
-__all__ = ["strip_prefixes", "check_architecture", "consolidate_state_dict", "consolidate"]
+__all__ = ["strip_wrappers", "strip_prefixes", "check_architecture", "consolidate_state_dict", "consolidate"]
 
 
-def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The backbone's own keys: drop wrapper prefixes shared by every key, then keep only `backbone.*`
-    (dropping the data-parallel head) when the engine held a backbone + head container."""
+def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (`module.`, `_orig_mod.`) shared by every key."""
     changed = True
     while changed and state:
         changed = False
@@ -34,6 +33,13 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 changed = True
+    return state
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's own keys: `strip_wrappers`, then keep only `backbone.*` (dropping the data-parallel
+    head) when the engine held a backbone + head container."""
+    state = strip_wrappers(state)
     if any(k.startswith(_BACKBONE_PREFIX) for k in state):
         state = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
     return state

@@ -231,14 +231,34 @@ def _check_meta(meta: dict[str, Any], merged: dict[str, Any], tag_dir: Path) -> 
                              f"{key}={merged[key]}; the shards belong to another run")
 
 
+def _data_parallel_fc7(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A replicated FC7 (parallel="data") is the engine's `head.weight`; its momentum is not extracted."""
+    from megaface.convert.consolidate import strip_wrappers
+    from megaface.convert.zero_reader import read_fp32_state_dict
+
+    state = strip_wrappers(read_fp32_state_dict(tag_dir / "ds")[0])
+    if "head.weight" not in state:
+        raise ValueError(f"{tag_dir / 'ds'}: no 'head.weight' although meta.json says parallel='data' "
+                         f"(found e.g. {list(state)[:4]})")
+    weight = state["head.weight"]
+    return {"format": MERGED_FORMAT, "weight": weight, "momentum": None, "num_classes": int(weight.shape[0]),
+            "embedding_size": int(weight.shape[1]), "source_world_size": int(meta.get("world_size", 1)),
+            "class_ranges": [[0, int(weight.shape[0])]], "parallel": "data", "hyper": None}
+
+
 def merge_checkpoint(tag_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Write the merged FC7 of a checkpoint to `output` (torch file; atomic) and return its path."""
+    """Write the merged FC7 of a checkpoint to `output` (torch file; atomic) and return its path.
+
+    A data-parallel head (parallel="data") is taken from the DeepSpeed checkpoint (weight only)."""
     from megaface.checkpoint import read_meta
 
     tag_dir = Path(tag_dir)
     meta = read_meta(tag_dir)
-    states, names = load_checkpoint_shards(tag_dir)
-    merged = merge_shards(states, names)
+    if meta.get("parallel") == "data" and not (tag_dir / FC7_DIR).is_dir():
+        merged = _data_parallel_fc7(tag_dir, meta)
+    else:
+        states, names = load_checkpoint_shards(tag_dir)
+        merged = merge_shards(states, names)
     _check_meta(meta, merged, tag_dir)
     merged.update(network=meta.get("network"), iteration=meta.get("iteration"), source=str(tag_dir))
     with atomic_output_file(output) as tmp:
@@ -257,6 +277,9 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
 
     tag_dir = Path(tag_dir)
     meta = read_meta(tag_dir)
+    if meta.get("parallel") == "data":
+        raise ValueError(f"{tag_dir} has a data-parallel FC7 (parallel='data', replicated inside the DeepSpeed "
+                         "checkpoint): there are no shards to reshard")
     states, names = load_checkpoint_shards(tag_dir)
     merged = merge_shards(states, names)
     _check_meta(meta, merged, tag_dir)
