@@ -261,5 +261,11 @@ def test_bad_property_and_bad_index(tmp_path):
         open_pack(tmp_path / "p")
     (tmp_path / "p" / "property").write_text("3,112,112")
     (tmp_path / "p" / "train.idx").write_text("0\t0\n1\n")
-    with pytest.raises(ValueError, match=r"train\.idx: odd number of fields"):
+    with pytest.raises(ValueError, match=r"train\.idx:2: expected 'key<TAB>offset'"):
+        open_pack(tmp_path / "p")
+    (tmp_path / "p" / "train.idx").write_text("0\t0\n1\t4x\n")
+    with pytest.raises(ValueError, match=r"train\.idx:2: expected"):
+        open_pack(tmp_path / "p")
+    (tmp_path / "p" / "train.idx").write_text("")
+    with pytest.raises(ValueError, match=r"train\.idx: the index is empty"):
         open_pack(tmp_path / "p")

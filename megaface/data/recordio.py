@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,11 +216,29 @@ def read_index(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             "(key<TAB>offset per line) next to it"
         )
     data = path.read_bytes()
-    tokens = data.split()
-    if len(tokens) % 2:
-        raise ValueError(f"{path}: odd number of fields ({len(tokens)}); each line must be 'key<TAB>offset'")
-    try:
-        table = np.array(tokens, dtype=np.bytes_).astype(np.int64).reshape(-1, 2)
-    except ValueError as err:
-        raise ValueError(f"{path}: non-integer field in the index ({err}); expected 'key<TAB>offset' lines") from err
+    if not data.strip():
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    # numpy's text parser reads 5.8M lines (faces_emore) in ~2 s; splitting into Python objects takes ~20 s
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            flat = np.fromstring(data, dtype=np.int64, sep=" ")  # " " matches any whitespace run
+        except (ValueError, DeprecationWarning):
+            flat = None
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    if flat is None or flat.size != 2 * lines:
+        _raise_bad_line(path, data)
+    table = flat.reshape(-1, 2)
     return table[:, 0].copy(), table[:, 1].copy()
+
+
+def _raise_bad_line(path: Path, data: bytes) -> None:
+    for n, line in enumerate(data.split(b"\n"), 1):
+        fields = line.split()
+        if not fields:
+            if n <= data.count(b"\n"):
+                raise ValueError(f"{path}:{n}: empty line; each line must be 'key<TAB>offset'")
+            continue
+        if len(fields) != 2 or not all(f.lstrip(b"-").isdigit() for f in fields):
+            raise ValueError(f"{path}:{n}: expected 'key<TAB>offset' (two integers), got {line[:80]!r}")
+    raise ValueError(f"{path}: could not parse the index; expected 'key<TAB>offset' lines")
