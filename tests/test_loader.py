@@ -184,6 +184,8 @@ def test_image_folder_dataset(tmp_path):
         build_dataset("folder", tmp_path / "faces")
     with pytest.raises(ValueError, match="unknown dataset source 'lmdb'"):
         build_dataset("lmdb", tmp_path)
+    with pytest.raises(ValueError, match="unknown option.*identites.*valid options: identities"):
+        build_dataset("synthetic", None, identites=3)
 
 
 def test_synthetic_on_the_fly_dataset():
@@ -193,6 +195,12 @@ def test_synthetic_on_the_fly_dataset():
     assert label == 2 and img.shape == (112, 112, 3) and img.dtype == np.uint8
     (x, y), = list(TrainLoader(ds, 6, workers=0))
     assert sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_synthetic_dataset_materialised(tmp_path):
+    pack = build_dataset("synthetic", tmp_path, identities=3, images_per_identity=2, seed=4, val_pairs=4)
+    assert len(pack) == 6 and pack.num_classes == 3 and (pack.directory / "val.bin").is_file()
+    assert pack.labels().tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_persistent_workers_resume_mid_epoch_and_next_epoch():

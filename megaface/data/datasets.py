@@ -71,10 +71,20 @@ def build_dataset(source: str, path: str | os.PathLike | None = None, **options)
       ``val.bin`` are written there once (``ensure_synthetic``) and the pack is returned, so the same
       decode path as real data is exercised.
     """
+    allowed = {"recordio": {"prefix"}, "folder": set(),
+               "synthetic": {"identities", "images_per_identity", "seed", "val_pairs"}}.get(source)
+    if allowed is None:
+        raise ValueError(f"unknown dataset source {source!r}; choose one of {', '.join(SOURCES)}")
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"build_dataset({source!r}): unknown option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(sorted(allowed)) or 'none'}"
+        )
     if source == "recordio":
         if path is None:
             raise ValueError("build_dataset('recordio') needs the pack directory (holding train.rec/.idx/property)")
-        return open_pack(path, **{k: v for k, v in options.items() if k == "prefix"})
+        return open_pack(path, **options)
     if source == "folder":
         if path is None:
             raise ValueError("build_dataset('folder') needs the image root (root/<identity>/*.jpg)")
@@ -87,7 +97,6 @@ def build_dataset(source: str, path: str | os.PathLike | None = None, **options)
             return _SyntheticWithWhere(ids, k, seed)
         pack_dir, _ = ensure_synthetic(path, ids, k, int(options.get("val_pairs", 3000)), seed)
         return open_pack(pack_dir)
-    raise ValueError(f"unknown dataset source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
 def dataset_where(dataset, i: int) -> str:
