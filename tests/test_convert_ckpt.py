@@ -49,7 +49,28 @@ def save_tiny_checkpoints(state, roots: list[str], runs: list[tuple[int, str]]) 
     """One tiny run per (ZeRO stage, head parallelism) in the same process group (forking once is the slow
     part)."""
     _skip_shm_build()
-    return [save_tiny_checkpoint(state, root, stage, parallel) for root, (stage, parallel) in zip(roots, runs)]
+    return [save_bf16_mlp(state, root, stage) if parallel == "bf16" else
+            save_tiny_checkpoint(state, root, stage, parallel) for root, (stage, parallel) in zip(roots, runs)]
+
+
+def save_bf16_mlp(state, output_dir: str, stage: int) -> dict:
+    """A bf16 DeepSpeed checkpoint (DeepSpeed part only) of a BatchNorm-free MLP: DeepSpeed's bf16 engine
+    on CPU cannot run BatchNorm (fp32 running statistics meet bf16 activations), which every megaface
+    network has. Returns the live bf16 module weights."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    config = {**_ds_config(stage), "bf16": {"enabled": True}}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+    gen = torch.Generator().manual_seed(state.rank)
+    for _ in range(STEPS):
+        loss = engine(torch.randn(4, 24, generator=gen).bfloat16()).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(str(Path(output_dir) / "tag"), tag="ds", save_latest=False)
+    return {"module": _full_backbone_state(engine, stage)}
 
 
 def save_tiny_checkpoint(state, output_dir: str, stage: int, parallel: str = "model") -> dict:
@@ -113,8 +134,9 @@ def checkpoints(tmp_path_factory):
     import deepspeed  # noqa: F401 - imported before forking, so the ranks start quickly
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    runs = [(0, "model"), (1, "model"), (2, "model"), (3, "model"), (2, "data")]
-    keys = [0, 1, 2, 3, "data"]
+    runs = [(0, "model"), (1, "model"), (2, "model"), (3, "model"), (2, "data"), (0, "bf16"), (1, "bf16"),
+            (3, "bf16")]
+    keys = [0, 1, 2, 3, "data", "bf16-0", "bf16-1", "bf16-3"]
     roots = [tmp_path_factory.mktemp(f"zero{stage}_{parallel}") for stage, parallel in runs]
     per_rank = run_distributed(save_tiny_checkpoints, 2, [str(r) for r in roots], runs, timeout=300)
     return {key: (root, [rank_results[i] for rank_results in per_rank])
@@ -212,3 +234,19 @@ def test_data_parallel_head(checkpoints, tmp_path):
     assert inspect_checkpoint(root)["fc7"]["shards"] == []
     with pytest.raises(ValueError, match="data-parallel FC7 .* no shards to reshard"):
         reshard_checkpoint(root / "checkpoints" / f"step_{STEPS:08d}", 3, tmp_path / "w3")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_bf16_reads_the_fp32_masters(checkpoints, stage):
+    from megaface.convert.zero_reader import read_fp32_state_dict
+
+    root, results = checkpoints[f"bf16-{stage}"]
+    state, info = read_fp32_state_dict(root / "tag" / "ds")
+    live = results[0]["module"]
+    assert info["zero_stage"] == stage and sorted(state) == sorted(live)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    # the fp32 masters round to the bf16 weights the engine computed with, and carry more precision
+    assert all(torch.equal(state[k].bfloat16(), live[k]) for k in live)
+    assert any(not torch.equal(state[k], live[k].float()) for k in live)
+    if stage > 0:
+        _assert_same_state(state, {k: v.float() for k, v in _deepspeed_fp32(root / "tag").items()})

@@ -184,3 +184,4 @@ def test_resume_on_another_world_size(run2, tmp_path, src, dst):
     new_losses = _train(tmp_path / f"resumed{dst}", tmp_path / "cache", dst, SAVE_AT + 1, resume=str(tag))
     assert sorted(new_losses) == [SAVE_AT]
     assert new_losses[SAVE_AT] == pytest.approx(_reference_loss(tag, dst), rel=1e-5)
+
