@@ -109,6 +109,11 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
         fc7_optimizer = ShardSGD(head, lr=o.lr * cfg.head.lr_scale, momentum=o.momentum,
                                  weight_decay=o.weight_decay)
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if input_dtype != torch.float32:
+        # DeepSpeed casts parameters but not buffers; BatchNorm refuses bf16 weights with fp32 running stats
+        for buffer in engine.module.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(input_dtype)
     live_head = engine.module.head if cfg.head.parallel == "data" else head
     live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,

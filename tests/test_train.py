@@ -3,6 +3,7 @@ gradient accumulation matches a larger micro batch."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,87 @@ def test_two_ranks_fp32_loss_decreases_and_resume_is_exact(cache: Path, tmp_path
                                                          str(ckpt / "step_00000004"), *easy))
     assert [r["code"] for r in resumed] == [0, 0]
     assert resumed[0]["losses"] == losses[4:]  # bit-identical continuation on CPU fp32
+
+
+# ---- the step itself: accumulation, clipping, fp16 bookkeeping ------------------------------------------
+
+def _steps_worker(state: DistState, micro: int, gas: int, clip: float) -> dict[str, torch.Tensor]:
+    """Two global steps of 16 samples on a linear backbone (no BatchNorm: accumulation is exact)."""
+    from torch import nn
+
+    from megaface.config import load_config
+    from megaface.ds_config import resolve_ds_config
+    from megaface.engine import build_parts
+    from megaface.head import PartialFC
+    from megaface.train import train_step
+
+    cfg = load_config(None, ["--train.max_steps=2", "--head.margin=[1, 0, 0]", "--head.scale=8"])
+    ds = resolve_ds_config({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+                            "gradient_clipping": clip}, state.world_size, "cpu")
+    torch.manual_seed(0)
+    backbone = nn.Linear(12, 16)
+    head = PartialFC(16, 10, margin=(1.0, 0.0, 0.0), scale=8.0, seed=0)
+    parts = build_parts(cfg, ds, state, backbone, head, "fp32")
+    data = torch.Generator().manual_seed(1)
+    images = torch.randn(2, state.world_size, 8, 12, generator=data)
+    labels = torch.randint(0, 10, (2, state.world_size, 8), generator=data)
+    for step in range(2):
+        for k in range(gas):  # rank r's 8 samples of this step, split into `gas` micro-batches
+            rows = slice(k * micro, (k + 1) * micro)
+            train_step(parts, images[step, state.rank, rows], labels[step, state.rank, rows])
+    return {"backbone": backbone.weight.detach().clone(), "fc7": head.weight.detach().clone()}
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_accumulation_matches_a_larger_micro_batch(clip: float) -> None:
+    accumulated = run_distributed(_steps_worker, 2, 4, 2, clip)
+    single = run_distributed(_steps_worker, 2, 8, 1, clip)
+    for rank in range(2):
+        for key in ("backbone", "fc7"):
+            torch.testing.assert_close(accumulated[rank][key], single[rank][key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(accumulated[0]["backbone"], accumulated[1]["backbone"])
+
+
+def test_fc7_step_unscales_clips_and_skips() -> None:
+    from megaface.dist import DistState
+    from megaface.engine import step_fc7
+    from megaface.head import PartialFC, ShardSGD
+
+    def fresh(grad_scale: float) -> tuple[PartialFC, ShardSGD]:
+        head = PartialFC(4, 6, seed=0)
+        opt = ShardSGD(head, lr=1.0, momentum=0.0, weight_decay=0.0)
+        head.weight.grad = torch.full_like(head.weight, 0.5 * grad_scale)  # global norm 0.5 * sqrt(24)
+        return head, opt
+
+    ref, opt = fresh(1.0)
+    start = ref.weight.detach().clone()
+    assert step_fc7(opt, DistState(), 1.0, 0.0, True)
+    torch.testing.assert_close(ref.weight.detach(), start - 0.5)
+    scaled, opt = fresh(1024.0)  # fp16: gradients carry the loss scale
+    assert step_fc7(opt, DistState(), 1024.0, 0.0, True)
+    torch.testing.assert_close(scaled.weight.detach(), ref.weight.detach())
+    clipped, opt = fresh(1.0)
+    assert step_fc7(opt, DistState(), 1.0, 1.0, True)
+    torch.testing.assert_close((start - clipped.weight.detach()).norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    skipped, opt = fresh(1.0)
+    assert not step_fc7(opt, DistState(), 1.0, 0.0, False)  # the engine skipped (fp16 overflow)
+    torch.testing.assert_close(skipped.weight.detach(), start)
+    inf, opt = fresh(float("inf"))
+    assert not step_fc7(opt, DistState(), 1.0, 0.0, True)  # non-finite FC7 gradients skip too
+    torch.testing.assert_close(inf.weight.detach(), start)
+
+
+@pytest.mark.parametrize("ds_config", ["zero1_bf16.json", pytest.param("zero2_fp32.json", marks=pytest.mark.slow),
+                                       pytest.param("zero3_bf16.json", marks=pytest.mark.slow),
+                                       pytest.param("zero2_bf16.json", marks=pytest.mark.slow)])
+def test_two_ranks_zero_and_bf16(cache: Path, tmp_path: Path, ds_config: str) -> None:
+    args = tiny_args(cache, tmp_path / "run", 3, "--ds-config", str(ROOT / "ds_configs" / ds_config),
+                     "--validation.interval=3", "--train.save_every=3")
+    results = run_distributed(train_worker, 2, args)
+    assert [r["code"] for r in results] == [0, 0]
+    assert all(math.isfinite(x) for x in results[0]["losses"]) and len(results[0]["losses"]) == 3
+    assert (tmp_path / "run" / "best_val.pt").is_file()
+    from megaface.checkpoint import load_backbone
+
+    model, meta = load_backbone(tmp_path / "run")
+    assert meta["network"] == "mobilefacenet_tiny" and meta["zero_stage"] == int(ds_config[4])
