@@ -111,6 +111,7 @@ def run_case(case: dict, world: int) -> dict:
         "samples_per_s": round(case["batch"] * world / step_s, 1),
         "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in ranks],
         "gemm_floor_s": round(floor_s, 4), "gemm_floor_ratio": round(floor_s / step_s, 3),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews both timings
     }
 
 

@@ -38,7 +38,7 @@ def _backbone():
     return nn.Linear(DIN, D)
 
 
-def _reference(num_classes, margin, columns=None, seed=0):
+def _reference(num_classes, margin, columns=None, seed=0, straight_through=False):
     """Full-logit single-process loss and gradients (backbone, embeddings, full weight)."""
     x, y = _batch(num_classes, seed)
     bb = _backbone()
@@ -50,7 +50,7 @@ def _reference(num_classes, margin, columns=None, seed=0):
         y = torch.searchsorted(columns, y)
     cos = F.normalize(emb) @ F.normalize(w_used).t()
     cos_t = cos.gather(1, y[:, None]).squeeze(1)
-    logits = cos.scatter(1, y[:, None], CombinedMargin(margin)(cos_t)[:, None]) * S
+    logits = cos.scatter(1, y[:, None], CombinedMargin(margin, straight_through)(cos_t)[:, None]) * S
     loss = F.cross_entropy(logits, y)
     loss.backward()
     return {"loss": loss.detach(), "bb": bb.weight.grad, "emb": emb.grad, "w": w.grad}
@@ -88,6 +88,16 @@ def _check_exact(results, num_classes):
         assert _rel(torch.cat([r["w"] for r in per_rank]), ref["w"]) < RTOL, margin
 
 
+@pytest.mark.parametrize("margin,straight_through", [((1.0, 0.5, 0.0), True), ((1.0, 0.3, 0.2), True),
+                                                     ("sphereface", False), ("arcface", False)])
+def test_straight_through_and_presets_world_size_1(margin, straight_through):
+    from megaface.dist import DistState
+    head = PartialFC(D, 10, margin=margin, scale=S, straight_through=straight_through)
+    got, ref = _local_step(DistState(), head), _reference(10, margin, straight_through=straight_through)
+    for key in ("loss", "bb", "emb", "w"):
+        assert _rel(got[key], ref[key]) < RTOL, key
+
+
 def _world2_job(state):
     out = {"exact": _exact_job(state, 10)}
     # parallel="data": replicated weight, local mean; DeepSpeed averages backbone AND head gradients.
@@ -109,7 +119,18 @@ def _world2_job(state):
     return out
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Logit blocks of 3 columns, so the multi-block path runs (forked ranks inherit the patch)."""
+    from megaface.head import softmax
+    monkeypatch.setattr(softmax, "_block_columns", lambda batch, k, device: 3)
+
+
 def test_exact_world_size_1():
+    _check_exact(run_distributed(_exact_job, 1, 10), 10)
+
+
+def test_exact_world_size_1_small_blocks(small_blocks):
     _check_exact(run_distributed(_exact_job, 1, 10), 10)
 
 
@@ -139,7 +160,7 @@ def _world3_job(state):
     return out
 
 
-def test_world_size_3_exact_and_partial_fc():
+def test_world_size_3_exact_and_partial_fc(small_blocks):
     results = run_distributed(_world3_job, 3)
     _check_exact([r["exact"] for r in results], 10)
     _, labels = _batch(1000)

@@ -90,7 +90,7 @@ class ShardSGD(torch.optim.Optimizer):
             d = grad.add(w_rows, alpha=wd) if wd else grad
         else:
             d = buf if index is None else buf.index_select(0, index)
-            d.mul_(group["momentum"]).add_(grad)
+            torch.add(grad, d, alpha=group["momentum"], out=d)  # one pass: d = grad + momentum * d
             if wd:
                 d.add_(w_rows, alpha=wd)
             if index is not None:

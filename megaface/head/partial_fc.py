@@ -84,8 +84,20 @@ def init_shard(class_start: int, num_local: int, embedding_size: int, seed: int 
 class PartialFC(nn.Module):
     """Column-sharded FC7 with combined margin and Partial FC; returns the GLOBAL-batch mean loss.
 
-    parallel="model": rank r of `group` holds classes [class_start, class_start + num_local).
-    parallel="data": the full weight on every rank, local-batch loss, no collectives (goes inside the engine).
+    Args:
+        embedding_size, num_classes: D and C (C >= world size in model-parallel mode).
+        margin: (m1, m2, m3) or a preset name of `megaface.head.margin.MARGIN_PRESETS`.
+        scale: s, applied to every logit.
+        sample_rate: Partial FC rate in (0, 1]; 1.0 = every row of the shard takes part.
+        group: process group of the classifier (None = default group, or no group at all).
+        parallel: "model" - rank r of `group` holds classes [class_start, class_start + num_local);
+            "data" - the full weight on every rank, local-batch loss, no collectives (goes inside the
+            DeepSpeed engine with the backbone).
+        straight_through: margin gradient mode (see `megaface.head.margin`).
+        seed: initial weights (drawn per block of class ids: the same full matrix at any world size) and
+            the Partial FC sampler (seeded from (seed, rank)).
+
+    All ranks must pass the same local batch size (the embeddings are all-gathered in equal pieces).
     """
 
     def __init__(self, embedding_size: int, num_classes: int,

@@ -10,9 +10,11 @@ Shapes (B = global batch, D = embedding width, k = rows of this rank's shard tak
 | returns           | [B]    | per-sample cross-entropy, identical on every rank                  |
 
 Only three [B]-sized reductions cross ranks (max, then sum-exp and target logit in one all-reduce); the logit
-matrix exists only as this rank's [B, k] column block. That block is the single large buffer: it holds the
-logits, then exp(logit - max), and in backward is turned in place into the gradient of the raw dot products,
-so the step costs the three GEMMs (logits, d/d emb, d/d weight) plus a few elementwise passes.
+matrix exists only as this rank's [B, k] columns. They are the single large buffer, kept as column blocks
+of [B, c]: a block holds the logits, then exp(logit - max), and in backward becomes in place the gradient of
+the raw dot products, feeding both backward GEMMs while it is still in cache. A step thus costs the three
+GEMMs (logits, d/d emb, d/d weight) plus about two memory passes over the buffer. On CPU a block is ~2 MB
+(cache-sized); on accelerators the columns form one block (no per-block launches).
 
 The gradient returned for emb_hat_global is this rank's partial sum over its own columns; the all-gather's
 backward (reduce-scatter, sum) completes it. The gradient for weight_rows is complete: every rank sees the
@@ -30,6 +32,13 @@ from megaface.dist import comm
 from megaface.head.margin import CombinedMargin
 
 NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
+CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per [B, c] block on CPU
+
+
+def _block_columns(batch: int, k: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return max(k, 1)
+    return max(256, CPU_BLOCK_ELEMENTS // max(batch, 1))
 
 
 class _ShardedMarginCE(torch.autograd.Function):
@@ -37,66 +46,87 @@ class _ShardedMarginCE(torch.autograd.Function):
     def forward(ctx: Any, emb_hat: torch.Tensor, weight_rows: torch.Tensor, target_local: torch.Tensor,
                 margin: CombinedMargin, scale: float, group: dist.ProcessGroup | None,
                 reduce: bool) -> torch.Tensor:
+        batch, k = emb_hat.shape[0], weight_rows.shape[0]
         inv_norm = weight_rows.norm(dim=1).clamp_min_(NORM_EPS).reciprocal_()  # [k]
-        buf = torch.matmul(emb_hat, weight_rows.t())  # [B, k] raw dot products
+        col_scale = inv_norm * scale
+        # Targets sorted by column, so each block's targets are one slice; their cosines come from a
+        # [B, D] row gather (cheap), so the margined logits are known before the blocks are built.
         rows = (target_local >= 0).nonzero().squeeze(1)
-        cols = target_local.index_select(0, rows)
-        cos_t = buf[rows, cols] * inv_norm[cols]
+        cols, order = target_local.index_select(0, rows).sort()
+        rows = rows.index_select(0, order)
+        cos_t = (emb_hat.index_select(0, rows) * weight_rows.index_select(0, cols)).sum(dim=1)
+        cos_t = cos_t * inv_norm.index_select(0, cols)
         target_logit = margin(cos_t) * scale
-        buf.mul_(inv_norm * scale)  # scaled cosines
-        buf[rows, cols] = target_logit
+        width = _block_columns(batch, k, emb_hat.device)
+        starts = list(range(0, k, width))
+        # One host sync: block boundaries of the sorted target columns.
+        bounds = torch.searchsorted(cols, torch.tensor(starts + [k], device=cols.device)).tolist()
 
-        shift = buf.amax(dim=1)  # amax: no argmax indices (several times cheaper than max(dim))
+        blocks, shift = [], None
+        for i, c0 in enumerate(starts):
+            c1 = min(c0 + width, k)
+            block = torch.matmul(emb_hat, weight_rows[c0:c1].t()).mul_(col_scale[c0:c1])  # [B, c]
+            a, b = bounds[i], bounds[i + 1]
+            block[rows[a:b], cols[a:b] - c0] = target_logit[a:b]
+            block_max = block.amax(dim=1)
+            shift = block_max if shift is None else torch.maximum(shift, block_max)
+            blocks.append(block)
         if reduce:
             shift = comm.all_reduce_max(shift, group)
-        buf.sub_(shift.unsqueeze(1)).exp_()
         # sum-exp and the target logit (zero where the class lives elsewhere) travel in one all-reduce.
-        stats = torch.zeros((2, buf.shape[0]), dtype=buf.dtype, device=buf.device)
-        torch.sum(buf, dim=1, out=stats[0])
+        stats = torch.zeros((2, batch), dtype=emb_hat.dtype, device=emb_hat.device)
+        column = shift.unsqueeze(1)
+        for block in blocks:
+            stats[0] += block.sub_(column).exp_().sum(dim=1)
         stats[1].index_copy_(0, rows, target_logit - shift.index_select(0, rows))
         if reduce:
             comm.all_reduce_(stats, "sum", group)
         sum_exp, target_shifted = stats[0], stats[1]
 
         ctx.save_for_backward(emb_hat, weight_rows)
-        ctx.buf, ctx.inv_norm, ctx.sum_exp = buf, inv_norm, sum_exp
-        ctx.rows, ctx.cols, ctx.cos_t = rows, cols, cos_t
-        ctx.margin, ctx.scale = margin, scale
+        ctx.blocks, ctx.starts, ctx.bounds, ctx.width = blocks, starts, bounds, width
+        ctx.col_scale, ctx.inv_norm, ctx.sum_exp = col_scale, inv_norm, sum_exp
+        ctx.rows, ctx.cols, ctx.cos_t, ctx.margin = rows, cols, cos_t, margin
         return sum_exp.log() - target_shifted
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         emb_hat, weight_rows = ctx.saved_tensors
-        if ctx.buf is None:
+        if ctx.blocks is None:
             raise RuntimeError("the FC7 softmax backward ran twice; it consumes its buffer (no retain_graph)")
-        buf, inv_norm, rows, cols = ctx.buf, ctx.inv_norm, ctx.rows, ctx.cols
-        ctx.buf = None
-        # d loss_i / d logit_ij = g_i * (softmax_ij - onehot_ij)
-        buf.mul_((grad_loss / ctx.sum_exp).unsqueeze(1))
-        buf[rows, cols] -= grad_loss.index_select(0, rows)
-        # logit_ij = s * cos_ij (target: s * margin(cos)), cos_ij = dot_ij * inv_norm_j -> d/d dot.
-        buf.mul_(inv_norm * ctx.scale)
-        buf[rows, cols] *= ctx.margin.derivative(ctx.cos_t)
-
-        grad_emb = buf @ weight_rows if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = buf.t() @ emb_hat  # [k, D], through the dot products with norms held fixed
-            _project_out_rows(grad_weight, weight_rows, inv_norm)
+        blocks, ctx.blocks = ctx.blocks, None
+        rows, cols, bounds = ctx.rows, ctx.cols, ctx.bounds
+        k = weight_rows.shape[0]
+        row_scale = (grad_loss / ctx.sum_exp).unsqueeze(1)  # softmax_ij * g_i = exp_ij * g_i / sum_i
+        target_grad = grad_loss.index_select(0, rows)       # the one-hot part, g_i on the target column
+        target_factor = ctx.margin.derivative(ctx.cos_t)    # d margin / d cos on the target column
+        want_emb, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_emb = torch.zeros_like(emb_hat) if want_emb else None
+        grad_weight = torch.empty_like(weight_rows) if want_weight else None
+        for i, c0 in enumerate(ctx.starts):
+            c1 = min(c0 + ctx.width, k)
+            block, blocks[i] = blocks[i], None  # release each block once used
+            a, b = bounds[i], bounds[i + 1]
+            r, c = rows[a:b], cols[a:b] - c0
+            # d/d dot_ij = g_i (softmax_ij - onehot_ij) * s / ||w_j||  (target: times margin'(cos))
+            block.mul_(row_scale)
+            block[r, c] -= target_grad[a:b]
+            block.mul_(ctx.col_scale[c0:c1])
+            block[r, c] *= target_factor[a:b]
+            w_block = weight_rows[c0:c1]
+            if want_emb:
+                grad_emb.addmm_(block, w_block)
+            if want_weight:
+                torch.mm(block.t(), emb_hat, out=grad_weight[c0:c1])
+                _project_out_rows(grad_weight[c0:c1], w_block, ctx.inv_norm[c0:c1])
         return grad_emb, grad_weight, None, None, None, None, None
 
 
-def _project_out_rows(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor,
-                      chunk: int = 2048) -> None:
-    """grad_j -= (grad_j . w_j) / ||w_j||^2 * w_j in place: the Jacobian of w -> w / ||w||.
-
-    Row blocks keep both reads in cache and avoid a [k, D] temporary (einsum/vecdot are 2-5x slower here).
-    """
-    for start in range(0, grad.shape[0], chunk):
-        g, w = grad[start:start + chunk], weight[start:start + chunk]
-        inv = inv_norm[start:start + chunk]
-        along = (g * w).sum(dim=1).mul_(inv).mul_(inv)
-        g.addcmul_(w, along.unsqueeze(1), value=-1.0)
+def _project_out_rows(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor) -> None:
+    """grad_j -= (grad_j . w_j) / ||w_j||^2 * w_j in place: the Jacobian of w -> w / ||w|| (per block, so
+    both operands are still in cache; einsum/vecdot over the whole shard were 2-5x slower here)."""
+    along = (grad * weight).sum(dim=1).mul_(inv_norm).mul_(inv_norm)
+    grad.addcmul_(weight, along.unsqueeze(1), value=-1.0)
 
 
 def sharded_margin_cross_entropy(emb_hat_global: torch.Tensor, weight_rows: torch.Tensor,
