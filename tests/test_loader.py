@@ -173,7 +173,8 @@ def test_image_folder_dataset(tmp_path):
     for name, count in [("bob", 2), ("alice", 3)]:
         (tmp_path / "faces" / name).mkdir(parents=True)
         for j in range(count):
-            (tmp_path / "faces" / name / f"{j}.jpg").write_bytes(encode_jpeg(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)))
+            img = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
+            (tmp_path / "faces" / name / f"{j}.jpg").write_bytes(encode_jpeg(img))
     ds = build_dataset("folder", tmp_path / "faces")
     assert ds.identities == ["alice", "bob"] and ds.num_classes == 2 and len(ds) == 5
     assert sorted(ds.labels().tolist()) == [0, 0, 0, 1, 1]

@@ -144,7 +144,8 @@ def test_pack_writer_layout(tmp_path):
     r = RecordReader(tmp_path / "out" / "train.rec")
     recs = [unpack_payload(r.read_at(int(o))) for o in offsets]
     assert recs[0][0].labels.tolist() == [4.0, 6.0] and recs[0][1] == b""
-    assert [(h.label, h.id, img) for h, img in recs[1:4]] == [(0.0, 1, b"img1" + M), (0.0, 2, b"img2" + M), (1.0, 3, b"img3" + M)]
+    expected = [(0.0, 1, b"img1" + M), (0.0, 2, b"img2" + M), (1.0, 3, b"img3" + M)]
+    assert [(h.label, h.id, img) for h, img in recs[1:4]] == expected
     assert [h.labels.tolist() for h, _ in recs[4:]] == [[1.0, 3.0], [3.0, 4.0]]
     assert (tmp_path / "out" / "property").read_text() == "2,112,112\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -219,7 +220,8 @@ def test_offset_past_eof(tmp_path):
     _write_header_pack(tmp_path / "p")
     size = (tmp_path / "p" / "train.rec").stat().st_size
     keys, offsets = read_index(tmp_path / "p" / "train.idx")
-    write_index(tmp_path / "p" / "train.idx", [(int(k), int(o) if k != 3 else size + 100) for k, o in zip(keys, offsets)])
+    moved = [(int(k), int(o) if k != 3 else size + 100) for k, o in zip(keys, offsets)]
+    write_index(tmp_path / "p" / "train.idx", moved)
     with pytest.raises(ValueError, match=rf"train\.idx: key 3 points at offset {size + 100}, past the end"):
         open_pack(tmp_path / "p")
 

@@ -86,7 +86,8 @@ def pack_pairs(pairs: str | Path, images: str | Path, output: str | Path, verify
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="megaface pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="megaface pack", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="kind", required=True)
     rec = sub.add_parser("rec", help="image folder root/<identity>/*.jpg -> train.rec/.idx/property")
     rec.add_argument("--images", required=True)

@@ -30,7 +30,8 @@ class FolderDataset:
             raise ValueError(f"{self.root}: no identity sub-folders; expected root/<identity>/*.jpg")
         paths, labels = [], []
         for label, name in enumerate(self.identities):
-            files = sorted(p for p in (self.root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            folder = self.root / name
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not files:
                 raise ValueError(
                     f"{self.root / name}: identity folder holds no images ({', '.join(IMAGE_SUFFIXES)}); "

@@ -49,7 +49,10 @@ class CorruptImageError(ValueError):
 
 def decode_image(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     """Encoded image -> uint8 [H, W, 3] RGB. Raises CorruptImageError when the bytes do not decode."""
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.astype(np.uint8, copy=False).ravel()
+    if isinstance(data, np.ndarray):
+        buf = data.astype(np.uint8, copy=False).ravel()
+    else:
+        buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
         raise CorruptImageError("empty image payload (0 bytes)")
     if simplejpeg is not None and bytes(buf[:2]) == _JPEG_SOI:

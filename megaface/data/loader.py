@@ -72,7 +72,8 @@ class _BatchTask(torch.utils.data.Dataset):
         shapes = {loaded[k][1].shape for k in good}
         if len(shapes) > 1:
             raise ValueError(
-                f"images of one batch differ in size {sorted(shapes)} (e.g. {dataset_where(self.dataset, int(indices[0]))}); "
+                f"images of one batch differ in size {sorted(shapes)} "
+                f"(e.g. {dataset_where(self.dataset, int(indices[0]))}); "
                 "align/resize the data to one size (112x112)"
             )
         h, w = shapes.pop()[:2] if shapes else (112, 112)

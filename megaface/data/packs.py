@@ -173,7 +173,9 @@ class PackWriter:
     def __init__(self, directory: str | os.PathLike, image_size: tuple[int, int] = (112, 112), overwrite: bool = False):
         self.directory = Path(directory)
         if self.directory.exists() and not overwrite and (not self.directory.is_dir() or any(self.directory.iterdir())):
-            raise FileExistsError(f"output {self.directory} exists and is not empty; pass overwrite (--force) to replace it")
+            raise FileExistsError(
+                f"output {self.directory} exists and is not empty; pass overwrite (--force) to replace it"
+            )
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         self.image_size = image_size
         self._tmp = make_temp_dir(self.directory)

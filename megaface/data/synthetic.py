@@ -199,7 +199,8 @@ def _finish(img: np.ndarray, imp: dict[str, np.ndarray], size: int) -> np.ndarra
     X, Y = _grid(img.shape[0], size)
     px = 2.0 / size
     oc = imp["occl"]
-    od = np.maximum(np.abs(X - _b(oc[:, 1] + oc[:, 3] / 2)) - _b(oc[:, 3] / 2), np.abs(Y - _b(oc[:, 2] + oc[:, 4] / 2)) - _b(oc[:, 4] / 2))
+    half_w, half_h = _b(oc[:, 3] / 2), _b(oc[:, 4] / 2)
+    od = np.maximum(np.abs(X - _b(oc[:, 1]) - half_w) - half_w, np.abs(Y - _b(oc[:, 2]) - half_h) - half_h)
     _paint(img, _soft(od, px) * _b(oc[:, 0]), oc[:, 5:8])
     light = 1 + _b(imp["light"][:, 0]) * X + _b(imp["light"][:, 1]) * Y
     img *= (_b(imp["gain"]) * light)[..., None] * imp["wb"][:, None, None, :]
@@ -218,7 +219,8 @@ def generate(identities: np.ndarray | list[int], indices: np.ndarray | list[int]
     for a in range(0, len(identities), chunk):
         ids, idx = identities[a:a + chunk], indices[a:a + chunk]
         idp = _stack([cache.setdefault(int(i), identity_params(seed, int(i))) for i in ids])
-        imp = _stack([image_params(np.random.default_rng((seed, stream, int(i), int(j))), size) for i, j in zip(ids, idx)])
+        rngs = [np.random.default_rng((seed, stream, int(i), int(j))) for i, j in zip(ids, idx)]
+        imp = _stack([image_params(r, size) for r in rngs])
         out[a:a + chunk] = render(idp, imp, size)
     return out
 
