@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,36 @@ def test_bf16_reads_the_fp32_masters(checkpoints, stage):
     assert any(not torch.equal(state[k], live[k].float()) for k in live)
     if stage > 0:
         _assert_same_state(state, {k: v.float() for k, v in _deepspeed_fp32(root / "tag").items()})
+
+
+def test_consolidate_bad_deepspeed_files(checkpoints, tmp_path):
+    root, _ = checkpoints[3]
+    tag = tmp_path / "step"
+    shutil.copytree(root / "checkpoints" / f"step_{STEPS:08d}", tag)
+    out = tmp_path / "out" / "backbone.pt"
+    (tag / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"rank\(s\) \[1\] \(zero_pp_rank_1_mp_rank_00_optim_states.pt\)"):
+        consolidate(tag, out)
+    shutil.copy(tag / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                tag / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    shutil.copy(tag / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                tag / "ds" / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match="extra optimizer partition file.*zero_pp_rank_2"):
+        consolidate(tag, out)
+    (tag / "ds" / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    model_file = tag / "ds" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-50])
+    with pytest.raises(ValueError, match=rf"{model_file}: cannot read DeepSpeed model states .*truncated"):
+        consolidate(tag, out)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_consolidate_rejects_another_architecture(checkpoints, tmp_path):
+    root, _ = checkpoints[1]
+    tag = tmp_path / "step"
+    shutil.copytree(root / "checkpoints" / f"step_{STEPS:08d}", tag)
+    meta = json.loads((tag / "meta.json").read_text())
+    (tag / "meta.json").write_text(json.dumps({**meta, "network": "iresnet18"}))
+    with pytest.raises(ValueError, match=r"not a 'iresnet18' backbone .* missing: .* unexpected: "):
+        consolidate(tag, tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()

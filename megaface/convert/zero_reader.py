@@ -34,20 +34,26 @@ _Z3_MODEL = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
 __all__ = ["detect_zero_stage", "read_fp32_state_dict"]
 
 
-def _optim_files(ds_dir: Path) -> list[Path]:
-    """The per-rank optimizer files in rank order; a gap in the ranks is an error naming the missing file."""
-    found = {}
+def _optim_files(ds_dir: Path, world_size: int | None = None) -> list[Path]:
+    """The per-rank optimizer files in rank order. With `world_size`, exactly ranks 0..W-1 must be there:
+    a missing or an extra rank is an error naming the file."""
+    found: dict[int, Path] = {}
     for path in ds_dir.iterdir():
         match = _OPTIM.match(path.name)
         if match:
             found[int(match.group(2))] = path
-    ranks = sorted(found)
-    if ranks and ranks != list(range(len(ranks))):
-        missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))
-        raise FileNotFoundError(f"{ds_dir}: optimizer partitions of rank(s) {missing} are missing "
-                                f"(found ranks {ranks}; expected zero_pp_rank_R_mp_rank_00_optim_states.pt "
-                                "for every rank of the saving job)")
-    return [found[r] for r in ranks]
+    expected = range(world_size) if world_size is not None else range(max(found, default=-1) + 1)
+    missing = [r for r in expected if r not in found]
+    if missing and found:
+        prefix = "bf16_" if next(iter(found.values())).name.startswith("bf16_") else ""
+        names = ", ".join(f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in missing)
+        raise FileNotFoundError(f"{ds_dir}: missing the optimizer partitions of rank(s) {missing} ({names}); "
+                                f"every rank of the saving job writes one")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise ValueError(f"{ds_dir}: extra optimizer partition file(s) {[found[r].name for r in extra]} for a "
+                         f"job of {world_size} ranks (dp_world_size in {MODEL_STATES}); files of two saves mixed?")
+    return [found[r] for r in sorted(found)]
 
 
 def detect_zero_stage(ds_dir: str | Path) -> int:
@@ -74,10 +80,7 @@ def _model_states(ds_dir: Path, stage: int, rank: int = 0) -> dict[str, Any]:
 
 def _load_partitions(ds_dir: Path, key: str, world_size: int) -> list[list[torch.Tensor]]:
     """Per rank, the list (one per param group) of flat fp32 partitions stored under `key`."""
-    files = _optim_files(ds_dir)
-    if len(files) != world_size:
-        raise ValueError(f"{ds_dir}: {len(files)} optimizer partition files for a job of {world_size} ranks "
-                         f"(dp_world_size in {MODEL_STATES}); expected one per rank")
+    files = _optim_files(ds_dir, world_size)
     parts = []
     for path in files:
         osd = load_torch_file(path, "DeepSpeed optimizer partitions", weights_only=False)["optimizer_state_dict"]
