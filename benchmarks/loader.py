@@ -1,6 +1,7 @@
 """Loader throughput: decoded + augmented images/s on 112x112 JPEGs from a RecordIO pack.
 
 Prints one JSON line per case:
+  {"case": "synthetic"}                synthetic-identity generation rate (one process, no JPEG);
   {"case": "decode", "decoder": ...}   raw single-thread decode rate of each available decoder on the pack's
                                         JPEG bytes (already in memory), RGB output;
   {"case": "loader", "workers": W}     TrainLoader images/s end to end (pread + decode + flip + normalise +
@@ -109,6 +110,12 @@ def main() -> None:
     from megaface.data.synthetic import ensure_synthetic
 
     root = args.root or tempfile.mkdtemp(prefix="megaface-bench-")
+    from megaface.data.synthetic import generate
+
+    start = time.perf_counter()
+    generate(np.arange(128) // 4, np.arange(128) % 4, seed=1)
+    rate = 128 / (time.perf_counter() - start)
+    print(json.dumps({"case": "synthetic", "images_per_s": round(rate, 1), "size": 112, "processes": 1}), flush=True)
     start = time.perf_counter()
     pack_dir, _ = ensure_synthetic(root, args.identities, args.images_per_identity, val_pairs=0, seed=0)
     pack = open_pack(pack_dir)

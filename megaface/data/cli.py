@@ -90,12 +90,15 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="kind", required=True)
     rec = sub.add_parser("rec", help="image folder root/<identity>/*.jpg -> train.rec/.idx/property")
-    rec.add_argument("--images", required=True)
-    rec.add_argument("--output", required=True)
-    b = sub.add_parser("bin", help="pairs list -> .bin verification pack")
-    b.add_argument("--pairs", required=True)
-    b.add_argument("--images", required=True)
-    b.add_argument("--output", required=True)
+    rec.add_argument("--images", required=True, help="root/<identity>/*.jpg (identities = sorted folder names)")
+    rec.add_argument("--output", required=True, help="directory for train.rec, train.idx, property")
+    b = sub.add_parser("bin", help="pairs list -> .bin verification pack",
+                       description="Pairs list: one pair per line, 'path_a path_b 1|0' (1 = same identity; "
+                       "true/false and same/diff also accepted), whitespace separated, paths relative to "
+                       "--images or absolute, no spaces inside paths; '#' comments and blank lines ignored.")
+    b.add_argument("--pairs", required=True, help="text file, one 'path_a path_b 1|0' per line")
+    b.add_argument("--images", required=True, help="root the pair paths are relative to")
+    b.add_argument("--output", required=True, help="the .bin to write (pickle of (bins, issame_list))")
     syn = sub.add_parser("synthetic", help="synthetic identities -> pack + held-out val.bin")
     syn.add_argument("--output", required=True)
     syn.add_argument("--identities", type=int, default=1000)
