@@ -130,6 +130,9 @@ def test_cli_errors_name_the_file_and_leave_no_output(run2, tmp_path, capsys):
     assert str(victim) in err and "truncated" in err
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
     (broken / "fc7" / "shard_00001_of_00002.pt").unlink()
+    assert convert_main(["inspect", str(broken)]) == 1  # still reports, and names the problem
+    captured = capsys.readouterr().out
+    assert "iteration        4" in captured and "PROBLEM" in captured and "shard_00001_of_00002.pt" in captured
     assert convert_main(["fc7", str(broken), "--reshard", "3", "-o", str(out_dir / "w3")]) == 1
     assert "shard_00001_of_00002.pt" in capsys.readouterr().err
     assert not (out_dir / "w3").exists() and not out_dir.exists() or list(out_dir.iterdir()) == []

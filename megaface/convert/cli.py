@@ -20,7 +20,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     report = inspect_checkpoint(args.checkpoint)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
-    return 0
+    return 1 if report["problems"] else 0  # scripts can tell a damaged checkpoint from the exit status
 
 
 def _consolidate(args: argparse.Namespace) -> int:

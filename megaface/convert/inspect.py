@@ -50,7 +50,9 @@ def _ds_section(tag_dir: Path) -> dict[str, Any]:
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON-ready summary of the checkpoint at `path` (an output dir, checkpoints dir or tag dir)."""
+    """A JSON-ready summary of the checkpoint at `path` (an output dir, checkpoints dir or tag dir).
+
+    Damaged FC7 shards do not stop the report: the error goes to `report["problems"]`."""
     tag_dir = resolve_checkpoint(path)
     meta = read_meta(tag_dir)
     keys = ("iteration", "network", "embedding_size", "num_classes", "world_size", "zero_stage", "precision",
@@ -60,7 +62,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if "fc7_world_size" in meta:
         report["fc7_world_size"] = meta["fc7_world_size"]
         report["fc7_resharded_from"] = meta.get("fc7_resharded_from")
-    report["fc7"] = _fc7_section(tag_dir, meta)
+    report["problems"] = []
+    try:
+        report["fc7"] = _fc7_section(tag_dir, meta)
+    except (ValueError, FileNotFoundError) as err:  # still show the rest of a damaged checkpoint
+        report["fc7"] = {"parallel": meta.get("parallel"), "shards": [], "note": "unreadable (see problems)"}
+        report["problems"].append(str(err))
     report["deepspeed"] = _ds_section(tag_dir)
     trainer = tag_dir / "trainer"
     report["trainer_files"] = sorted(p.name for p in trainer.iterdir()) if trainer.is_dir() else []
@@ -94,6 +101,8 @@ def format_report(report: dict[str, Any]) -> str:
     ds = report["deepspeed"]
     lines.append(_line("deepspeed", f"{ds['layout']}: {', '.join(ds['files'])}"))
     lines.append(_line("trainer", ", ".join(report["trainer_files"]) or "-"))
+    for problem in report.get("problems", []):
+        lines.append(f"  PROBLEM          {problem}")
     if report.get("config") is not None:
         lines.append("  config:")
         text = json.dumps(report["config"], indent=2, sort_keys=True)
