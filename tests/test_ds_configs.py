@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from megaface.config import load_config
 from megaface.ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
 from tests.dist_utils import run_distributed
 
@@ -148,6 +149,22 @@ def test_deepspeed_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     for key, value in ds["zero_optimization"].items():  # DeepSpeed read each key as written
         got = getattr(view.zero_config, fields[key])  # stage3_* keys are aliases of the field names
         assert (got.model_dump(exclude_unset=True) if hasattr(got, "model_dump") else got) == value, key
+
+
+RECIPE_JSONS = sorted({Path(c).resolve() for c in (load_config(y).train.ds_config
+                                           for y in sorted((DS_DIR.parent / "launch" / "configs").glob("*.yaml")))
+                        if c})
+
+
+@pytest.mark.parametrize("path", RECIPE_JSONS, ids=[p.name for p in RECIPE_JSONS])
+def test_recipe_jsons_validate(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every JSON a launch/configs recipe names (including copies kept next to a recipe) passes both checks."""
+    ds = load_ds_config(path)
+    assert "gradient_clipping" in ds
+    resolved = resolve_ds_config(ds, world_size=2, device_type="cuda")
+    view = deepspeed_view(resolved, 2, monkeypatch)
+    assert view.gradient_clipping == ds["gradient_clipping"]
+    assert view.train_batch_size == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
 
 
 def test_deepspeed_rejects_a_typo(monkeypatch: pytest.MonkeyPatch) -> None:
