@@ -138,12 +138,16 @@ def test_fc7_step_unscales_clips_and_skips() -> None:
     torch.testing.assert_close(inf.weight.detach(), start)
 
 
-@pytest.mark.parametrize("ds_config", ["zero1_bf16.json", pytest.param("zero2_fp32.json", marks=pytest.mark.slow),
-                                       pytest.param("zero3_bf16.json", marks=pytest.mark.slow),
-                                       pytest.param("zero2_bf16.json", marks=pytest.mark.slow)])
-def test_two_ranks_zero_and_bf16(cache: Path, tmp_path: Path, ds_config: str) -> None:
+@pytest.mark.parametrize("ds_config, parallel", [
+    ("zero1_bf16.json", "model"),
+    pytest.param("zero2_fp32.json", "model", marks=pytest.mark.slow),
+    pytest.param("zero3_bf16.json", "model", marks=pytest.mark.slow),
+    pytest.param("zero3_fp32.json", "data", marks=pytest.mark.slow),
+    pytest.param("zero1_fp32.json", "data", marks=pytest.mark.slow),
+])
+def test_two_ranks_zero_and_bf16(cache: Path, tmp_path: Path, ds_config: str, parallel: str) -> None:
     args = tiny_args(cache, tmp_path / "run", 3, "--ds-config", str(ROOT / "ds_configs" / ds_config),
-                     "--validation.interval=3", "--train.save_every=3")
+                     "--validation.interval=3", "--train.save_every=3", f"--head.parallel={parallel}")
     results = run_distributed(train_worker, 2, args)
     assert [r["code"] for r in results] == [0, 0]
     assert all(math.isfinite(x) for x in results[0]["losses"]) and len(results[0]["losses"]) == 3
