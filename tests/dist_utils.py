@@ -54,6 +54,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """
     if world_size == 1:
         return [fn(DistState(), *args)]
+    # The first optimizer a process builds imports torch._dynamo (~5-10 s); import it once here so the
+    # forked ranks inherit it instead of each paying for it.
+    import torch._dynamo  # noqa: F401
+
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
