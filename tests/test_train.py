@@ -156,3 +156,24 @@ def test_two_ranks_zero_and_bf16(cache: Path, tmp_path: Path, ds_config: str, pa
 
     model, meta = load_backbone(tmp_path / "run")
     assert meta["network"] == "mobilefacenet_tiny" and meta["zero_stage"] == int(ds_config[4])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quickstart_reaches_90_percent(tmp_path: Path) -> None:
+    """The README's first command, as is (2 CPU ranks via torchrun); about 5-13 minutes on 2 cores."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.dist_utils import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "megaface", "train", "--config", str(QUICKSTART), "--output", str(tmp_path / "run"),
+           f"--data.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=1700)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    accuracies = [float(a) for a in re.findall(r"Accuracy-Flip: ([0-9.]+)", done.stdout)]
+    assert accuracies and max(accuracies) >= 0.90, accuracies
