@@ -13,6 +13,7 @@ state after N completed iterations.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -61,7 +62,9 @@ def _global_loss(loss: torch.Tensor, parts: TrainParts) -> float:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     """(flags, experiment overrides '--section.key=value', DeepSpeed overrides '--ds.key=value')."""
-    parser = argparse.ArgumentParser(prog="megaface train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="megaface train",
+                                     description="Train a face-recognition backbone (DeepSpeed) with a "
+                                                 "model-parallel FC7 (Partial FC).",
                                      epilog="Overrides: --section.key=value (see megaface/config.py), "
                                             "--ds.<json key>=value for the DeepSpeed JSON.")
     parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml); defaults when omitted")
@@ -70,6 +73,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str
     parser.add_argument("--max-steps", type=int, help="training iterations; overrides train.max_steps")
     parser.add_argument("--save-every", type=int, help="checkpoint every N iterations; train.save_every")
     parser.add_argument("--resume", help="'latest' or a checkpoint directory; train.resume")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved experiment config (with each key's meaning) and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     args, rest = parser.parse_known_args(argv)
     overrides: list[str] = []
@@ -89,6 +94,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str
     return args, overrides, ds_overrides
 
 
+def format_config(cfg: Any) -> str:
+    """The resolved config as YAML, each key followed by its description as a comment."""
+    from megaface.config import field_docs
+
+    docs = field_docs()
+    lines: list[str] = []
+
+    def emit(tree: dict[str, Any], prefix: str, indent: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                lines.append(f"{indent}{key}:")
+                emit(value, f"{prefix}{key}.", indent + "  ")
+            else:
+                doc = docs.get(prefix + key, "")
+                lines.append(f"{indent}{key}: {json.dumps(value)}" + (f"  # {doc}" if doc else ""))
+
+    emit(cfg.to_dict(), "", "")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megaface.config import load_config
     from megaface.ds_config import load_ds_config
@@ -100,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"megaface train: error: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(format_config(cfg))
+        print("# DeepSpeed JSON (micro batch, accumulation, precision, clipping; --ds.<key>=value):")
+        print("\n".join("# " + line for line in json.dumps(ds_raw, indent=2).splitlines()))
+        return 0
     from megaface.trainer.loop import run_training
 
     return run_training(cfg, ds_raw)

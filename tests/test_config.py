@@ -137,3 +137,15 @@ def test_shipped_ds_configs_resolve() -> None:
         ds = load_ds_config(path)
         if precision(ds) != "fp16":
             resolve_ds_config(ds, world_size=2, device_type="cpu")
+
+
+def test_print_config_shows_every_key_with_its_meaning(capsys: pytest.CaptureFixture[str]) -> None:
+    from megaface.train import main
+
+    assert main(["--config", str(ROOT / "launch/configs/quickstart.yaml"), "--print-config",
+                 "--ds.train_micro_batch_size_per_gpu=16"]) == 0
+    text = capsys.readouterr().out
+    assert 'network: "mobilefacenet_tiny"  # Registry name' in text
+    assert '"train_micro_batch_size_per_gpu": 16' in text
+    assert main(["--config", str(ROOT / "launch/configs/quickstart.yaml"), "--modle.network=x"]) == 2
+    assert "did you mean 'model'" in capsys.readouterr().err
