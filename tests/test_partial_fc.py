@@ -282,6 +282,9 @@ def test_shard_state_dict_round_trip_resumes_exactly():
     assert torch.equal(index, expected[0]) and torch.equal(grad, expected[1])
     assert torch.equal(head2.weight, head.weight)
     assert torch.equal(opt2.momentum_buffer(), opt.momentum_buffer())
+    opt3 = ShardSGD(PartialFC(D, 300, sample_rate=0.1, seed=5), lr=0.1)
+    opt3.load_state_dict(opt.state_dict())  # the plain torch Optimizer state round-trips as well
+    assert torch.equal(opt3.momentum_buffer(), opt.momentum_buffer())
     with pytest.raises(ValueError, match="num_classes=300 but this rank's head has num_classes=301"):
         load_shard_state_dict(PartialFC(D, 301), None, state)
     with pytest.raises(ValueError, match="is not 'megaface.fc7_shard.v1'"):
