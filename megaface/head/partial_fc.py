@@ -131,7 +131,7 @@ class PartialFC(nn.Module):
         """embeddings_local [b, D] (any float dtype), labels_local [b] int -> scalar loss (fp32)."""
         _check_inputs(embeddings_local, labels_local, self.embedding_size)
         emb = F.normalize(embeddings_local.float(), dim=1)  # the head always computes in fp32
-        labels = labels_local.detach().to(device=emb.device, dtype=torch.long)  # a copy; caller's untouched
+        labels = labels_local.detach().to(device=emb.device, dtype=torch.long)  # never modified in place
         distributed = self.parallel == "model" and self.world_size > 1
         if distributed:
             emb = _DataParallelGradScale.apply(emb, float(self.world_size))
