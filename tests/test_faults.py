@@ -18,6 +18,7 @@ import numpy as np
 
 from megaface import train
 from megaface.checkpoint import find_checkpoint
+from tests.dist_utils import free_port
 from tests.test_train import ROOT, tiny_args
 
 
@@ -105,7 +106,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
 
 def _torchrun(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "megaface", "train", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
