@@ -2,21 +2,20 @@
 
 Decoder choice: ``simplejpeg`` (a maintained binding of libjpeg-turbo's TurboJPEG API, manylinux/macOS/
 Windows wheels) for JPEG, OpenCV's ``cv2.imdecode`` for everything else and whenever simplejpeg is not
-installed or refuses a file (e.g. CMYK). Measured with ``benchmarks/loader.py`` (decoders taking turns,
-one thread, 256 distinct 112x112 q95 JPEGs, machine shared with other jobs), images/s best/median:
+installed or refuses a file (e.g. CMYK). Measured with ``benchmarks/loader.py`` (decoders taking turns
+for 20 rounds, one thread, 256 distinct 112x112 q95 JPEGs of 5.4 KB, a 2-core machine shared with other
+jobs, so the median is the figure to compare), images/s best / median:
 
-  ================================  ===============  ===============
-  decoder                           synthetic 5.4 KB  smooth 3.2 KB
-  ================================  ===============  ===============
-  simplejpeg.decode_jpeg (RGB)      2756 / 2336      3655 / 3044
-  cv2.imdecode + cvtColor(BGR->RGB) 2465 / 2012      2856 / 2508
-  cv2.imdecode (BGR, no conversion) 2562 / 2091      3296 / 2637
-  PIL open + convert("RGB")         1181 /  972       892 /  787
-  ================================  ===============  ===============
+  simplejpeg.decode_jpeg (RGB)        5782 / 3435
+  megaface decode_image (simplejpeg)  5340 / 3365
+  cv2.imdecode + cvtColor(BGR->RGB)   4478 / 3034
+  cv2.imdecode (BGR, no conversion)   4856 / 3012
+  PIL open + convert("RGB")           1872 / 1315
 
-simplejpeg is 15-20% faster than cv2 because it decodes straight to RGB (no BGR->RGB pass) with less
-per-call overhead, and with its defaults (accurate integer IDCT, fancy upsampling) its pixels equal
-OpenCV's bit for bit (checked on 300 images), so verification numbers do not depend on which one ran.
+In three such runs simplejpeg's median led cv2+cvtColor by 11-17% (smoother 3.2 KB JPEGs: 3044 vs 2508).
+It wins because it decodes straight to RGB (no BGR->RGB pass) with less per-call overhead. With its
+defaults (accurate integer IDCT, fancy upsampling) its pixels equal OpenCV's bit for bit (checked on 300
+images), so verification numbers do not depend on which decoder ran.
 ``strict=True`` turns libjpeg warnings such as "Premature end of JPEG file" into errors: a truncated
 image is reported, never silently grey-filled. Pillow is the last resort when neither is installed.
 OpenCV threads are turned off: parallelism comes from loader worker processes.
@@ -49,17 +48,23 @@ class CorruptImageError(ValueError):
 
 def decode_image(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     """Encoded image -> uint8 [H, W, 3] RGB. Raises CorruptImageError when the bytes do not decode."""
+    if isinstance(data, bytes) and simplejpeg is not None and data[:2] == _JPEG_SOI:
+        # the common case (pack records are bytes) goes straight to the decoder: at ~0.3 ms per image
+        # even an extra numpy view is measurable
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except ValueError:
+            pass  # corrupt, or a JPEG flavour it does not take (CMYK): the general path decides
+    return _decode_general(data)
+
+
+def _decode_general(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     if isinstance(data, np.ndarray):
         buf = data.astype(np.uint8, copy=False).ravel()
     else:
         buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
         raise CorruptImageError("empty image payload (0 bytes)")
-    if simplejpeg is not None and bytes(buf[:2]) == _JPEG_SOI:
-        try:
-            return simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
-        except ValueError:
-            pass  # corrupt, or a JPEG flavour it does not take (CMYK): cv2 decides below
     if cv2 is not None:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
         if img is None:
