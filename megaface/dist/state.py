@@ -123,20 +123,21 @@ def _mpi_rendezvous(launch: LaunchEnv) -> None:
             "installed: `pip install megaface[mpi]`, or export MASTER_ADDR and MASTER_PORT"
         ) from None
     comm = MPI.COMM_WORLD
+    payload: tuple[str, str] | None = None
     if launch.rank == 0:
         single_host = launch.local_world_size == launch.world_size
         addr = os.environ.get("MASTER_ADDR") or (
             "127.0.0.1" if single_host else socket.gethostbyname(socket.gethostname()))
         if not single_host and addr.startswith("127."):
             # Debian-style /etc/hosts maps the host name to 127.0.1.1: other nodes could never reach it.
-            raise RuntimeError(
-                f"MPI job over several nodes: rank 0's host name resolves to the loopback address {addr}; "
-                "export MASTER_ADDR=<an address of rank 0's node that every node can reach> (see docs/multinode.md)")
-        port = int(os.environ.get("MASTER_PORT") or _free_port())
-        payload = (addr, port)
-    else:
-        payload = None
-    addr, port = comm.bcast(payload, root=0)
+            payload = ("error", f"MPI job over several nodes: rank 0's host name resolves to the loopback "
+                                f"address {addr}; export MASTER_ADDR=<an address of rank 0's node that every "
+                                "node can reach> (see docs/multinode.md)")
+        else:
+            payload = (addr, str(os.environ.get("MASTER_PORT") or _free_port()))
+    addr, port = comm.bcast(payload, root=0)  # every rank learns the outcome, so none waits forever
+    if addr == "error":
+        raise RuntimeError(port)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
 
 
