@@ -139,7 +139,7 @@ def _after_iteration(run: Run, done: int, logger: TrainLogger) -> None:
 def _validate(run: Run, done: int, logger: TrainLogger) -> None:
     parts = run.parts
     model = parts.backbone if parts.precision == "fp32" else CastInputs(parts.backbone)
-    logger.info(f"validation at iteration {done}:")
+    logger.info(f"validation at iteration {done} ({time.perf_counter() - logger.started:.0f} s into training):")
     run.validator.run(model, done, log=logger.info)
     if run.cfg.validation.save_best and run.validator.improved:
         state_dict = _backbone_state_dict(run)
