@@ -16,13 +16,12 @@ import argparse
 import json
 import math
 import sys
-import time
 from typing import Any
 
 import torch
 
 from megaface.dist import comm
-from megaface.engine import TrainParts, engine_step_applied, loss_scale, lr_at, set_lr, step_fc7
+from megaface.engine import TrainParts, engine_step_applied, loss_scale, step_fc7
 
 
 class NonFiniteLoss(RuntimeError):
