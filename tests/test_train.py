@@ -52,10 +52,13 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
 
 
-def test_two_ranks_fp32_loss_decreases_and_resume_is_exact(cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", [(), pytest.param(("--data.workers=1", "--ds-config",
+                                                            str(ROOT / "ds_configs" / "zero1_fp32.json")),
+                                                           marks=pytest.mark.slow)])
+def test_two_ranks_fp32_loss_decreases_and_resume_is_exact(cache: Path, tmp_path: Path, variant: tuple) -> None:
     # 16 images seen again every 2 steps, plain softmax at a small scale: the loss falls within 8 steps
     easy = ("--head.margin=[1, 0, 0]", "--head.scale=8", "--data.synthetic.identities=8",
-            "--data.synthetic.images_per_identity=2")
+            "--data.synthetic.images_per_identity=2", *variant)
     full = run_distributed(train_worker, 2, tiny_args(cache, tmp_path / "a", 8, "--save-every", "4", *easy))
     assert [r["code"] for r in full] == [0, 0]
     losses = full[0]["losses"]
