@@ -147,6 +147,7 @@ def test_fc7_step_unscales_clips_and_skips() -> None:
     pytest.param("zero3_bf16.json", "model", marks=pytest.mark.slow),
     pytest.param("zero3_fp32.json", "data", marks=pytest.mark.slow),
     pytest.param("zero1_fp32.json", "data", marks=pytest.mark.slow),
+    pytest.param("zero2_offload_bf16.json", "model", marks=pytest.mark.slow),
 ])
 def test_two_ranks_zero_and_bf16(cache: Path, tmp_path: Path, ds_config: str, parallel: str) -> None:
     args = tiny_args(cache, tmp_path / "run", 3, "--ds-config", str(ROOT / "ds_configs" / ds_config),
