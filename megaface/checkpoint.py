@@ -166,23 +166,14 @@ def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def checkpoint_backbone_state(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The fp32 backbone state_dict of a checkpoint (consolidating ZeRO partitions when needed)."""
-    tag_dir = Path(tag_dir)
-    meta = read_meta(tag_dir)
-    stage = int(meta.get("zero_stage", 0))
-    if stage == 0 or (stage < 3 and meta.get("precision") == "fp32"):
-        model_file = tag_dir / "ds" / "mp_rank_00_model_states.pt"
-        if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file} missing: the DeepSpeed part of {tag_dir} is incomplete")
-        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    else:
-        # bf16/fp16 under ZeRO keeps the fp32 master weights in the optimizer partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The fp32 backbone state_dict of a checkpoint: ZeRO partitions consolidated, and the fp32 master
+    weights (not the rounded bf16/fp16 module copy) wherever DeepSpeed kept them."""
+    from megaface.convert.consolidate import strip_prefixes
+    from megaface.convert.zero_reader import read_fp32_state_dict
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag="ds")
-    if meta.get("parallel") == "data":  # the engine held a container {backbone, head}
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    read_meta(tag_dir)  # a clear error for a directory that is no megaface checkpoint
+    raw, _ = read_fp32_state_dict(Path(tag_dir) / "ds")
+    return {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(raw).items()}
 
 
 def load_backbone(path: str | os.PathLike, network: str | None = None,
@@ -207,7 +198,8 @@ def load_backbone(path: str | os.PathLike, network: str | None = None,
     name = network or stored
     if name is None:
         raise ValueError(f"{path} has no meta naming its network: pass the network name (e.g. --network iresnet50)")
-    model = build_model(name, embedding_size=meta.get("embedding_size"))
+    # build_options: constructor settings a converted file needs (e.g. bn_eps of an arcface_torch import)
+    model = build_model(name, embedding_size=meta.get("embedding_size"), **meta.get("build_options", {}))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -26,12 +26,9 @@ import torch
 import megaface
 from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, LATEST, TAG_PREFIX, atomic_torch_save,
                                  atomic_write_text, read_meta, tag_for)
+from megaface.convert.fc7 import load_rank_shard, shard_file_name
 from megaface.dist import comm
 from megaface.engine import TrainParts
-
-
-def _shard_name(rank: int, world_size: int) -> str:
-    return f"shard_{rank:05d}_of_{world_size:05d}.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,7 +66,7 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
     if parts.fc7_optimizer is not None:
         (tmp / "fc7").mkdir(exist_ok=True)
         shard = shard_state_dict(parts.head, parts.fc7_optimizer)
-        atomic_torch_save(shard, tmp / "fc7" / _shard_name(state.rank, state.world_size))
+        atomic_torch_save(shard, tmp / "fc7" / shard_file_name(state.rank, state.world_size))
     atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / "trainer" / f"rank_{state.rank:05d}.pt")
     comm.barrier(state.group)
     if state.is_main:
@@ -104,20 +101,14 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], tag_dir: Pa
 
 
 def _load_fc7(parts: TrainParts, tag_dir: Path, meta: dict[str, Any], log: Callable[[str], None]) -> None:
+    """This rank's FC7 shard; shards stored at another world size (a run on another cluster size, or a
+    `megaface convert fc7 --reshard` copy) are resharded on load."""
     from megaface.head import load_shard_state_dict
 
     state = parts.state
-    saved_world = int(meta["world_size"])
-    if saved_world == state.world_size:
-        shard = torch.load(tag_dir / "fc7" / _shard_name(state.rank, saved_world), map_location="cpu",
-                           weights_only=False)
-    else:
-        from megaface.convert.fc7 import reshard
-
-        shards = [torch.load(tag_dir / "fc7" / _shard_name(r, saved_world), map_location="cpu", weights_only=False)
-                  for r in range(saved_world)]
-        shard = reshard(shards, state.world_size)[state.rank]
-        log(f"resume: FC7 resharded from {saved_world} to {state.world_size} ranks")
+    shard, stored_world = load_rank_shard(tag_dir, state.world_size, state.rank)
+    if stored_world != state.world_size:
+        log(f"resume: FC7 resharded from {stored_world} to {state.world_size} ranks")
     load_shard_state_dict(parts.head, parts.fc7_optimizer, shard)
 
 
