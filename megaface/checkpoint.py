@@ -176,6 +176,19 @@ def checkpoint_backbone_state(tag_dir: str | os.PathLike) -> dict[str, torch.Ten
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(raw).items()}
 
 
+def resolve_network(meta: dict[str, Any], network: str | None, source: str | os.PathLike) -> str:
+    """The network a stored backbone is: the one its meta names, which a requested name must match."""
+    stored = meta.get("network")
+    if network is not None and stored is not None and network != stored:
+        raise ValueError(f"{source} holds a '{stored}' backbone, not '{network}': pass --network {stored} "
+                         "(or drop --network), or the matching checkpoint")
+    name = network or stored
+    if name is None:
+        raise ValueError(f"{source} has no meta naming its network: pass the network name "
+                         "(e.g. --network iresnet50)")
+    return name
+
+
 def load_backbone(path: str | os.PathLike, network: str | None = None,
                   map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the backbone stored at `path` (output dir, checkpoints dir, tag dir or backbone file) in eval mode.
@@ -191,13 +204,7 @@ def load_backbone(path: str | os.PathLike, network: str | None = None,
         tag_dir = find_checkpoint(path)
         meta = read_meta(tag_dir)
         state = checkpoint_backbone_state(tag_dir)
-    stored = meta.get("network")
-    if network is not None and stored is not None and network != stored:
-        raise ValueError(f"{path} holds a '{stored}' backbone, not '{network}': pass --network {stored} "
-                         "or the matching checkpoint")
-    name = network or stored
-    if name is None:
-        raise ValueError(f"{path} has no meta naming its network: pass the network name (e.g. --network iresnet50)")
+    name = resolve_network(meta, network, path)
     # build_options: constructor settings a converted file needs (e.g. bn_eps of an arcface_torch import)
     model = build_model(name, embedding_size=meta.get("embedding_size"), **meta.get("build_options", {}))
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from megaface.checkpoint import resolve_network
 from megaface.convert.files import read_meta, resolve_checkpoint
 from megaface.convert.zero_reader import read_fp32_state_dict
 
@@ -78,13 +79,7 @@ def consolidate_state_dict(path: str | os.PathLike, network: str | None = None
     raw, info = read_fp32_state_dict(tag_dir / "ds")
     state = strip_prefixes(raw)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    stored = meta.get("network")
-    if network is not None and stored is not None and network != stored:
-        raise ValueError(f"{tag_dir / 'meta.json'} names network '{stored}', not '{network}': drop --network "
-                         "or pass the matching checkpoint")
-    name = network or stored
-    if name is None:
-        raise ValueError(f"{tag_dir / 'meta.json'} names no network: pass --network NAME")
+    name = resolve_network(meta, network, tag_dir / "meta.json")
     check_architecture(state, name, meta.get("embedding_size"), str(tag_dir / "ds"))
     if "zero_stage" in meta and int(meta["zero_stage"]) != info["zero_stage"]:
         raise ValueError(f"{tag_dir / 'meta.json'} says ZeRO stage {meta['zero_stage']} but {tag_dir / 'ds'} "
