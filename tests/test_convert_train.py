@@ -138,7 +138,7 @@ def test_cli_errors_name_the_file_and_leave_no_output(run2, tmp_path, capsys):
     assert not (out_dir / "w3").exists() and not out_dir.exists() or list(out_dir.iterdir()) == []
     assert convert_main(["consolidate", str(_tag(root / "run", STEPS)), "-o", str(out_dir / "b.pt"),
                          "--network", "iresnet18"]) == 1
-    assert "names network 'mobilefacenet_tiny', not 'iresnet18'" in capsys.readouterr().err
+    assert "holds a 'mobilefacenet_tiny' backbone, not 'iresnet18'" in capsys.readouterr().err
 
 
 # ---- resume on another world size (slow: two more training runs per direction) -------------------------
