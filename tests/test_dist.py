@@ -70,3 +70,14 @@ def test_collectives_match_their_contract(world_size: int) -> None:
         assert res["avg"].item() == pytest.approx(sum(range(w)) / w)
         assert res["uneven"].shape == (w * (w + 1) // 2, 2)
         assert res["objects"] == [{"rank": k} for k in range(w)]
+
+
+def _buffers(state) -> torch.Tensor:
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(state.rank + 1))
+    comm.broadcast_buffers(bn, src=0, group=state.group)
+    return bn.running_mean
+
+
+def test_broadcast_buffers_gives_every_rank_rank0s() -> None:
+    assert all(torch.equal(r, torch.ones(3)) for r in run_distributed(_buffers, 3))

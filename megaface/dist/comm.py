@@ -9,6 +9,7 @@ single rank or no process group at all, so the same code path serves world size 
 | all_reduce_sum     | all-reduce (sum)                 | identity                         | x [...] -> [...]              |
 | all_reduce_max     | all-reduce (max), no grad        | -                                | x [...] -> [...]              |
 | gather_rows        | uneven all-gather, no grad       | -                                | x_local [n_r, ...] -> [sum n_r, ...] |
+| broadcast_buffers  | rank src's buffers, in place     | -                                | module buffers                |
 
 `all_reduce_sum`'s identity backward is right when every rank goes on to compute the *same* replicated
 value from the reduced tensor (as the distributed softmax does); see the head for the gradient algebra.
@@ -171,6 +172,15 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[
     out: list[Any] = [None] * w
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Overwrite every rank's buffers (BatchNorm running statistics) with rank `src`'s, in place."""
+    if world_size(group) == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src, group=group)
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

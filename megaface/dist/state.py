@@ -141,18 +141,23 @@ def _mpi_rendezvous(launch: LaunchEnv) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistState:
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
+                     require_group: bool = False) -> DistState:
     """Join the job the launcher started (or stay a single process) and return its `DistState`.
 
     Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed, started afterwards, finds the same
-    process group instead of running its own discovery.
+    process group instead of running its own discovery. `require_group=True` gives a single process a
+    1-rank group on a free loopback port (DeepSpeed would otherwise run its own, MPI-based discovery).
     """
     launch = detect_launch_env()
     device = _default_device(launch.local_rank)
     if device.type != "cpu":
         getattr(torch, device.type).set_device(device)
     if launch.world_size == 1 and not dist.is_initialized():
-        return DistState(0, 1, 0, 1, device, None)
+        if not require_group:
+            return DistState(0, 1, 0, 1, device, None)
+        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):  # torchrun sets both
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if launch.launcher in ("openmpi", "pmi", "slurm"):
         _mpi_rendezvous(launch)
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),

@@ -138,6 +138,9 @@ def _after_iteration(run: Run, done: int, logger: TrainLogger) -> None:
 
 def _validate(run: Run, done: int, logger: TrainLogger) -> None:
     parts = run.parts
+    # DeepSpeed (unlike DDP) never re-broadcasts buffers, so each rank's BatchNorm running statistics drift
+    # apart; validate with rank 0's, the ones its checkpoints and best_*.pt files hold.
+    comm.broadcast_buffers(parts.backbone, src=0, group=run.state.group)
     model = parts.backbone if parts.precision == "fp32" else CastInputs(parts.backbone)
     logger.info(f"validation at iteration {done} ({time.perf_counter() - logger.started:.0f} s into training):")
     run.validator.run(model, done, log=logger.info)

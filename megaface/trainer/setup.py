@@ -59,26 +59,9 @@ class Run:
 def init_process_group(timeout_s: float) -> DistState:
     """Join the launcher's job; a single process gets a 1-rank group so that DeepSpeed runs no discovery
     of its own (its MPI discovery would take MASTER_ADDR from the external interface)."""
-    import datetime
-    import os
-    import socket
-
-    import torch.distributed as dist
-
     from megaface.dist import init_distributed
 
-    state = init_distributed(timeout_s=timeout_s)
-    if not dist.is_initialized():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        getter = getattr(dist, "get_default_backend_for_device", None)
-        backend = getter(state.device) if getter is not None else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    return state
+    return init_distributed(timeout_s=timeout_s, require_group=True)
 
 
 def seed_everything(seed: int) -> None:
