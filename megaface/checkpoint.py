@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megaface.fileio import atomic_output_file
 
 CHECKPOINT_FORMAT = "megaface.checkpoint.v1"
 BACKBONE_FORMAT = "megaface.backbone.v1"
@@ -40,29 +41,13 @@ def tag_for(iteration: int) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text so that readers see either the old or the new content, never a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output_file(path, fsync=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- backbone files -------------------------------------------------------------------------------------
@@ -77,14 +62,8 @@ def save_backbone_file(path: str | os.PathLike, state_dict: dict[str, torch.Tens
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_output_file(path) as tmp:
             save_file(tensors, tmp, metadata={"megaface": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     else:
         atomic_torch_save(tensors, path)
     atomic_write_text(Path(f"{path}.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -3,16 +3,14 @@ that name the file, and writing outputs atomically (a failed conversion never le
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from megaface.checkpoint import find_checkpoint, read_meta
+from megaface.fileio import atomic_output_dir, atomic_output_file  # noqa: F401  (re-exported)
 
 __all__ = ["resolve_checkpoint", "load_torch_file", "atomic_output_file", "atomic_output_dir", "read_meta"]
 
@@ -41,36 +39,3 @@ def load_torch_file(path: Path, what: str, weights_only: bool = True, mmap: bool
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{path}: cannot read {what} ({type(err).__name__}: {detail[:200]}); the file is "
                          "truncated or is not a torch file: copy it again or use another checkpoint") from None
-
-
-@contextlib.contextmanager
-def atomic_output_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `path`; rename it to `path` only if the block succeeds.
-
-    Refuses an existing `path`: a conversion never overwrites a checkpoint.
-    """
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; choose another output (-o) or remove it first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

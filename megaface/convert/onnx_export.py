@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megaface.fileio import atomic_output_file
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 _EXPORTERS = ("torchscript", "dynamo")
@@ -110,17 +112,14 @@ def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, o
         raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
     target = copy.deepcopy(model).half() if fp16 else model
     was_training = model.training
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         target.eval()
-        with torch.no_grad():
+        with atomic_output_file(path) as tmp, torch.no_grad():
             example = _dummy_input(target, torch.float16 if fp16 else torch.float32, input_size)
             _run_exporter(target, example, tmp, opset, dynamic_batch, exporter)
-        _stamp_metadata(tmp, model, fp16)
-        os.replace(tmp, path)
+            _stamp_metadata(tmp, model, fp16)
     finally:
         model.train(was_training)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megaface.fileio import atomic_output_file
+
 
 def _as_bytes(entry: object, path: Path, i: int) -> bytes:
     if isinstance(entry, (bytes, bytearray, memoryview)):
@@ -58,13 +60,6 @@ def save_bin(path: str | os.PathLike, images: list[bytes], issame: list[bool]) -
     flags = [bool(v) for v in issame]
     if len(images) != 2 * len(flags):
         raise ValueError(f"save_bin({path}): {len(images)} images for {len(flags)} pairs; need 2 images per pair")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            # protocol 4: readable by every Python 3 and by InsightFace's loader (pickle.load(encoding='bytes')).
-            pickle.dump((images, flags), f, protocol=4)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output_file(path) as tmp, open(tmp, "wb") as f:
+        # protocol 4: readable by every Python 3 and by InsightFace's loader (pickle.load(encoding='bytes')).
+        pickle.dump((images, flags), f, protocol=4)
