@@ -3,9 +3,10 @@ gradient accumulation matches a larger micro batch."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import deepspeed  # noqa: F401  - imported before forking so that each rank starts in about a second
 import pytest
@@ -28,22 +29,31 @@ def tiny_args(cache: Path, output: Path, steps: int, *extra: str, micro: int = 4
             "--optim.milestones=[]", "--train.progress=off", *extra]
 
 
+@contextlib.contextmanager
+def wrapped(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Replace `owner.name` by `make_wrapper(original)` for the duration of the block."""
+    original = getattr(owner, name)
+    setattr(owner, name, make_wrapper(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def train_worker(state: DistState, argv: list[str]) -> dict[str, Any]:
     """Rank body: run the CLI in this process; return its exit code and the per-iteration losses."""
     from megaface import logging_utils, train
 
     losses: list[float] = []
-    original = logging_utils.TrainLogger.iteration
 
-    def record(self, iteration, loss, *args, **kwargs):  # type: ignore[no-untyped-def]
-        losses.append(loss)
-        return original(self, iteration, loss, *args, **kwargs)
+    def recording(original: Callable[..., Any]) -> Callable[..., Any]:
+        def record(self, iteration, loss, *args, **kwargs):  # type: ignore[no-untyped-def]
+            losses.append(loss)
+            return original(self, iteration, loss, *args, **kwargs)
+        return record
 
-    logging_utils.TrainLogger.iteration = record
-    try:
+    with wrapped(logging_utils.TrainLogger, "iteration", recording):
         code = train.main(argv)
-    finally:
-        logging_utils.TrainLogger.iteration = original
     return {"code": code, "losses": losses}
 
 

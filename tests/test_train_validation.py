@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed  # noqa: F401  - imported before forking so that each rank starts in about a second
 import numpy as np
@@ -11,7 +11,7 @@ import pytest
 
 from megaface.dist import DistState
 from tests.dist_utils import run_distributed
-from tests.test_train import tiny_args
+from tests.test_train import tiny_args, wrapped
 
 
 def _validating_worker(state: DistState, argv: list[str]) -> dict[str, Any]:
@@ -19,18 +19,16 @@ def _validating_worker(state: DistState, argv: list[str]) -> dict[str, Any]:
     from megaface.eval import validation
 
     results: list[dict[str, Any]] = []
-    original = validation.Validator.run
 
-    def record(self, model, iteration, log=print):  # type: ignore[no-untyped-def]
-        out = original(self, model, iteration, log=lambda *_: None)
-        results.append({name: {"xnorm": r["xnorm"], "accuracy": r["accuracy"]} for name, r in out.items()})
-        return out
+    def recording(original: Callable[..., Any]) -> Callable[..., Any]:
+        def record(self, model, iteration, log=print):  # type: ignore[no-untyped-def]
+            out = original(self, model, iteration, log=lambda *_: None)
+            results.append({name: {"xnorm": r["xnorm"], "accuracy": r["accuracy"]} for name, r in out.items()})
+            return out
+        return record
 
-    validation.Validator.run = record
-    try:
+    with wrapped(validation.Validator, "run", recording):
         code = train.main(argv)
-    finally:
-        validation.Validator.run = original
     return {"code": code, "results": results}
 
 
