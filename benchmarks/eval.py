@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megaface.dist import DistState  # noqa: E402
+from megaface.distributed import DistState  # noqa: E402
 from megaface.eval import identification, verification  # noqa: E402
 from megaface.eval.embed import embed_images  # noqa: E402
 

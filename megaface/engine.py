@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from megaface.config import ExperimentConfig, OptimConfig
-from megaface.dist import DistState, comm
+from megaface.distributed import DistState, comm
 
 
 class DataParallelFace(nn.Module):

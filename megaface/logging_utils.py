@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megaface.dist import DistState
+from megaface.distributed import DistState
 
 
 class TrainLogger:

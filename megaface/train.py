@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megaface.dist import comm
+from megaface.distributed import comm
 from megaface.engine import TrainParts, engine_step_applied, loss_scale, step_fc7
 
 

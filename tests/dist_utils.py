@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megaface.dist import DistState
+from megaface.distributed import DistState
 
 
 def free_port() -> int:

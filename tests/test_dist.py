@@ -1,12 +1,12 @@
-"""Launcher detection and the collectives of megaface.dist, on one process and on 2-3 gloo ranks."""
+"""Launcher detection and the collectives of megaface.distributed, on one process and on 2-3 gloo ranks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megaface.dist import comm
-from megaface.dist.state import detect_launch_env
+from megaface.distributed import comm
+from megaface.distributed.state import detect_launch_env
 from tests.dist_utils import run_distributed
 
 

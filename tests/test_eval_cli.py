@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaface.dist import DistState
+from megaface.distributed import DistState
 from megaface.eval import cli
 from megaface.eval.embed import embed_images
 from megaface.eval.verification import evaluate

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaface.dist import DistState
+from megaface.distributed import DistState
 from megaface.eval.embed import embed_images, num_forward_batches, shard_range
 from megaface.eval.validation import Validator
 from tests.dist_utils import run_distributed

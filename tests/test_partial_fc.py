@@ -13,7 +13,7 @@ import torch._dynamo  # noqa: F401 - torch.optim.Optimizer() imports it (~6 s); 
 import torch.nn.functional as F
 from torch import nn
 
-from megaface.dist import comm
+from megaface.distributed import comm
 from megaface.head import PartialFC, ShardSGD, load_shard_state_dict, shard_state_dict
 from megaface.head.margin import CombinedMargin
 from megaface.head.partial_fc import init_shard
@@ -91,7 +91,7 @@ def _check_exact(results, num_classes):
 @pytest.mark.parametrize("margin,straight_through", [((1.0, 0.5, 0.0), True), ((1.0, 0.3, 0.2), True),
                                                      ("sphereface", False), ("arcface", False)])
 def test_straight_through_and_presets_world_size_1(margin, straight_through):
-    from megaface.dist import DistState
+    from megaface.distributed import DistState
     head = PartialFC(D, 10, margin=margin, scale=S, straight_through=straight_through)
     got, ref = _local_step(DistState(), head), _reference(10, margin, straight_through=straight_through)
     for key in ("loss", "bb", "emb", "w"):

@@ -12,7 +12,7 @@ import deepspeed  # noqa: F401  - imported before forking so that each rank star
 import pytest
 import torch
 
-from megaface.dist import DistState
+from megaface.distributed import DistState
 from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_accumulation_matches_a_larger_micro_batch(clip: float) -> None:
 
 
 def test_fc7_step_unscales_clips_and_skips() -> None:
-    from megaface.dist import DistState
+    from megaface.distributed import DistState
     from megaface.engine import step_fc7
     from megaface.head import PartialFC, ShardSGD
 

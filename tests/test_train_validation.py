@@ -9,7 +9,7 @@ import deepspeed  # noqa: F401  - imported before forking so that each rank star
 import numpy as np
 import pytest
 
-from megaface.dist import DistState
+from megaface.distributed import DistState
 from tests.dist_utils import run_distributed
 from tests.test_train import tiny_args, wrapped
 

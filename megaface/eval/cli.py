@@ -60,7 +60,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any, str, dict, bool]:
     """Join the job, load the model onto this rank's device; -> state, model, normalize, meta, owns group."""
     import torch.distributed as dist
 
-    from megaface.dist import init_distributed
+    from megaface.distributed import init_distributed
 
     owns_group = not dist.is_initialized()
     state = init_distributed()
@@ -71,7 +71,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any, str, dict, bool]:
 
 def _finish(owns_group: bool) -> None:
     if owns_group:
-        from megaface.dist import shutdown
+        from megaface.distributed import shutdown
 
         shutdown()
 

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from megaface.dist import DistState
-from megaface.dist.comm import gather_rows
+from megaface.distributed import DistState
+from megaface.distributed.comm import gather_rows
 
 NORMALIZE_MODES = ("arcface_torch", "oneflow")
 

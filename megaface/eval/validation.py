@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from megaface.dist import DistState
-from megaface.dist.comm import broadcast_object, gather_rows
+from megaface.distributed import DistState
+from megaface.distributed.comm import broadcast_object, gather_rows
 from megaface.eval.embed import check_normalize, decode_images, embed_share, num_forward_batches, shard_range
 from megaface.eval.verification import evaluate, format_result
 

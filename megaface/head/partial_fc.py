@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megaface.dist import comm
+from megaface.distributed import comm
 from megaface.head.margin import CombinedMargin
 from megaface.head.sharding import class_range
 from megaface.head.softmax import sharded_margin_cross_entropy

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaface.dist import comm
+from megaface.distributed import comm
 from megaface.head.margin import CombinedMargin
 
 NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize

@@ -27,7 +27,7 @@ import megaface
 from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, LATEST, TAG_PREFIX, atomic_torch_save,
                                  atomic_write_text, read_meta, tag_for)
 from megaface.convert.fc7 import load_rank_shard, shard_file_name
-from megaface.dist import comm
+from megaface.distributed import comm
 from megaface.engine import TrainParts
 
 

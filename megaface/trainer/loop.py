@@ -11,7 +11,7 @@ import torch
 
 from megaface.checkpoint import find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
-from megaface.dist import comm, shutdown
+from megaface.distributed import comm, shutdown
 from megaface.engine import CastInputs, loss_scale, lr_at, set_lr
 from megaface.logging_utils import TrainLogger
 from megaface.trainer.checkpointing import load_checkpoint, save_checkpoint

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from megaface.config import ExperimentConfig
-from megaface.dist import DistState, comm
+from megaface.distributed import DistState, comm
 from megaface.ds_config import precision as ds_precision
 from megaface.ds_config import resolve_ds_config, zero_stage
 from megaface.engine import TrainParts, build_parts, resolve_milestones
@@ -59,7 +59,7 @@ class Run:
 def init_process_group(timeout_s: float) -> DistState:
     """Join the launcher's job; a single process gets a 1-rank group so that DeepSpeed runs no discovery
     of its own (its MPI discovery would take MASTER_ADDR from the external interface)."""
-    from megaface.dist import init_distributed
+    from megaface.distributed import init_distributed
 
     return init_distributed(timeout_s=timeout_s, require_group=True)
 
