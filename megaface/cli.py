@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("megaface.train", "main", "train a backbone + model-parallel FC7 with DeepSpeed"),
+    "train": ("megaface.train.cli", "main", "train a backbone + model-parallel FC7 with DeepSpeed"),
     "eval": ("megaface.eval.cli", "main_eval", "verification on .bin packs (LFW, CFP-FP, AgeDB-30, ...)"),
     "eval-ijb": ("megaface.eval.cli", "main_ijb", "IJB-B/C 1:1 template verification (TAR@FAR)"),
     "eval-ident": ("megaface.eval.cli", "main_ident", "MegaFace-style 1:N identification (rank-1, CMC)"),

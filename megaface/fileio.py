@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -48,3 +48,17 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text so that readers see either the old or the new content, never a partial file."""
+    with atomic_output_file(path, fsync=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through `atomic_output_file`."""
+    import torch
+
+    with atomic_output_file(path) as tmp:
+        torch.save(obj, tmp)

@@ -9,7 +9,7 @@ import pytest
 
 from megaface.config import ExperimentConfig, field_docs, load_config, parse_override
 from megaface.ds_config import load_ds_config, precision, resolve_ds_config
-from megaface.train import parse_args
+from megaface.train.cli import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_shipped_ds_configs_resolve() -> None:
 
 
 def test_print_config_shows_every_key_with_its_meaning(capsys: pytest.CaptureFixture[str]) -> None:
-    from megaface.train import main
+    from megaface.train.cli import main
 
     assert main(["--config", str(ROOT / "launch/configs/quickstart.yaml"), "--print-config",
                  "--ds.train_micro_batch_size_per_gpu=16"]) == 0

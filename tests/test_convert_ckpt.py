@@ -77,11 +77,11 @@ def save_bf16_mlp(state, output_dir: str, stage: int) -> dict:
 def save_tiny_checkpoint(state, output_dir: str, stage: int, parallel: str = "model") -> dict:
     """Train STEPS steps on 2 ranks and save `output_dir/checkpoints/step_0000000N/` like the trainer does.
 
-    parallel="data": the replicated head goes into the engine next to the backbone (megaface.engine's
+    parallel="data": the replicated head goes into the engine next to the backbone (megaface.train.build's
     DataParallelFace), so DeepSpeed saves both and there are no fc7/ shards."""
     import deepspeed
 
-    from megaface.engine import DataParallelFace
+    from megaface.train.build import DataParallelFace
     from megaface.head import PartialFC, ShardSGD, shard_state_dict
     from megaface.models import build_model
 
@@ -239,7 +239,7 @@ def test_data_parallel_head(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_bf16_reads_the_fp32_masters(checkpoints, stage):
-    from megaface.convert.zero_reader import read_fp32_state_dict
+    from megaface.checkpoint.zero_reader import read_fp32_state_dict
 
     root, results = checkpoints[f"bf16-{stage}"]
     state, info = read_fp32_state_dict(root / "tag" / "ds")

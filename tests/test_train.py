@@ -91,9 +91,9 @@ def _steps_worker(state: DistState, micro: int, gas: int, clip: float) -> dict[s
 
     from megaface.config import load_config
     from megaface.ds_config import resolve_ds_config
-    from megaface.engine import build_parts
+    from megaface.train.build import build_parts
     from megaface.head import PartialFC
-    from megaface.train import train_step
+    from megaface.train.step import train_step
 
     cfg = load_config(None, ["--train.max_steps=2", "--head.margin=[1, 0, 0]", "--head.scale=8"])
     ds = resolve_ds_config({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
@@ -124,7 +124,7 @@ def test_accumulation_matches_a_larger_micro_batch(clip: float) -> None:
 
 def test_fc7_step_unscales_clips_and_skips() -> None:
     from megaface.distributed import DistState
-    from megaface.engine import step_fc7
+    from megaface.train.step import step_fc7
     from megaface.head import PartialFC, ShardSGD
 
     def fresh(grad_scale: float) -> tuple[PartialFC, ShardSGD]:

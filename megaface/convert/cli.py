@@ -33,7 +33,7 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 def _fc7(args: argparse.Namespace) -> int:
     from megaface.convert.fc7 import merge_checkpoint, reshard_checkpoint
-    from megaface.convert.files import resolve_checkpoint
+    from megaface.checkpoint import resolve_checkpoint
 
     tag_dir = resolve_checkpoint(args.checkpoint)
     if args.merge:

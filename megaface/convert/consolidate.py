@@ -2,7 +2,7 @@
 
 The output loads with `torch.load` (or safetensors) straight into `megaface.models.build_model(network)`;
 no DeepSpeed needed. The fp32 master weights are read from the DeepSpeed partitions by
-`megaface.convert.zero_reader` (tested equal to DeepSpeed's own zero_to_fp32 for ZeRO 1-3).
+`megaface.checkpoint.zero_reader` (tested equal to DeepSpeed's own zero_to_fp32 for ZeRO 1-3).
 """
 
 from __future__ import annotations
@@ -13,37 +13,11 @@ from typing import Any
 
 import torch
 
-from megaface.checkpoint import resolve_network
-from megaface.convert.files import read_meta, resolve_checkpoint
-from megaface.convert.zero_reader import read_fp32_state_dict
+from megaface.checkpoint import (DS_DIR, META_FILE, read_meta, resolve_checkpoint, resolve_network,
+                                 strip_prefixes)
+from megaface.checkpoint.zero_reader import read_fp32_state_dict
 
-# Wrappers that may sit around the backbone inside the engine: torch.compile, (Distributed)DataParallel.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-# DataParallelFace (megaface.engine, parallel="data") holds the backbone next to the replicated FC7.
-_BACKBONE_PREFIX = "backbone."
-
-__all__ = ["strip_wrappers", "strip_prefixes", "check_architecture", "consolidate_state_dict", "consolidate"]
-
-
-def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (`module.`, `_orig_mod.`) shared by every key."""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The backbone's own keys: `strip_wrappers`, then keep only `backbone.*` (dropping the data-parallel
-    head) when the engine held a backbone + head container."""
-    state = strip_wrappers(state)
-    if any(k.startswith(_BACKBONE_PREFIX) for k in state):
-        state = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
-    return state
+__all__ = ["check_architecture", "consolidate_state_dict", "consolidate"]
 
 
 def check_architecture(state: dict[str, torch.Tensor], network: str, embedding_size: int | None,
@@ -76,11 +50,11 @@ def consolidate_state_dict(path: str | os.PathLike, network: str | None = None
     """
     tag_dir = resolve_checkpoint(path)
     meta = read_meta(tag_dir)
-    raw, info = read_fp32_state_dict(tag_dir / "ds")
+    raw, info = read_fp32_state_dict(tag_dir / DS_DIR)
     state = strip_prefixes(raw)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    name = resolve_network(meta, network, tag_dir / "meta.json")
-    check_architecture(state, name, meta.get("embedding_size"), str(tag_dir / "ds"))
+    name = resolve_network(meta, network, tag_dir / META_FILE)
+    check_architecture(state, name, meta.get("embedding_size"), str(tag_dir / DS_DIR))
     if "zero_stage" in meta and int(meta["zero_stage"]) != info["zero_stage"]:
         raise ValueError(f"{tag_dir / 'meta.json'} says ZeRO stage {meta['zero_stage']} but {tag_dir / 'ds'} "
                          f"holds a ZeRO-{info['zero_stage']} checkpoint; the directory was mixed up")

@@ -20,12 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
-from megaface.convert.files import atomic_output_dir, atomic_output_file, load_torch_file
+from megaface.checkpoint.layout import DS_DIR, FC7_DIR, META_FILE, load_torch_file
+from megaface.fileio import atomic_output_dir, atomic_output_file
 from megaface.head.optim import SHARD_FORMAT
 from megaface.head.sharding import class_range
 
 MERGED_FORMAT = "megaface.fc7_full.v1"
-FC7_DIR = "fc7"
 _SHARD_NAME = re.compile(r"^shard_(\d+)_of_(\d+)\.pt$")
 _REQUIRED = ("weight", "class_start", "num_local", "num_classes", "embedding_size", "rank", "world_size")
 # Keys that describe one rank's slice (rebuilt by reshard); everything else is a run-wide setting that is
@@ -233,10 +233,10 @@ def _check_meta(meta: dict[str, Any], merged: dict[str, Any], tag_dir: Path) -> 
 
 def _data_parallel_fc7(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """A replicated FC7 (parallel="data") is the engine's `head.weight`; its momentum is not extracted."""
-    from megaface.convert.consolidate import strip_wrappers
-    from megaface.convert.zero_reader import read_fp32_state_dict
+    from megaface.checkpoint.backbone import strip_wrappers
+    from megaface.checkpoint.zero_reader import read_fp32_state_dict
 
-    state = strip_wrappers(read_fp32_state_dict(tag_dir / "ds")[0])
+    state = strip_wrappers(read_fp32_state_dict(tag_dir / DS_DIR)[0])
     if "head.weight" not in state:
         raise ValueError(f"{tag_dir / 'ds'}: no 'head.weight' although meta.json says parallel='data' "
                          f"(found e.g. {list(state)[:4]})")
@@ -288,13 +288,13 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
             "fc7_world_size": int(world_size), "fc7_resharded_from": int(merged["source_world_size"])}
     with atomic_output_dir(output) as tmp:
         for item in tag_dir.iterdir():
-            if item.name in (FC7_DIR, "meta.json"):
+            if item.name in (FC7_DIR, META_FILE):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
             torch.save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(output)
 
 

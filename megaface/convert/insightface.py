@@ -238,7 +238,8 @@ def import_insightface_file(src: str | os.PathLike, output: str | os.PathLike, n
 
 def export_insightface_file(src: str | os.PathLike, output: str | os.PathLike, network: str | None = None) -> str:
     """Read a megaface checkpoint/backbone (``load_backbone``) and write an arcface_torch .pth state_dict."""
-    from megaface.checkpoint import atomic_torch_save, load_backbone
+    from megaface.checkpoint import load_backbone
+    from megaface.fileio import atomic_torch_save
 
     model, _meta = load_backbone(src, network=network)
     state = export_insightface(model.state_dict(), model.network_name)

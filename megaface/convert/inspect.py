@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megaface.convert.files import read_meta, resolve_checkpoint
+from megaface.checkpoint import DS_DIR, TRAINER_DIR, read_meta, resolve_checkpoint
 
 __all__ = ["inspect_checkpoint", "format_report"]
 
@@ -36,7 +36,7 @@ def _fc7_section(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 def _ds_section(tag_dir: Path) -> dict[str, Any]:
     """The DeepSpeed files and the layout their names imply (no file is loaded)."""
-    ds_dir = tag_dir / "ds"
+    ds_dir = tag_dir / DS_DIR
     files = sorted(p.name for p in ds_dir.iterdir()) if ds_dir.is_dir() else []
     if any(f.startswith("zero_pp_rank_") and f.endswith("_model_states.pt") for f in files):
         layout = "ZeRO-3 (parameters partitioned)"
@@ -69,7 +69,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         report["fc7"] = {"parallel": meta.get("parallel"), "shards": [], "note": "unreadable (see problems)"}
         report["problems"].append(str(err))
     report["deepspeed"] = _ds_section(tag_dir)
-    trainer = tag_dir / "trainer"
+    trainer = tag_dir / TRAINER_DIR
     report["trainer_files"] = sorted(p.name for p in trainer.iterdir()) if trainer.is_dir() else []
     report["config"] = meta.get("config")
     report["ds_config"] = meta.get("ds_config")

@@ -1,4 +1,4 @@
-"""`megaface train`: the command line and the train step.
+"""`megaface train`: the command line.
 
     megaface train --config launch/configs/quickstart.yaml [--ds-config ds_configs/zero1_bf16.json]
                    [--output DIR] [--max-steps N] [--save-every N] [--resume latest|PATH]
@@ -14,50 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
-
-import torch
-
-from megaface.distributed import comm
-from megaface.engine import TrainParts, engine_step_applied, loss_scale, step_fc7
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf under fp32/bf16 (fp16 skips such steps through loss scaling instead)."""
-
-
-def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """One micro-batch: backbone -> FC7 (all-gather, sharded logits + margin, distributed CE) -> backward -> steps.
-
-    Returns the loss (global-batch mean, identical on every rank). Raises NonFiniteLoss before any update.
-    """
-    engine = parts.engine
-    images = images.to(parts.state.device, parts.input_dtype, non_blocking=True)
-    labels = labels.to(parts.state.device, non_blocking=True)
-    embeddings_local = engine(images)                            # [b, 3, 112, 112] -> [b, D], data parallel
-    loss = parts.head(embeddings_local, labels)                  # all-gather -> FC7 shard -> CE: global mean
-    value = _global_loss(loss, parts)                            # host sync (needed for the stop decision)
-    if not math.isfinite(value) and parts.precision != "fp16":
-        raise NonFiniteLoss(value)
-    boundary = engine.is_gradient_accumulation_boundary()        # before step(), which advances the counter
-    engine.backward(loss)                                        # x loss scale / gas; DeepSpeed averages backbone
-    scale, skipped_before = loss_scale(engine), engine.skipped_steps  # the scale this backward used
-    engine.step()                                                # backbone step at the boundary (or fp16 skip)
-    if boundary and parts.fc7_optimizer is not None:
-        step_fc7(parts.fc7_optimizer, parts.state, scale, parts.clip, engine_step_applied(engine, skipped_before))
-    return value
-
-
-def _global_loss(loss: torch.Tensor, parts: TrainParts) -> float:
-    if parts.fc7_optimizer is None and parts.state.world_size > 1:
-        # data-parallel head: each rank has its local-batch loss; all ranks must agree on stopping
-        return float(comm.all_reduce_(loss.detach().clone(), "avg", parts.state.group))
-    return float(loss.detach())
-
-
-# ---- command line ------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     """(flags, experiment overrides '--section.key=value', DeepSpeed overrides '--ds.key=value')."""
@@ -129,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# DeepSpeed JSON (micro batch, accumulation, precision, clipping; --ds.<key>=value):")
         print("\n".join("# " + line for line in json.dumps(ds_raw, indent=2).splitlines()))
         return 0
-    from megaface.trainer.loop import run_training
+    from megaface.train.loop import run_training
 
     return run_training(cfg, ds_raw)
 

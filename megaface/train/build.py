@@ -1,8 +1,16 @@
-"""Everything before the first step: process group, DeepSpeed JSON check, data, model, head, engine, resume."""
+"""Everything before the first step: process group, DeepSpeed JSON check, data, model, head, engine.
+
+Why the FC7 shard stays outside the engine: every rank holds different classifier rows whose gradients are
+already complete (each rank saw the whole global batch through the all-gather), so they must be neither
+averaged across ranks nor partitioned by ZeRO. DeepSpeed therefore only sees the backbone; the shard gets
+`megaface.head.ShardSGD`. With head.parallel = "data" the replicated FC7 goes into the engine with the
+backbone (a `DataParallelFace` container) and DeepSpeed averages its gradients like the backbone's.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +18,101 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from megaface.config import ExperimentConfig
 from megaface.distributed import DistState, comm
 from megaface.ds_config import precision as ds_precision
 from megaface.ds_config import resolve_ds_config, zero_stage
-from megaface.engine import TrainParts, build_parts, resolve_milestones
+from megaface.train.schedule import resolve_milestones
+
+
+class DataParallelFace(nn.Module):
+    """Backbone + replicated FC7 in one module, so DeepSpeed averages the FC7 gradients too."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+
+class CastInputs(nn.Module):
+    """Feed the backbone inputs in its parameter dtype (bf16/fp16 engines) and return fp32 embeddings.
+
+    Used for validation, where float32 images meet a bf16 module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.module.parameters()).dtype
+        return self.module(images.to(dtype)).float()
+
+
+@dataclass
+class TrainParts:
+    """What the train step needs. `fc7_optimizer` is None when the head lives inside the engine."""
+
+    engine: Any
+    head: nn.Module
+    fc7_optimizer: torch.optim.Optimizer | None
+    backbone: nn.Module
+    state: DistState
+    clip: float
+    precision: str
+    input_dtype: torch.dtype
+
+
+def _skip_shm_build() -> None:
+    """On CPU, stop DeepSpeed from compiling its shared-memory all-reduce op (~23 s on a fresh machine).
+
+    DeepSpeed builds it whenever its comm backend starts; only DeepSpeed's inference all-reduce uses it,
+    training collectives go through the torch process group megaface already created. MEGAFACE_DS_SHM=1
+    keeps DeepSpeed's behaviour."""
+    if os.environ.get("MEGAFACE_DS_SHM") == "1":
+        return
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the name `torch`
+    # (the torch package), which shadows the submodule in attribute lookup
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
+                head: nn.Module, precision: str) -> TrainParts:
+    """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD for a model-parallel head."""
+    import deepspeed
+
+    if state.device.type == "cpu":
+        _skip_shm_build()
+    o = cfg.optim
+    module: nn.Module = DataParallelFace(backbone, head) if cfg.head.parallel == "data" else backbone
+    # Built here (not from the JSON) so that one schedule drives both optimizers; DeepSpeed wraps it.
+    optimizer = torch.optim.SGD(module.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
+                                           dist_init_required=False)
+    fc7_optimizer = None
+    if cfg.head.parallel == "model":
+        from megaface.head import ShardSGD
+
+        head.to(state.device)
+        fc7_optimizer = ShardSGD(head, lr=o.lr * cfg.head.lr_scale, momentum=o.momentum,
+                                 weight_decay=o.weight_decay)
+    input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if input_dtype != torch.float32:
+        # DeepSpeed casts parameters but not buffers; BatchNorm refuses bf16 weights with fp32 running stats
+        for buffer in engine.module.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(input_dtype)
+    live_head = engine.module.head if cfg.head.parallel == "data" else head
+    live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
+    return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
+                      float(ds.get("gradient_clipping", 0.0)), precision, input_dtype)
 
 
 @dataclass

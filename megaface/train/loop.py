@@ -1,4 +1,4 @@
-"""The iteration loop around `megaface.train.train_step`: lr, accumulation, logging, validation, checkpoints."""
+"""The iteration loop around `megaface.train.step.train_step`: lr, accumulation, logging, validation, checkpoints."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 from megaface.checkpoint import find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
 from megaface.distributed import comm, shutdown
-from megaface.engine import CastInputs, loss_scale, lr_at, set_lr
+from megaface.train.build import CastInputs, Run, build_run, init_process_group
+from megaface.train.schedule import lr_at, set_lr
+from megaface.train.step import NonFiniteLoss, loss_scale, train_step
 from megaface.logging_utils import TrainLogger
-from megaface.trainer.checkpointing import load_checkpoint, save_checkpoint
-from megaface.trainer.setup import Run, build_run, init_process_group
+from megaface.train.checkpointing import load_checkpoint, save_checkpoint
 
 
 def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,8 +86,6 @@ def _resume(run: Run, log: Callable[[str], None]) -> None:
 
 
 def _train(run: Run, log: Callable[[str], None]) -> int:
-    from megaface.train import NonFiniteLoss, train_step
-
     cfg, parts = run.cfg, run.parts
     t = cfg.train
     logger = TrainLogger(run.state, run.output_dir, int(run.ds["train_batch_size"]), run.total_steps,

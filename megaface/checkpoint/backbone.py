@@ -1,15 +1,4 @@
-"""Backbone files and checkpoint discovery (the parts eval, convert and export rely on).
-
-Checkpoint layout (written by `megaface.trainer.checkpointing`), under `OUTPUT/checkpoints/`:
-
-    latest                      text: the newest complete tag (rewritten atomically after a save)
-    step_00001000/              one complete checkpoint (renamed from step_00001000.tmp/ when complete)
-        meta.json               format megaface.checkpoint.v1: iteration, network, embedding_size, num_classes,
-                                world_size, class_ranges, zero_stage, precision, parallel, normalize,
-                                config, ds_config, megaface version
-        ds/                     DeepSpeed engine.save_checkpoint(..., tag="ds") (backbone [+ data-parallel FC7])
-        fc7/shard_00000_of_00002.pt   model-parallel FC7 rows + momentum (megaface.head.shard_state_dict)
-        trainer/rank_00000.pt   loader position, RNG states, counters, lr schedule state
+"""Backbone files (.pt with a sidecar .json, or .safetensors) and the backbone inside a checkpoint.
 
 A backbone file is a plain `state_dict` (.pt, with a sidecar `<file>.json` holding the meta) or a
 .safetensors file (meta in its header under the key "megaface", and the sidecar too).
@@ -24,33 +13,16 @@ from typing import Any
 
 import torch
 
-from megaface.fileio import atomic_output_file
+from megaface.checkpoint.layout import DS_DIR, find_checkpoint, read_meta
+from megaface.checkpoint.zero_reader import read_fp32_state_dict
+from megaface.fileio import atomic_output_file, atomic_torch_save, atomic_write_text
 
-CHECKPOINT_FORMAT = "megaface.checkpoint.v1"
 BACKBONE_FORMAT = "megaface.backbone.v1"
-CHECKPOINTS_DIR = "checkpoints"
-LATEST = "latest"
-TAG_PREFIX = "step_"
+# Wrappers that may sit around the backbone inside the engine: torch.compile, (Distributed)DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# DataParallelFace (megaface.train.build, parallel="data") holds the backbone next to the replicated FC7.
+_BACKBONE_PREFIX = "backbone."
 
-
-def tag_for(iteration: int) -> str:
-    return f"{TAG_PREFIX}{iteration:08d}"
-
-
-# ---- atomic writes --------------------------------------------------------------------------------------
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text so that readers see either the old or the new content, never a partial file."""
-    with atomic_output_file(path, fsync=True) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_output_file(path) as tmp:
-        torch.save(obj, tmp)
-
-
-# ---- backbone files -------------------------------------------------------------------------------------
 
 def save_backbone_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write a backbone (fp32 state_dict) + its meta atomically; `.safetensors` or anything else as torch .pt."""
@@ -96,62 +68,33 @@ def read_backbone_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     return state, meta
 
 
-# ---- checkpoint discovery ---------------------------------------------------------------------------------
 
-def _is_tag_dir(path: Path) -> bool:
-    return (path / "meta.json").is_file() and not path.name.endswith(".tmp")
-
-
-def find_checkpoint(path_or_latest: str | os.PathLike | None, output_dir: str | os.PathLike | None = None) -> Path:
-    """Resolve 'latest' (under output_dir), an output dir, a checkpoints dir or a tag dir to a complete tag dir."""
-    if path_or_latest in (None, "", LATEST):
-        if output_dir is None:
-            raise ValueError("resume 'latest' needs the run's output directory (--output DIR)")
-        return _latest_in(Path(output_dir) / CHECKPOINTS_DIR)
-    path = Path(path_or_latest)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if _is_tag_dir(path):
-        return path
-    if path.name.endswith(".tmp"):
-        raise ValueError(f"{path} is an incomplete checkpoint (a save was interrupted); use the one in 'latest'")
-    if (path / CHECKPOINTS_DIR).is_dir():
-        return _latest_in(path / CHECKPOINTS_DIR)
-    return _latest_in(path)
+def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (`module.`, `_orig_mod.`) shared by every key."""
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
 
 
-def _latest_in(ckpt_dir: Path) -> Path:
-    marker = ckpt_dir / LATEST
-    if marker.is_file():
-        tag = marker.read_text(encoding="utf-8").strip()
-        if _is_tag_dir(ckpt_dir / tag):
-            return ckpt_dir / tag
-    # no (or a stale) marker: fall back to the newest complete tag directory
-    tags = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if _is_tag_dir(p)) if ckpt_dir.is_dir() else []
-    if not tags:
-        raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir} (expected '{LATEST}' or "
-                                f"{TAG_PREFIX}NNNNNNNN/meta.json)")
-    return tags[-1]
-
-
-def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
-    meta_path = Path(tag_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} does not exist: {tag_dir} is not a megaface checkpoint")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    return meta
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's own keys: `strip_wrappers`, then keep only `backbone.*` (dropping the data-parallel
+    head) when the engine held a backbone + head container."""
+    state = strip_wrappers(state)
+    if any(k.startswith(_BACKBONE_PREFIX) for k in state):
+        state = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+    return state
 
 
 def checkpoint_backbone_state(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The fp32 backbone state_dict of a checkpoint: ZeRO partitions consolidated, and the fp32 master
     weights (not the rounded bf16/fp16 module copy) wherever DeepSpeed kept them."""
-    from megaface.convert.consolidate import strip_prefixes
-    from megaface.convert.zero_reader import read_fp32_state_dict
-
     read_meta(tag_dir)  # a clear error for a directory that is no megaface checkpoint
-    raw, _ = read_fp32_state_dict(Path(tag_dir) / "ds")
+    raw, _ = read_fp32_state_dict(Path(tag_dir) / DS_DIR)
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(raw).items()}
 
 

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 import megaface
-from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, LATEST, TAG_PREFIX, atomic_torch_save,
-                                 atomic_write_text, read_meta, tag_for)
+from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, FC7_DIR, LATEST, META_FILE, TAG_PREFIX,
+                                 TRAINER_DIR, read_meta, tag_for, trainer_file_name)
+from megaface.fileio import atomic_torch_save, atomic_write_text
 from megaface.convert.fc7 import load_rank_shard, shard_file_name
 from megaface.distributed import comm
-from megaface.engine import TrainParts
+from megaface.train.build import TrainParts
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,18 +62,18 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
         shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
         tmp.mkdir(parents=True)
     comm.barrier(state.group)
-    parts.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-    (tmp / "trainer").mkdir(exist_ok=True)
+    parts.engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
+    (tmp / TRAINER_DIR).mkdir(exist_ok=True)
     if parts.fc7_optimizer is not None:
-        (tmp / "fc7").mkdir(exist_ok=True)
+        (tmp / FC7_DIR).mkdir(exist_ok=True)
         shard = shard_state_dict(parts.head, parts.fc7_optimizer)
-        atomic_torch_save(shard, tmp / "fc7" / shard_file_name(state.rank, state.world_size))
-    atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / "trainer" / f"rank_{state.rank:05d}.pt")
+        atomic_torch_save(shard, tmp / FC7_DIR / shard_file_name(state.rank, state.world_size))
+    atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_DIR / trainer_file_name(state.rank))
     comm.barrier(state.group)
     if state.is_main:
         full_meta = {"format": CHECKPOINT_FORMAT, "iteration": iteration, "megaface_version": megaface.__version__,
                      **meta}
-        atomic_write_text(tmp / "meta.json", json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
         if final.exists():  # a save at the same iteration (e.g. resumed at the end): replace it
             shutil.rmtree(final)
         tmp.rename(final)
@@ -122,20 +123,20 @@ def load_checkpoint(parts: TrainParts, tag_dir: Path, expected: dict[str, Any], 
     same_layout = int(meta.get("zero_stage", 0)) == zero_stage and meta.get("precision") == precision
     unpartitioned = zero_stage == 0 and precision == "fp32"
     if same_layout and (same_world or unpartitioned):
-        parts.engine.load_checkpoint(str(tag_dir), tag="ds", load_optimizer_states=True,
+        parts.engine.load_checkpoint(str(tag_dir), tag=DS_DIR, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     else:
         if int(meta.get("zero_stage", 0)) == 3:
             raise ValueError(f"checkpoint {tag_dir} is ZeRO-3 at world size {meta['world_size']}; this run is "
                              f"ZeRO-{zero_stage} at world size {state.world_size}: consolidate it first "
                              "(megaface convert consolidate) or resume with the same world size and stage")
-        parts.engine.load_checkpoint(str(tag_dir), tag="ds", load_module_only=True)
+        parts.engine.load_checkpoint(str(tag_dir), tag=DS_DIR, load_module_only=True)
         log(f"resume: world size {meta['world_size']} -> {state.world_size} or ZeRO/precision changed "
             f"(ZeRO-{meta.get('zero_stage')} {meta.get('precision')} -> ZeRO-{zero_stage} {precision}): "
             "backbone weights loaded, backbone optimizer state (momentum) starts fresh")
     if parts.fc7_optimizer is not None:
         _load_fc7(parts, tag_dir, meta, log)
-    rank_file = tag_dir / "trainer" / f"rank_{(state.rank if same_world else 0):05d}.pt"
+    rank_file = tag_dir / TRAINER_DIR / trainer_file_name(state.rank if same_world else 0)
     trainer_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     set_rng_state(trainer_state["rng"])
     trainer_state["same_world"] = same_world

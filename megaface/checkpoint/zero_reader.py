@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from megaface.convert.files import load_torch_file
+from megaface.checkpoint.layout import load_torch_file
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
