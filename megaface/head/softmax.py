@@ -16,6 +16,16 @@ the raw dot products, feeding both backward GEMMs while it is still in cache. A 
 GEMMs (logits, d/d emb, d/d weight) plus about two memory passes over the buffer. On CPU a block is ~2 MB
 (cache-sized); on accelerators the columns form one block (no per-block launches).
 
+Precision (compute_dtype): the three GEMMs take fp32, bf16 or fp16 operands (fp32 accumulation); the
+low-precision copies of emb_hat_global and weight_rows are made once per step. The [B, c] block buffer, the
+row max, sum-exp, target cosine, margin and loss are fp32 in every mode, and both gradients are returned in
+fp32. With compute_dtype fp32 every operation is the fp32 head's, bit for bit.
+
+Inter-class filtering (filter_threshold > 0): a non-target logit whose cosine exceeds the threshold is set to
+0 in its block before the row max (so it stays in the softmax as exp(0 - max)) and its gradient is zeroed in
+backward. The filter is elementwise on this rank's columns, so the sharded result is exact with the same two
+all-reduces; the filtered positions (rare) are kept per block instead of a [B, c] mask.
+
 The gradient returned for emb_hat_global is this rank's partial sum over its own columns; the all-gather's
 backward (reduce-scatter, sum) completes it. The gradient for weight_rows is complete: every rank sees the
 whole global batch. Backward may run once per forward (the buffer is consumed in place).
@@ -36,9 +46,10 @@ CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per [B, c] block on CPU
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The [B, c] block buffer stays fp32 in every compute dtype: the GEMM output is converted per block (while in
 # cache), so max / exp / sum-exp and the softmax-minus-one-hot gradient are exact fp32 (p - 1 for a confident
-# target loses every digit in bf16). Measured on the 2-core Xeon (AVX-512, no AVX512-BF16) at B=256, 1M classes
-# / 2 ranks, rate 1.0, one rank timing the blocks: see benchmarks/head.py --block-dtype; the bf16 buffer was
-# not faster (elementwise bf16 is converted to fp32 inside every kernel on this CPU) - see docs/head_precision.md.
+# target loses every digit in bf16). Measured (benchmarks/head.py --block-dtype-probe, B=256, c=2048) on the
+# 2-core Xeon (AVX-512F, no AVX512-BF16): the bf16 buffer was not faster (1.01x the fp32 buffer's time: bf16
+# elementwise kernels convert to fp32 inside), so fp32 costs nothing here. On accelerators, where the shard is
+# one block, a bf16 buffer would halve its memory; not measured (no GPU), see docs/head_precision.md.
 BLOCK_DTYPE = torch.float32
 
 
