@@ -47,8 +47,9 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 # The [B, c] block buffer stays fp32 in every compute dtype: the GEMM output is converted per block (while in
 # cache), so max / exp / sum-exp and the softmax-minus-one-hot gradient are exact fp32 (p - 1 for a confident
 # target loses every digit in bf16). Measured (benchmarks/head.py --block-dtype-probe, B=256, c=2048) on the
-# 2-core Xeon (AVX-512F, no AVX512-BF16): the bf16 buffer was not faster (1.01x the fp32 buffer's time: bf16
-# elementwise kernels convert to fp32 inside), so fp32 costs nothing here. On accelerators, where the shard is
+# 2-core Xeon (AVX-512F, no AVX512-BF16), two runs on the shared machine: the bf16 buffer took 1.01x and 0.90x
+# the fp32 buffer's time (noise-level; bf16 elementwise kernels convert to fp32 inside), and this work is small
+# next to the GEMMs, so fp32 is kept for its accuracy. On accelerators, where the shard is
 # one block, a bf16 buffer would halve its memory; not measured (no GPU), see docs/head_precision.md.
 BLOCK_DTYPE = torch.float32
 
