@@ -1,6 +1,15 @@
 """Head-only benchmark: forward + backward + ShardSGD step of the FC7 head on N gloo ranks (CPU).
 
-    python benchmarks/head.py --world-size 2 --classes 100000,1000000 --sample-rates 1.0,0.1,0.01 --steps 3
+    python benchmarks/head.py --world-size 2 --classes 100000,1000000 --sample-rates 1.0,0.1 \
+        --precisions fp32,bf16 --steps 2 --memory-search --block-dtype-probe
+
+Precision axis (--precisions): "fp32" is the fp32 head with fp32 momentum; "bf16" / "fp16" set the head's
+compute_dtype AND momentum_dtype=bf16 (the smallest state per class). The GEMM floor of a case is measured with
+that case's operand dtype, so floor / step compares each head with its own precision's floor.
+--memory-search measures the peak RSS of one rate-0.1 step at two class counts per precision, fits
+peak = fixed + per_class * classes_per_rank, and prints the largest class count (all ranks) within
+--memory-cap-gb per rank (extrapolated, so the machine never has to hold the cap itself).
+--block-dtype-probe times the elementwise work on one [B, c] logit block with an fp32 vs a bf16 buffer.
 
 Every case runs in fresh processes forked from this (torch-importing but otherwise idle) parent, so the peak
 RSS belongs to that case (it includes the ~0.3 GB of the imported libraries), and prints one JSON line:
@@ -28,6 +37,9 @@ import torch._dynamo  # noqa: F401 - imported by torch.optim.Optimizer(); load o
 import torch.distributed as dist
 
 from megaface.head import PartialFC, ShardSGD
+from megaface.head.softmax import COMPUTE_DTYPES
+
+MOMENTUM_OF = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16"}
 
 
 def _free_port() -> int:
@@ -36,11 +48,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _gemm_floor(batch_global: int, rows: int, dim: int, reps: int) -> float:
-    """Best-of-`reps` seconds for the three matmuls of one step on a [rows, dim] shard."""
-    emb = torch.randn(batch_global, dim)
-    weight = torch.randn(rows, dim)
-    grad_logits = torch.randn(batch_global, rows)
+def _gemm_floor(batch_global: int, rows: int, dim: int, reps: int, dtype: torch.dtype) -> float:
+    """Best-of-`reps` seconds for the three matmuls of one step on a [rows, dim] shard in `dtype`."""
+    emb = torch.randn(batch_global, dim).to(dtype)
+    weight = torch.randn(rows, dim).to(dtype)
+    grad_logits = torch.randn(batch_global, rows).to(dtype)
     best = math.inf
     for _ in range(reps):
         dist.barrier()  # all ranks multiply at once, as in a step (they share the cores)
@@ -61,8 +73,10 @@ def _worker(rank: int, world: int, port: int, case: dict, queue: mp.Queue) -> No
     torch.set_num_threads(case["threads"])
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        head = PartialFC(case["dim"], case["classes"], sample_rate=case["sample_rate"])
-        opt = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sparse=case["sparse"])
+        head = PartialFC(case["dim"], case["classes"], sample_rate=case["sample_rate"],
+                         compute_dtype=case["precision"])
+        opt = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sparse=case["sparse"],
+                       momentum_dtype=MOMENTUM_OF[case["precision"]])
         emb = torch.randn(case["batch"], case["dim"], generator=torch.Generator().manual_seed(rank))
         emb.requires_grad_(True)
         times = []
@@ -78,7 +92,10 @@ def _worker(rank: int, world: int, port: int, case: dict, queue: mp.Queue) -> No
         rows = head.num_local if head.sampled_index is None else head.sampled_index.numel()
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
         del head, opt
-        floor = _gemm_floor(case["batch"] * world, rows, case["dim"], case["gemm_reps"])
+        floor = math.nan
+        if case["gemm_reps"]:
+            floor = _gemm_floor(case["batch"] * world, rows, case["dim"], case["gemm_reps"],
+                                COMPUTE_DTYPES[case["precision"]])
         queue.put((rank, {"step_s": sum(times[case["warmup"]:]) / case["steps"], "rows": rows,
                           "peak_rss_mb": round(peak_mb, 1), "floor_s": floor}))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -104,7 +121,8 @@ def run_case(case: dict, world: int) -> dict:
     step_s = max(r["step_s"] for r in ranks)
     floor_s = max(r["floor_s"] for r in ranks)
     return {
-        "world_size": world, "classes": case["classes"], "sample_rate": case["sample_rate"],
+        "world_size": world, "precision": case["precision"], "classes": case["classes"],
+        "sample_rate": case["sample_rate"],
         "sparse": case["sparse"], "dim": case["dim"], "batch_per_rank": case["batch"],
         "sampled_rows_per_rank": [r["rows"] for r in ranks], "steps": case["steps"],
         "threads_per_rank": case["threads"], "seconds_per_step": round(step_s, 4),
@@ -128,7 +146,57 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gemm-reps", type=int, default=2)
     parser.add_argument("--no-dense-baseline", action="store_true",
                         help="skip the sparse=False cases at the largest class count")
+    parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--memory-search", action="store_true",
+                        help="fit peak RSS at rate 0.1 and print the largest class count per --memory-cap-gb")
+    parser.add_argument("--memory-classes", default="200000,1000000",
+                        help="the two class counts (all ranks) of the memory fit")
+    parser.add_argument("--memory-cap-gb", default="10,8.8", help="per-rank caps to report (GB = 1e9 bytes)")
+    parser.add_argument("--block-dtype-probe", action="store_true",
+                        help="time the elementwise work on one [B, c] block with an fp32 vs a bf16 buffer")
     return parser.parse_args(argv)
+
+
+def _memory_search(args: argparse.Namespace, base: dict, precision: str) -> dict:
+    """Peak RSS of one rate-0.1 step at two class counts -> linear fit -> largest class count per cap."""
+    counts = [int(c) for c in args.memory_classes.split(",")]
+    peaks = []
+    for classes in counts:
+        case = dict(base, classes=classes, sample_rate=0.1, sparse=True, precision=precision,
+                    steps=1, warmup=0, gemm_reps=0)
+        peaks.append(max(run_case(case, args.world_size)["peak_rss_mb_per_rank"]) * 2**20)
+    per_rank = [c / args.world_size for c in counts]
+    per_class = (peaks[1] - peaks[0]) / (per_rank[1] - per_rank[0])
+    fixed = peaks[0] - per_class * per_rank[0]
+    caps = [float(c) for c in args.memory_cap_gb.split(",")]
+    return {"memory_search": precision, "momentum_dtype": MOMENTUM_OF[precision], "sample_rate": 0.1,
+            "world_size": args.world_size, "batch_per_rank": args.batch, "classes": counts,
+            "peak_rss_mb_per_rank": [round(p / 2**20, 1) for p in peaks],
+            "bytes_per_class": round(per_class, 1), "fixed_mb": round(fixed / 2**20, 1),
+            "max_classes": {f"{cap}GB": int((cap * 1e9 - fixed) / per_class) * args.world_size for cap in caps}}
+
+
+def _block_dtype_probe(batch_global: int, reps: int = 20) -> dict:
+    """Seconds per [B, c] block (the head's CPU block) for the non-GEMM work with either buffer dtype:
+    scale, max, exp, sum-exp (forward), the two row/column scalings and the cast to the GEMM operand dtype."""
+    from megaface.head.softmax import CPU_BLOCK_ELEMENTS
+
+    width = max(256, CPU_BLOCK_ELEMENTS // batch_global)
+    raw = torch.randn(batch_global, width).bfloat16()  # what a bf16 GEMM returns
+    col, row = torch.rand(width) * 64, torch.rand(batch_global, 1)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = math.inf
+        for _ in range(reps):
+            start = time.perf_counter()
+            block = raw.to(dtype).mul_(col) if dtype != raw.dtype else raw.mul(col)
+            block.sub_(block.amax(dim=1, keepdim=True)).exp_()
+            block.sum(dim=1, dtype=torch.float32)
+            block.mul_(row).mul_(col).to(torch.bfloat16)
+            best = min(best, time.perf_counter() - start)
+        out[name] = best
+    return {"block_dtype_probe": [batch_global, width], "fp32_buffer_s": round(out["fp32"], 6),
+            "bf16_buffer_s": round(out["bf16"], 6), "bf16_over_fp32": round(out["bf16"] / out["fp32"], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in args.sample_rates.split(",")]
     base = {"dim": args.dim, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
             "threads": args.threads, "gemm_reps": args.gemm_reps}
-    cases = [dict(base, classes=c, sample_rate=r, sparse=True) for c in classes for r in rates]
+    precisions = args.precisions.split(",")
+    for precision in precisions:
+        if precision not in COMPUTE_DTYPES:
+            raise SystemExit(f"--precisions: {precision!r} is not one of {sorted(COMPUTE_DTYPES)}")
+    cases = [dict(base, classes=c, sample_rate=r, sparse=True, precision=p)
+             for c in classes for r in rates for p in precisions]
     if not args.no_dense_baseline:
-        cases += [dict(base, classes=max(classes), sample_rate=r, sparse=False) for r in rates if r < 1.0]
+        cases += [dict(base, classes=max(classes), sample_rate=r, sparse=False, precision=p)
+                  for r in rates if r < 1.0 for p in precisions]
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     for case in cases:
         print(json.dumps(run_case(case, args.world_size)), flush=True)
+    if args.memory_search:
+        for precision in precisions:
+            print(json.dumps(_memory_search(args, base, precision)), flush=True)
+    if args.block_dtype_probe:  # after every fork: the parent may now run torch ops itself
+        torch.set_num_threads(args.threads)
+        print(json.dumps(_block_dtype_probe(args.batch * args.world_size)), flush=True)
     return 0
 
 

@@ -62,6 +62,15 @@ class HeadConfig:
     """Number of identities; None = taken from the training data. Set it to check the data against it."""
     lr_scale: float = 1.0
     """FC7 learning rate = this x the schedule's lr (model-parallel head only)."""
+    compute_dtype: str = "auto"
+    """Operand dtype of the head's three GEMMs: auto (the DeepSpeed JSON's precision), fp32, bf16 or fp16.
+    Low precision keeps fp32 accumulation, fp32 softmax statistics / margin / loss and fp32 master weights."""
+    momentum_dtype: str = "fp32"
+    """FC7 momentum storage (model-parallel head): fp32, or bf16 to hold 3 KB instead of 4 KB per class
+    (D=512), i.e. about 1.33x the classes per GB; the update itself is computed in fp32."""
+    interclass_filtering_threshold: float = 0.0
+    """Non-target cosines above this are treated as label noise and set to 0 before margin and scale (in the
+    softmax as exp(0), no gradient), as arcface_torch does for its WebFace12M "conflict" runs; 0 disables it."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +286,8 @@ def _resolve_paths(value: Any, base: Path | None) -> Any:
 
 _CHOICES = {
     ("head", "parallel"): ("model", "data"),
+    ("head", "compute_dtype"): ("auto", "fp32", "bf16", "fp16"),
+    ("head", "momentum_dtype"): ("fp32", "bf16"),
     ("data", "source"): ("synthetic", "recordio", "folder"),
     ("data", "normalize"): ("arcface_torch", "oneflow"),
     ("train", "progress"): ("auto", "on", "off"),
@@ -303,6 +314,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError(f"head.sample_rate={h.sample_rate} must be in (0, 1]")
     if h.parallel == "data" and h.sample_rate < 1.0:
         raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
+    if not 0.0 <= h.interclass_filtering_threshold < 1.0:
+        raise ValueError(f"head.interclass_filtering_threshold={h.interclass_filtering_threshold} must lie in "
+                         "[0, 1): a cosine bound (0 disables the filter)")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
     for name in ("save_every", "keep_last", "log_every", "throughput_window", "threads"):

@@ -8,10 +8,10 @@
 
 from megaface.head.margin import MARGIN_PRESETS, CombinedMargin, resolve_margin
 from megaface.head.optim import SHARD_FORMAT, ShardSGD, load_shard_state_dict, shard_state_dict
-from megaface.head.partial_fc import PartialFC
+from megaface.head.partial_fc import PartialFC, resolve_compute_dtype
 from megaface.head.sharding import class_range, class_ranges
 
 __all__ = [
     "MARGIN_PRESETS", "SHARD_FORMAT", "CombinedMargin", "PartialFC", "ShardSGD", "class_range",
-    "class_ranges", "load_shard_state_dict", "resolve_margin", "shard_state_dict",
+    "class_ranges", "load_shard_state_dict", "resolve_compute_dtype", "resolve_margin", "shard_state_dict",
 ]

@@ -10,6 +10,11 @@ Dense update (sparse=False, InsightFace PyTorch's behaviour): the sampled gradie
 Both equal torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False) on the rows they touch (up to
 float rounding: the weight decay is added into the momentum in place instead of into a temporary); with
 sample_rate=1.0 (dense gradient on the Parameter) the two modes are identical.
+
+Momentum storage (momentum_dtype): "fp32" (default, 4 KB of weight + momentum per class at D=512) or "bf16"
+(3 KB per class). With bf16 the update is still computed in fp32 - the momentum rows are widened, updated,
+applied to the fp32 weight and rounded back to bf16 - in chunks of ROW_CHUNK rows, so no fp32 copy of the
+whole shard's momentum is ever made. Only the stored momentum is rounded (to 8 significant bits, each step).
 """
 
 from __future__ import annotations
@@ -21,16 +26,21 @@ import torch
 from megaface.head.partial_fc import PartialFC
 
 SHARD_FORMAT = "megaface.fc7_shard.v1"
+MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROW_CHUNK = 1 << 15  # rows per chunk of the bf16-momentum update: 64 MiB of fp32 temporaries at D=512
 
 
 class ShardSGD(torch.optim.Optimizer):
     """SGD with momentum and weight decay for one PartialFC shard; `param_groups[0]["lr"]` is schedulable."""
 
     def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 sparse: bool = True) -> None:
+                 sparse: bool = True, momentum_dtype: str = "fp32") -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not value >= 0.0:
                 raise ValueError(f"ShardSGD {name}={value} must be >= 0")
+        if momentum_dtype not in MOMENTUM_DTYPES:
+            raise ValueError(f"ShardSGD momentum_dtype={momentum_dtype!r} must be one of {sorted(MOMENTUM_DTYPES)}")
+        self.momentum_dtype = MOMENTUM_DTYPES[momentum_dtype]
         defaults = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
                         sparse=bool(sparse))
         super().__init__([head.weight], defaults)
@@ -72,7 +82,7 @@ class ShardSGD(torch.optim.Optimizer):
         state = self.state[self.head.weight]
         if "momentum_buffer" not in state:
             # Zero start: momentum * 0 + d == d, bit-identical to torch.optim.SGD's first step.
-            state["momentum_buffer"] = torch.zeros_like(self.head.weight)
+            state["momentum_buffer"] = torch.zeros_like(self.head.weight, dtype=self.momentum_dtype)
         return state["momentum_buffer"]
 
     def _update(self, index: torch.Tensor | None, grad: torch.Tensor) -> None:
@@ -85,6 +95,9 @@ class ShardSGD(torch.optim.Optimizer):
         group, weight = self.param_groups[0], self.head.weight
         lr, wd = group["lr"], group["weight_decay"]
         buf = self._momentum_buffer()
+        if buf is not None and buf.dtype != weight.dtype:
+            self._update_chunked(index, grad, buf)
+            return
         w_rows = weight if index is None else weight.index_select(0, index)
         if buf is None:
             d = grad.add(w_rows, alpha=wd) if wd else grad
@@ -98,6 +111,25 @@ class ShardSGD(torch.optim.Optimizer):
         w_rows.add_(d, alpha=-lr)
         if index is not None:
             weight.index_copy_(0, index, w_rows)
+
+    def _update_chunked(self, index: torch.Tensor | None, grad: torch.Tensor, buf: torch.Tensor) -> None:
+        """The same step with a low-precision momentum: per chunk of rows, widen to fp32, update, round back."""
+        group, weight = self.param_groups[0], self.head.weight
+        lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        for lo in range(0, grad.shape[0], ROW_CHUNK):
+            hi = min(lo + ROW_CHUNK, grad.shape[0])
+            rows = None if index is None else index[lo:hi]
+            w_rows = weight[lo:hi] if rows is None else weight.index_select(0, rows)  # a view when dense
+            d = (buf[lo:hi] if rows is None else buf.index_select(0, rows)).float()
+            torch.add(grad[lo:hi], d, alpha=momentum, out=d)
+            if wd:
+                d.add_(w_rows, alpha=wd)
+            w_rows.add_(d, alpha=-lr)
+            if rows is None:
+                buf[lo:hi].copy_(d)
+            else:
+                buf.index_copy_(0, rows, d.to(buf.dtype))
+                weight.index_copy_(0, rows, w_rows)
 
     def momentum_buffer(self) -> torch.Tensor | None:
         """The dense momentum [num_local, D] (None before the first step or with momentum 0)."""
@@ -119,6 +151,8 @@ def shard_state_dict(head: PartialFC, optimizer: ShardSGD | None = None) -> dict
         "rank": head.rank,
         "world_size": head.world_size,
         "hyper": {key: group.get(key) for key in ("lr", "momentum", "weight_decay", "sparse")},
+        "compute_dtype": head.compute_dtype,
+        "interclass_filtering_threshold": head.interclass_filtering_threshold,
         # Extras (not needed to merge/reshard): the exact Partial FC sampler position and head settings.
         "sampler_rng": head.sampler_state(),
         "margin": (head.margin.m1, head.margin.m2, head.margin.m3),
@@ -159,7 +193,9 @@ def load_shard_state_dict(head: PartialFC, optimizer: ShardSGD | None, state: di
     if momentum is not None:
         if tuple(momentum.shape) != tuple(head.weight.shape):
             raise ValueError(f"FC7 shard momentum shape {tuple(momentum.shape)} != {tuple(head.weight.shape)}")
-        optimizer.state[head.weight]["momentum_buffer"] = momentum.to(head.weight, copy=True)
+        # stored in the optimizer's momentum dtype (the current config wins over the file's dtype)
+        optimizer.state[head.weight]["momentum_buffer"] = momentum.to(
+            device=head.weight.device, dtype=optimizer.momentum_dtype, copy=True)
     else:
         optimizer.state[head.weight].pop("momentum_buffer", None)
     lr = (state.get("hyper") or {}).get("lr")

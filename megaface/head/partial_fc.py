@@ -45,7 +45,7 @@ from torch import nn
 from megaface.distributed import comm
 from megaface.head.margin import CombinedMargin
 from megaface.head.sharding import class_range
-from megaface.head.softmax import sharded_margin_cross_entropy
+from megaface.head.softmax import COMPUTE_DTYPES, sharded_margin_cross_entropy
 
 INIT_STD = 0.01
 INIT_BLOCK = 4096  # rows drawn per seeded block: the initial weight does not depend on the world size
@@ -96,6 +96,11 @@ class PartialFC(nn.Module):
         straight_through: margin gradient mode (see `megaface.head.margin`).
         seed: initial weights (drawn per block of class ids: the same full matrix at any world size) and
             the Partial FC sampler (seeded from (seed, rank)).
+        compute_dtype: "fp32", "bf16" or "fp16": operand dtype of the three GEMMs (fp32 accumulation).
+            Row max, sum-exp, target logit, margin, loss and the weight itself stay fp32; the rows taking
+            part are copied to the compute dtype once per step. Resolve "auto" with `resolve_compute_dtype`.
+        interclass_filtering_threshold: > 0 treats every non-target cosine above it as label noise: set to
+            0 before margin and scale (it stays in the softmax as exp(0), with no gradient); 0 disables it.
 
     All ranks must pass the same local batch size (the embeddings are all-gathered in equal pieces).
     """
@@ -103,9 +108,13 @@ class PartialFC(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int,
                  margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
                  sample_rate: float = 1.0, group: dist.ProcessGroup | None = None, parallel: str = "model",
-                 straight_through: bool = False, seed: int = 0) -> None:
+                 straight_through: bool = False, seed: int = 0, compute_dtype: str = "fp32",
+                 interclass_filtering_threshold: float = 0.0) -> None:
         super().__init__()
         _check_config(embedding_size, num_classes, scale, sample_rate, parallel)
+        _check_precision(compute_dtype, interclass_filtering_threshold)
+        self.compute_dtype = compute_dtype
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.scale, self.sample_rate, self.parallel = float(scale), float(sample_rate), parallel
         self.group, self.seed = group, int(seed)
@@ -123,7 +132,9 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, margin={self.margin}, "
-                f"scale={self.scale}, sample_rate={self.sample_rate}, parallel={self.parallel!r}")
+                f"scale={self.scale}, sample_rate={self.sample_rate}, parallel={self.parallel!r}, "
+                f"compute_dtype={self.compute_dtype!r}, "
+                f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
 
     # ---- forward ------------------------------------------------------------------------------------
 
@@ -141,7 +152,9 @@ class PartialFC(nn.Module):
         index, weight_rows = self._select_rows(labels)
         target = self._local_targets(labels, index)
         per_sample = sharded_margin_cross_entropy(emb, weight_rows, target, self.margin, self.scale,
-                                                  self.group, reduce=distributed)
+                                                  self.group, reduce=distributed,
+                                                  compute_dtype=COMPUTE_DTYPES[self.compute_dtype],
+                                                  filter_threshold=self.interclass_filtering_threshold)
         return per_sample.mean()
 
     def _select_rows(self, labels_global: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -213,7 +226,25 @@ class PartialFC(nn.Module):
         self._pending = []
 
 
+def resolve_compute_dtype(compute_dtype: str, precision: str) -> str:
+    """head.compute_dtype -> "fp32" | "bf16" | "fp16"; "auto" takes the DeepSpeed JSON's `precision`."""
+    if compute_dtype != "auto":
+        return compute_dtype
+    if precision not in COMPUTE_DTYPES:
+        raise ValueError(f"head.compute_dtype=auto but the DeepSpeed precision is {precision!r}, not one of "
+                         f"{sorted(COMPUTE_DTYPES)}; set head.compute_dtype explicitly")
+    return precision
+
+
 # ---- validation (user errors -> ValueError naming the value and the constraint) ------------------------
+
+def _check_precision(compute_dtype: str, threshold: float) -> None:
+    if compute_dtype not in COMPUTE_DTYPES:
+        hint = " (resolve 'auto' with resolve_compute_dtype first)" if compute_dtype == "auto" else ""
+        raise ValueError(f"compute_dtype={compute_dtype!r} must be one of {sorted(COMPUTE_DTYPES)}{hint}")
+    if not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) < 1.0):
+        raise ValueError(f"interclass_filtering_threshold={threshold} must lie in [0, 1) (a cosine; 0 = off)")
+
 
 def _check_config(embedding_size: int, num_classes: int, scale: float, sample_rate: float, parallel: str) -> None:
     if parallel not in ("model", "data"):

@@ -16,6 +16,16 @@ the raw dot products, feeding both backward GEMMs while it is still in cache. A 
 GEMMs (logits, d/d emb, d/d weight) plus about two memory passes over the buffer. On CPU a block is ~2 MB
 (cache-sized); on accelerators the columns form one block (no per-block launches).
 
+Precision (compute_dtype): the three GEMMs take fp32, bf16 or fp16 operands (fp32 accumulation); the
+low-precision copies of emb_hat_global and weight_rows are made once per step. The [B, c] block buffer, the
+row max, sum-exp, target cosine, margin and loss are fp32 in every mode, and both gradients are returned in
+fp32. With compute_dtype fp32 every operation is the fp32 head's, bit for bit.
+
+Inter-class filtering (filter_threshold > 0): a non-target logit whose cosine exceeds the threshold is set to
+0 in its block before the row max (so it stays in the softmax as exp(0 - max)) and its gradient is zeroed in
+backward. The filter is elementwise on this rank's columns, so the sharded result is exact with the same two
+all-reduces; the filtered positions (rare) are kept per block instead of a [B, c] mask.
+
 The gradient returned for emb_hat_global is this rank's partial sum over its own columns; the all-gather's
 backward (reduce-scatter, sum) completes it. The gradient for weight_rows is complete: every rank sees the
 whole global batch. Backward may run once per forward (the buffer is consumed in place).
@@ -33,6 +43,15 @@ from megaface.head.margin import CombinedMargin
 
 NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
 CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per [B, c] block on CPU
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The [B, c] block buffer stays fp32 in every compute dtype: the GEMM output is converted per block (while in
+# cache), so max / exp / sum-exp and the softmax-minus-one-hot gradient are exact fp32 (p - 1 for a confident
+# target loses every digit in bf16). Measured (benchmarks/head.py --block-dtype-probe, B=256, c=2048) on the
+# 2-core Xeon (AVX-512F, no AVX512-BF16), two runs on the shared machine: the bf16 buffer took 1.01x and 0.90x
+# the fp32 buffer's time (noise-level; bf16 elementwise kernels convert to fp32 inside), and this work is small
+# next to the GEMMs, so fp32 is kept for its accuracy. On accelerators, where the shard is
+# one block, a bf16 buffer would halve its memory; not measured (no GPU), see docs/head_precision.md.
+BLOCK_DTYPE = torch.float32
 
 
 def _block_columns(batch: int, k: int, device: torch.device) -> int:
@@ -44,13 +63,13 @@ def _block_columns(batch: int, k: int, device: torch.device) -> int:
 class _ShardedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, emb_hat: torch.Tensor, weight_rows: torch.Tensor, target_local: torch.Tensor,
-                margin: CombinedMargin, scale: float, group: dist.ProcessGroup | None,
-                reduce: bool) -> torch.Tensor:
+                margin: CombinedMargin, scale: float, group: dist.ProcessGroup | None, reduce: bool,
+                compute_dtype: torch.dtype, filter_threshold: float) -> torch.Tensor:
         batch, k = emb_hat.shape[0], weight_rows.shape[0]
         inv_norm = weight_rows.norm(dim=1).clamp_min_(NORM_EPS).reciprocal_()  # [k]
         col_scale = inv_norm * scale
         # Targets sorted by column, so each block's targets are one slice; their cosines come from a
-        # [B, D] row gather (cheap), so the margined logits are known before the blocks are built.
+        # [B, D] row gather (cheap, always fp32), so the margined logits are known before the blocks are built.
         rows = (target_local >= 0).nonzero().squeeze(1)
         cols, order = target_local.index_select(0, rows).sort()
         rows = rows.index_select(0, order)
@@ -61,12 +80,17 @@ class _ShardedMarginCE(torch.autograd.Function):
         starts = list(range(0, k, width))
         # One host sync: block boundaries of the sorted target columns.
         bounds = torch.searchsorted(cols, torch.tensor(starts + [k], device=cols.device)).tolist()
+        # GEMM operands: the low-precision copies are made once per step (accumulation stays fp32).
+        emb_op, weight_op = emb_hat.to(compute_dtype), weight_rows.to(compute_dtype)
+        limit = filter_threshold * scale if filter_threshold > 0 else None
 
-        blocks, shift = [], None
+        blocks, filtered, shift = [], [], None
         for i, c0 in enumerate(starts):
             c1 = min(c0 + width, k)
-            block = torch.matmul(emb_hat, weight_rows[c0:c1].t()).mul_(col_scale[c0:c1])  # [B, c]
+            block = torch.matmul(emb_op, weight_op[c0:c1].t()).to(BLOCK_DTYPE).mul_(col_scale[c0:c1])  # [B, c]
             a, b = bounds[i], bounds[i + 1]
+            if limit is not None:
+                filtered.append(_filter_block(block, limit, rows[a:b], cols[a:b] - c0))
             block[rows[a:b], cols[a:b] - c0] = target_logit[a:b]
             block_max = block.amax(dim=1)
             shift = block_max if shift is None else torch.maximum(shift, block_max)
@@ -84,7 +108,8 @@ class _ShardedMarginCE(torch.autograd.Function):
         sum_exp, target_shifted = stats[0], stats[1]
 
         ctx.save_for_backward(emb_hat, weight_rows)
-        ctx.blocks, ctx.starts, ctx.bounds, ctx.width = blocks, starts, bounds, width
+        ctx.operands = (emb_op, weight_op)
+        ctx.blocks, ctx.filtered, ctx.starts, ctx.bounds, ctx.width = blocks, filtered, starts, bounds, width
         ctx.col_scale, ctx.inv_norm, ctx.sum_exp = col_scale, inv_norm, sum_exp
         ctx.rows, ctx.cols, ctx.cos_t, ctx.margin = rows, cols, cos_t, margin
         return sum_exp.log() - target_shifted
@@ -95,6 +120,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         if ctx.blocks is None:
             raise RuntimeError("the FC7 softmax backward ran twice; it consumes its buffer (no retain_graph)")
         blocks, ctx.blocks = ctx.blocks, None
+        emb_op, weight_op = ctx.operands
         rows, cols, bounds = ctx.rows, ctx.cols, ctx.bounds
         k = weight_rows.shape[0]
         row_scale = (grad_loss / ctx.sum_exp).unsqueeze(1)  # softmax_ij * g_i = exp_ij * g_i / sum_i
@@ -113,13 +139,42 @@ class _ShardedMarginCE(torch.autograd.Function):
             block[r, c] -= target_grad[a:b]
             block.mul_(ctx.col_scale[c0:c1])
             block[r, c] *= target_factor[a:b]
-            w_block = weight_rows[c0:c1]
-            if want_emb:
-                grad_emb.addmm_(block, w_block)
+            if ctx.filtered:  # filtered logits are constants (0): no gradient reaches their dot products
+                block.view(-1).index_fill_(0, ctx.filtered[i], 0.0)
+            _backward_gemms(block, emb_op, weight_op[c0:c1], grad_emb,
+                            grad_weight[c0:c1] if want_weight else None)
             if want_weight:
-                torch.mm(block.t(), emb_hat, out=grad_weight[c0:c1])
-                _project_out_rows(grad_weight[c0:c1], w_block, ctx.inv_norm[c0:c1])
-        return grad_emb, grad_weight, None, None, None, None, None
+                _project_out_rows(grad_weight[c0:c1], weight_rows[c0:c1], ctx.inv_norm[c0:c1])
+        return grad_emb, grad_weight, None, None, None, None, None, None, None
+
+
+def _filter_block(block: torch.Tensor, limit: float, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Zero the non-target logits above `limit` (= threshold * s) in place; returns their flat positions.
+
+    The target entries are excluded (they are overwritten with the margined logit right after). Positions
+    are kept instead of a [B, c] mask: filtered entries are rare, and backward zeroes their gradient.
+    """
+    noisy = block > limit
+    noisy[rows, cols] = False
+    flat = noisy.view(-1).nonzero().squeeze(1)
+    block.view(-1).index_fill_(0, flat, 0.0)
+    return flat
+
+
+def _backward_gemms(grad_block: torch.Tensor, emb_op: torch.Tensor, weight_op: torch.Tensor,
+                    grad_emb: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """grad_emb += G @ W_blk, grad_weight = G^T @ E (fp32 results; operands in the compute dtype)."""
+    if emb_op.dtype == grad_block.dtype:  # fp32: accumulate in place, no temporaries
+        if grad_emb is not None:
+            grad_emb.addmm_(grad_block, weight_op)
+        if grad_weight is not None:
+            torch.mm(grad_block.t(), emb_op, out=grad_weight)
+        return
+    grad_op = grad_block.to(emb_op.dtype)
+    if grad_emb is not None:
+        grad_emb.add_(torch.mm(grad_op, weight_op))
+    if grad_weight is not None:
+        grad_weight.copy_(torch.mm(grad_op.t(), emb_op))
 
 
 def _project_out_rows(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor) -> None:
@@ -131,9 +186,14 @@ def _project_out_rows(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.
 
 def sharded_margin_cross_entropy(emb_hat_global: torch.Tensor, weight_rows: torch.Tensor,
                                  target_local: torch.Tensor, margin: CombinedMargin, scale: float,
-                                 group: dist.ProcessGroup | None = None, reduce: bool = True) -> torch.Tensor:
+                                 group: dist.ProcessGroup | None = None, reduce: bool = True,
+                                 compute_dtype: torch.dtype = torch.float32,
+                                 filter_threshold: float = 0.0) -> torch.Tensor:
     """Per-sample margin softmax CE [B] over the columns of all ranks (see the module table).
 
     `reduce=False` treats this rank's rows as all the classes (the data-parallel head: no collectives).
+    `compute_dtype` is the GEMM operand dtype (fp32 accumulation; everything else fp32).
+    `filter_threshold` > 0 sets every non-target cosine above it to 0 before margin and scale.
     """
-    return _ShardedMarginCE.apply(emb_hat_global, weight_rows, target_local, margin, scale, group, reduce)
+    return _ShardedMarginCE.apply(emb_hat_global, weight_rows, target_local, margin, scale, group, reduce,
+                                  compute_dtype, float(filter_threshold))
