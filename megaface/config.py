@@ -314,6 +314,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError(f"head.sample_rate={h.sample_rate} must be in (0, 1]")
     if h.parallel == "data" and h.sample_rate < 1.0:
         raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
+    if h.parallel == "data" and h.momentum_dtype != "fp32":
+        raise ValueError(f"head.momentum_dtype={h.momentum_dtype!r} needs head.parallel=model (a data-parallel FC7 "
+                         "lives in the DeepSpeed engine, whose optimizer keeps its own momentum): drop the key")
     if not 0.0 <= h.interclass_filtering_threshold < 1.0:
         raise ValueError(f"head.interclass_filtering_threshold={h.interclass_filtering_threshold} must lie in "
                          "[0, 1): a cosine bound (0 disables the filter)")

@@ -102,7 +102,7 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
 
         head.to(state.device)
         fc7_optimizer = ShardSGD(head, lr=o.lr * cfg.head.lr_scale, momentum=o.momentum,
-                                 weight_decay=o.weight_decay)
+                                 weight_decay=o.weight_decay, momentum_dtype=cfg.head.momentum_dtype)
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if input_dtype != torch.float32:
         # DeepSpeed casts parameters but not buffers; BatchNorm refuses bf16 weights with fp32 running stats
@@ -199,7 +199,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
         raise ValueError(f"head.num_classes={cfg.head.num_classes} but the training data has {num_classes} "
                          "classes: fix head.num_classes (or drop it to take the data's count)")
     from megaface.data import TrainLoader
-    from megaface.head import PartialFC
+    from megaface.head import PartialFC, resolve_compute_dtype
     from megaface.models import build_model
 
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
@@ -209,7 +209,8 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     h = cfg.head
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
-                     seed=cfg.train.seed)
+                     seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
+                     interclass_filtering_threshold=h.interclass_filtering_threshold)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
