@@ -83,8 +83,13 @@ class DataConfig:
     """Training data."""
 
     source: str = "synthetic"
-    """One of synthetic, recordio, folder."""
-    path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property) or image folder root.")
+    """One of synthetic, recordio, folder, ofrecord."""
+    path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property; ofrecord: part-* files) "
+                                   "or image folder root.")
+    part_num: int | None = None
+    """ofrecord: read part files 0 .. part_num-1 (the seed's --train_data_part_num); unset = all of them."""
+    part_name_suffix_length: int | None = None
+    """ofrecord: digits of the zero-padded part number (5 for part-00000); unset = read off the names."""
     cache_dir: str = _path("~/.cache/megaface/synthetic", "Where synthetic packs are written (once, cached).")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Synthetic data settings."""
@@ -154,7 +159,8 @@ class TrainConfig:
 class ValidationConfig:
     """Verification on .bin packs during training."""
 
-    bins: list[str] = _paths("Verification .bin files (lfw.bin, cfp_fp.bin, ...).")
+    bins: list[str] = _paths("Verification packs: .bin files (lfw.bin, ...) or OFRecord directories "
+                             "(part-* files of encoded + issame).")
     synthetic: bool = True
     """With data.source = synthetic, also validate on its held-out-identity .bin."""
     interval: int = 2000
@@ -277,7 +283,7 @@ def _resolve_paths(value: Any, base: Path | None) -> Any:
 
 _CHOICES = {
     ("head", "parallel"): ("model", "data"),
-    ("data", "source"): ("synthetic", "recordio", "folder"),
+    ("data", "source"): ("synthetic", "recordio", "folder", "ofrecord"),
     ("data", "normalize"): ("arcface_torch", "oneflow"),
     ("train", "progress"): ("auto", "on", "off"),
 }

@@ -157,8 +157,13 @@ class RecordPack:
         self.reader.close()
 
 
-def open_pack(directory: str | os.PathLike, prefix: str = "train") -> RecordPack:
-    """Open an InsightFace pack directory (``train.rec``, ``train.idx``, ``property``)."""
+def open_pack(directory: str | os.PathLike, prefix: str = "train"):
+    """Open an InsightFace pack directory (``train.rec``, ``train.idx``, ``property``), or an OFRecord
+    training directory (``part-*`` files, no ``train.rec``: see `megaface.data.ofrecord`)."""
+    from megaface.data.ofrecord import OFRecordDataset, is_ofrecord_dir
+
+    if not (Path(directory) / f"{prefix}.rec").exists() and is_ofrecord_dir(directory):
+        return OFRecordDataset(directory)
     return RecordPack(directory, prefix)
 
 

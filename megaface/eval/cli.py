@@ -91,7 +91,8 @@ def _sidecar(output: Path, suffix: str) -> Path:
 def main_eval(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="megaface eval", description="verification on .bin packs")
     _model_args(parser)
-    parser.add_argument("--bin", nargs="+", required=True, help="verification packs (lfw.bin cfp_fp.bin ...)")
+    parser.add_argument("--bin", nargs="+", required=True,
+                        help="verification packs: .bin files or OFRecord directories (lfw.bin cfp_fp/ ...)")
     parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (10 in the protocol)")
     parser.add_argument("--json", default=None, help="write a JSON report here")
     parser.add_argument("--roc", default=None, help="draw the ROC curves into this image (png/pdf/svg)")
