@@ -71,8 +71,10 @@ def message_classes() -> dict[str, type]:
                      type_name=".oneflow.OFRecord.FeatureEntry")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
+    # GetMessageClass arrived in protobuf 4.22; older runtimes (tensorboard allows 3.19+) have GetPrototype
+    make = getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
     names = [*scalar, "Feature", "OFRecord"]
-    return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"oneflow.{n}")) for n in names}
+    return {n: make(pool.FindMessageTypeByName(f"oneflow.{n}")) for n in names}
 
 
 def encode_record(features: dict[str, bytes | int | Sequence[int]]) -> bytes:
