@@ -164,10 +164,30 @@ def test_index_scan_is_shared_over_ranks(hand_dir, monkeypatch):
     assert [ds[i] for i in range(5)] == items and ds.num_classes == 3
 
 
+def _shared_scan_worker(state, directory: Path) -> list:
+    from megaface.dist import comm
+
+    ds = OFRecordDataset(directory, share=(state.rank, state.world_size),
+                         gather=lambda obj: comm.all_gather_object(obj, state.group))
+    return [ds.num_classes, ds._parts.offsets.tolist(), [ds[i] for i in range(len(ds))]]
+
+
+def test_shared_scan_on_two_gloo_ranks(hand_dir):
+    from tests.dist_utils import run_distributed
+
+    d, items = hand_dir
+    reference = OFRecordDataset(d)
+    results = run_distributed(_shared_scan_worker, 2, d)
+    assert results[0] == results[1] == [3, reference._parts.offsets.tolist(), items]
+
+
 def test_train_loader_resume_is_exact(hand_dir):
     d, _ = hand_dir
     full = TrainLoader(OFRecordDataset(d), 2, workers=0, seed=3)
     batches = [labels.tolist() for _, labels in full]
+    with_worker = TrainLoader(OFRecordDataset(d), 2, workers=1, seed=3)  # forked worker reads by pread
+    assert [labels.tolist() for _, labels in with_worker] == batches
+    with_worker.close()
     first = TrainLoader(OFRecordDataset(d), 2, workers=0, seed=3)
     it = iter(first)
     next(it)

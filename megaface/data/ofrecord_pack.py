@@ -80,5 +80,5 @@ def pack_ofrecord(source: str | os.PathLike, output: str | os.PathLike, parts: i
             yield encode_record({"encoded": image, "label": int(label)})
 
     write_parts(output, len(dataset), records(), parts, suffix_length, overwrite)
-    return {"kind": f"training (from {kind})", "images": len(dataset), "classes": int(dataset.num_classes),
+    return {"kind": "training", "source": kind, "images": len(dataset), "classes": int(dataset.num_classes),
             "parts": parts, "output": str(output)}
