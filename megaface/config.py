@@ -311,6 +311,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
+    d = cfg.data
+    for name in ("part_num", "part_name_suffix_length"):
+        value = getattr(d, name)
+        if value is not None and (d.source != "ofrecord" or value < 1):
+            raise ValueError(f"data.{name}={value} applies to data.source=ofrecord only and must be >= 1 "
+                             f"(data.source is {d.source!r}); drop it or fix it")
     for name in ("save_every", "keep_last", "log_every", "throughput_window", "threads"):
         if getattr(t, name) < 0:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")

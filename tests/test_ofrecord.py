@@ -114,6 +114,16 @@ def test_reads_hand_encoded_parts(hand_dir):
     assert OFRecordDataset(d, num_classes=10).num_classes == 10
 
 
+def test_empty_parts_are_skipped(hand_dir):
+    d, items = hand_dir
+    (d / "part-1").rename(d / "part-2")
+    (d / "part-1").write_bytes(b"")  # the seed's converter rounds the part size up: trailing parts may be empty
+    (d / "part-3").write_bytes(b"")
+    ds = OFRecordDataset(d)
+    assert len(ds) == 5 and [ds[i] for i in range(5)] == items
+    assert ds.where(3) == f"{d / 'part-2'}: record 0 at byte offset 0"
+
+
 def test_writer_output_decodes_by_hand(tmp_path):
     items = [(7, _jpeg(0)), (0, _jpeg(1)), (2**31 - 1, _jpeg(2))]
     records = iter([encode_record({"encoded": img, "label": lab}) for lab, img in items])
