@@ -92,8 +92,13 @@ class DataConfig:
     """Training data."""
 
     source: str = "synthetic"
-    """One of synthetic, recordio, folder."""
-    path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property) or image folder root.")
+    """One of synthetic, recordio, folder, ofrecord."""
+    path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property; ofrecord: part-* files) "
+                                   "or image folder root.")
+    part_num: int | None = None
+    """ofrecord: read part files 0 .. part_num-1 (the seed's --train_data_part_num); unset = all of them."""
+    part_name_suffix_length: int | None = None
+    """ofrecord: digits of the zero-padded part number (5 for part-00000); unset = read off the names."""
     cache_dir: str = _path("~/.cache/megaface/synthetic", "Where synthetic packs are written (once, cached).")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Synthetic data settings."""
@@ -163,7 +168,8 @@ class TrainConfig:
 class ValidationConfig:
     """Verification on .bin packs during training."""
 
-    bins: list[str] = _paths("Verification .bin files (lfw.bin, cfp_fp.bin, ...).")
+    bins: list[str] = _paths("Verification packs: .bin files (lfw.bin, ...) or OFRecord directories "
+                             "(part-* files of encoded + issame).")
     synthetic: bool = True
     """With data.source = synthetic, also validate on its held-out-identity .bin."""
     interval: int = 2000
@@ -288,7 +294,7 @@ _CHOICES = {
     ("head", "parallel"): ("model", "data"),
     ("head", "compute_dtype"): ("auto", "fp32", "bf16", "fp16"),
     ("head", "momentum_dtype"): ("fp32", "bf16"),
-    ("data", "source"): ("synthetic", "recordio", "folder"),
+    ("data", "source"): ("synthetic", "recordio", "folder", "ofrecord"),
     ("data", "normalize"): ("arcface_torch", "oneflow"),
     ("train", "progress"): ("auto", "on", "off"),
 }
@@ -322,6 +328,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                          "[0, 1): a cosine bound (0 disables the filter)")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
+    d = cfg.data
+    for name in ("part_num", "part_name_suffix_length"):
+        value = getattr(d, name)
+        if value is not None and (d.source != "ofrecord" or value < 1):
+            raise ValueError(f"data.{name}={value} applies to data.source=ofrecord only and must be >= 1 "
+                             f"(data.source is {d.source!r}); drop it or fix it")
     for name in ("save_every", "keep_last", "log_every", "throughput_window", "threads"):
         if getattr(t, name) < 0:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")

@@ -3,6 +3,7 @@
   megaface pack rec --images ROOT --output DIR          root/<identity>/*.jpg -> DIR/train.rec/.idx/property
   megaface pack bin --pairs PAIRS --images ROOT --output X.bin
   megaface pack synthetic --output DIR --identities N --images-per-identity K --val-pairs P --seed S
+  megaface pack ofrecord --input PACK_DIR|ROOT|X.bin --output DIR --parts N [--suffix-length 5]
 
 Pairs list (``pack bin``): one pair per line, ``path_a path_b same`` separated by whitespace, ``same`` one of
 1/0 (also true/false, same/diff). Paths are relative to ``--images`` (or absolute) and may not contain
@@ -105,7 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--images-per-identity", type=int, default=20)
     syn.add_argument("--val-pairs", type=int, default=3000)
     syn.add_argument("--seed", type=int, default=0)
-    for p in (rec, b, syn):
+    ofr = sub.add_parser("ofrecord", help="RecordIO pack, image folder or .bin -> OFRecord part files",
+                         description="A RecordIO pack directory or an image folder gives training parts "
+                         "(encoded + label); a .bin gives verification parts (encoded + issame).")
+    ofr.add_argument("--input", required=True, help="RecordIO pack dir (train.rec), image folder or .bin")
+    ofr.add_argument("--output", required=True, help="directory for part-00000, part-00001, ...")
+    ofr.add_argument("--parts", type=int, default=1, help="number of part files (records split in order)")
+    ofr.add_argument("--suffix-length", type=int, default=5,
+                     help="zero-pad part numbers to this many digits (the seed's 5; 1 = part-0, part-1, ...)")
+    for p in (rec, b, syn, ofr):
         p.add_argument("--force", action="store_true", help="replace an existing output")
     for p in (rec, b):
         p.add_argument("--no-verify", action="store_true", help="do not decode every image before packing")
@@ -122,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             if Path(args.output).exists() and not args.force:
                 raise FileExistsError(f"output {args.output} exists; pass --force to replace it")
             summary = pack_pairs(args.pairs, args.images, args.output, verify=not args.no_verify)
+        elif args.kind == "ofrecord":
+            from megaface.data.ofrecord_pack import pack_ofrecord
+
+            summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force)
         else:
             from megaface.data.synthetic import write_synthetic
 

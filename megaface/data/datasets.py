@@ -15,7 +15,7 @@ from megaface.data.packs import RecordPack, open_pack
 from megaface.data.synthetic import SyntheticDataset, ensure_synthetic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-SOURCES = ("synthetic", "recordio", "folder")
+SOURCES = ("synthetic", "recordio", "folder", "ofrecord")
 
 
 class FolderDataset:
@@ -67,12 +67,15 @@ def build_dataset(source: str, path: str | os.PathLike | None = None, **options)
 
     - ``"recordio"``: an InsightFace pack directory (``train.rec``/``.idx``/``property``); option ``prefix``.
     - ``"folder"``: ``root/<identity>/*.jpg``.
+    - ``"ofrecord"``: a directory of OneFlow ``part-*`` files; options ``num_classes`` (None: scan the
+      labels), ``part_num``, ``part_name_suffix_length``, ``share`` and ``gather`` (see `OFRecordDataset`).
     - ``"synthetic"``: options ``identities`` (default 1000), ``images_per_identity`` (20), ``seed`` (0),
       ``val_pairs`` (3000). With ``path=None`` images are drawn on the fly; with a path, a RecordIO pack +
       ``val.bin`` are written there once (``ensure_synthetic``) and the pack is returned, so the same
       decode path as real data is exercised.
     """
     allowed = {"recordio": {"prefix"}, "folder": set(),
+               "ofrecord": {"num_classes", "part_num", "part_name_suffix_length", "share", "gather"},
                "synthetic": {"identities", "images_per_identity", "seed", "val_pairs"}}.get(source)
     if allowed is None:
         raise ValueError(f"unknown dataset source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -86,6 +89,12 @@ def build_dataset(source: str, path: str | os.PathLike | None = None, **options)
         if path is None:
             raise ValueError("build_dataset('recordio') needs the pack directory (holding train.rec/.idx/property)")
         return open_pack(path, **options)
+    if source == "ofrecord":
+        from megaface.data.ofrecord import OFRecordDataset
+
+        if path is None:
+            raise ValueError("build_dataset('ofrecord') needs the directory holding the part-* files")
+        return OFRecordDataset(path, **options)
     if source == "folder":
         if path is None:
             raise ValueError("build_dataset('folder') needs the image root (root/<identity>/*.jpg)")

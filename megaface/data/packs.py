@@ -14,10 +14,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from megaface.data.recordio import RecordReader, RecordWriter, pack_payload, read_index, unpack_payload
+
+if TYPE_CHECKING:
+    from megaface.data.ofrecord import OFRecordDataset
 
 _FLOAT32_EXACT = 1 << 24
 
@@ -157,8 +161,13 @@ class RecordPack:
         self.reader.close()
 
 
-def open_pack(directory: str | os.PathLike, prefix: str = "train") -> RecordPack:
-    """Open an InsightFace pack directory (``train.rec``, ``train.idx``, ``property``)."""
+def open_pack(directory: str | os.PathLike, prefix: str = "train") -> RecordPack | OFRecordDataset:
+    """Open an InsightFace pack directory (``train.rec``, ``train.idx``, ``property``), or an OFRecord
+    training directory (``part-*`` files, no ``train.rec``: see `megaface.data.ofrecord`)."""
+    from megaface.data.ofrecord import OFRecordDataset, is_ofrecord_dir
+
+    if not (Path(directory) / f"{prefix}.rec").exists() and is_ofrecord_dir(directory):
+        return OFRecordDataset(directory)
     return RecordPack(directory, prefix)
 
 

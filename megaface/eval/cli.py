@@ -91,7 +91,8 @@ def _sidecar(output: Path, suffix: str) -> Path:
 def main_eval(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="megaface eval", description="verification on .bin packs")
     _model_args(parser)
-    parser.add_argument("--bin", nargs="+", required=True, help="verification packs (lfw.bin cfp_fp.bin ...)")
+    parser.add_argument("--bin", nargs="+", required=True,
+                        help="verification packs: .bin files or OFRecord directories (lfw.bin cfp_fp/ ...)")
     parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (10 in the protocol)")
     parser.add_argument("--json", default=None, help="write a JSON report here")
     parser.add_argument("--roc", default=None, help="draw the ROC curves into this image (png/pdf/svg)")
@@ -193,8 +194,8 @@ def main_embed(argv: Sequence[str]) -> int:
     _model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="image folder (root/<identity>/*.jpg, or loose images)")
-    source.add_argument("--pack", help="RecordIO pack folder (train.rec/train.idx)")
-    source.add_argument("--bin", help="verification .bin pack")
+    source.add_argument("--pack", help="RecordIO pack folder (train.rec/train.idx) or OFRecord part-* folder")
+    source.add_argument("--bin", help="verification .bin pack or OFRecord verification folder")
     parser.add_argument("--output", required=True, help="output .npy (labels/paths written beside it)")
     parser.add_argument("--flip-fuse", action="store_true", help="add the horizontally flipped image's embedding")
     args = parser.parse_args(list(argv))

@@ -32,8 +32,16 @@ def _load_bin_fallback(path: str) -> tuple[list[Any], list[bool]]:
 
 
 def read_bin(path: str | os.PathLike) -> tuple[list[Any], list[bool]]:
-    """Images and issame flags of a verification pack, checked for a consistent pair layout."""
+    """Images and issame flags of a verification pack (a .bin file or an OFRecord directory), checked for a
+    consistent pair layout."""
     path = str(path)
+    if os.path.isdir(path):  # an OFRecord verification set (part-* files of encoded + issame)
+        from megaface.data.ofrecord import load_verification
+
+        images, issame = load_verification(path)
+        if not issame:
+            raise ValueError(f"{path}: the OFRecord verification set holds no pairs")
+        return images, issame
     if not os.path.isfile(path):
         raise FileNotFoundError(f"verification pack {path!r} does not exist; fix the path or drop it from "
                                 "the validation list (packs are never skipped silently)")

@@ -172,6 +172,11 @@ def _training_data(cfg: ExperimentConfig, state: DistState, log: Any) -> tuple[A
     from megaface.data import build_dataset
 
     d = cfg.data
+    if d.source == "ofrecord":  # each rank indexes its share of the parts; the offset tables are exchanged
+        return build_dataset("ofrecord", d.path, num_classes=cfg.head.num_classes, part_num=d.part_num,
+                             part_name_suffix_length=d.part_name_suffix_length,
+                             share=(state.rank, state.world_size),
+                             gather=lambda obj: comm.all_gather_object(obj, state.group)), []
     if d.source != "synthetic":
         return build_dataset(d.source, d.path), []
     from megaface.data.synthetic import ensure_synthetic
