@@ -1,7 +1,10 @@
 """Atomic file output: a reader sees the old file or the complete new one, never a partial write.
 
-Everything megaface writes for others to read (checkpoints, backbone files, packs, conversions, ONNX
-models) goes through these two context managers; a crash or an exception leaves no temporary behind.
+Everything megaface writes for others to read (checkpoints, backbone files, packs, embeddings, conversions,
+ONNX models) goes through these context managers; a crash or an exception leaves the previous output intact
+and no temporary behind. Results get the mode an ordinary `open(path, "w")` would give (0666 / 0777 minus the
+umask), not the 0600 / 0700 of `tempfile`. An OSError raised inside the block (ENOSPC, EFBIG, EACCES, ...)
+names the final path, so the command line can report which output could not be written.
 """
 
 from __future__ import annotations
@@ -14,6 +17,26 @@ from pathlib import Path
 from typing import Iterator
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_like_open(path: Path, directory: bool) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def output_error(err: OSError, tmp: Path, path: Path) -> OSError:
+    """The same error naming the final output, if it named the temporary (or nothing)."""
+    if err.errno is None or (err.filename is not None and not str(err.filename).startswith(str(tmp))):
+        return err  # about some other file (an input read inside the block): leave it as it is
+    named = type(err)(err.errno, err.strerror, str(path))
+    named.__cause__ = err
+    return named
+
+
 @contextlib.contextmanager
 def atomic_output_file(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
@@ -22,29 +45,54 @@ def atomic_output_file(path: str | os.PathLike, fsync: bool = False) -> Iterator
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        _chmod_like_open(Path(tmp), directory=False)
         yield Path(tmp)
         if fsync:  # small marker files ('latest') must survive a power loss along with the rename
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise output_error(err, Path(tmp), path) from err.__cause__
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `path`; rename it to `path` only if the block succeeds.
+def make_temp_dir(target: Path) -> Path:
+    """A fresh hidden sibling of `target` (same filesystem, so the final rename is atomic), mode as mkdir's."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    _chmod_like_open(tmp, directory=True)
+    return tmp
 
-    Refuses an existing `path`: an output directory is never overwritten.
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `path`; it becomes `path` only if the block succeeds.
+
+    Refuses an existing `path` (an output directory is never overwritten) unless `replace`: then the entries
+    written into the temporary directory replace those of the same name in `path`, each an atomic rename.
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() and not replace:
         raise FileExistsError(f"{path} already exists; choose another output (-o) or remove it first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(path)
     try:
         yield tmp
-        tmp.rename(path)
+        move_into_place(tmp, path)
+    except OSError as err:
+        raise output_error(err, tmp, path) from err.__cause__
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename directory `tmp` to `target`; into an existing `target`, entry by entry."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)
+        return
+    for item in tmp.iterdir():
+        os.replace(item, target / item.name)
+    tmp.rmdir()

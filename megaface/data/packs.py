@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from megaface.fileio import make_temp_dir, move_into_place, output_error
 from megaface.data.recordio import RecordReader, RecordWriter, pack_payload, read_index, unpack_payload
 
 _FLOAT32_EXACT = 1 << 24
@@ -179,8 +179,12 @@ class PackWriter:
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         self.image_size = image_size
         self._tmp = make_temp_dir(self.directory)
-        self._writer = RecordWriter(self._tmp / "train.rec", self._tmp / "train.idx")
-        self._header_offset = self._writer.write(0, pack_payload([0.0, 0.0], b""))
+        try:
+            self._writer = RecordWriter(self._tmp / "train.rec", self._tmp / "train.idx")
+            self._header_offset = self._writer.write(0, pack_payload([0.0, 0.0], b""))
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         self._ranges: list[list[int]] = []  # per class [img_start, img_end)
         self._next_key = 1
 
@@ -193,7 +197,10 @@ class PackWriter:
                 f"PackWriter: label {label} arrived after class {len(self._ranges) - 1}; images must be "
                 "grouped by class, with classes numbered 0, 1, 2, ... in order"
             )
-        self._writer.write(self._next_key, pack_payload(float(label), image, id=self._next_key))
+        try:
+            self._writer.write(self._next_key, pack_payload(float(label), image, id=self._next_key))
+        except OSError as err:  # a full disk or a file-size limit: name the output, not the temporary
+            raise output_error(err, self._tmp, self.directory) from err
         self._next_key += 1
         self._ranges[label][1] = self._next_key
 
@@ -202,6 +209,16 @@ class PackWriter:
         if not self._ranges:
             self.abort()
             raise ValueError(f"PackWriter: no images were added; refusing to write an empty pack to {self.directory}")
+        try:
+            self._finish()
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, OSError):
+                raise output_error(err, self._tmp, self.directory) from err
+            raise
+        return self.directory
+
+    def _finish(self) -> None:
         start = self._next_key
         for i, (a, b) in enumerate(self._ranges):
             self._writer.write(start + i, pack_payload([float(a), float(b)], b"", id=start + i))
@@ -210,12 +227,13 @@ class PackWriter:
         self._writer.close()
         h, w = self.image_size
         (self._tmp / "property").write_text(f"{len(self._ranges)},{h},{w}\n")
-        _move_into_place(self._tmp, self.directory)
-        return self.directory
+        move_into_place(self._tmp, self.directory)
 
     def abort(self) -> None:
-        self._writer.close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        try:
+            self._writer.close()  # may fail again (a full disk): the temporary goes in any case
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "PackWriter":
         return self
@@ -225,21 +243,3 @@ class PackWriter:
             self.close()
         else:
             self.abort()
-
-
-def make_temp_dir(target: Path) -> Path:
-    """A fresh hidden sibling of `target` (same filesystem, so the final rename is atomic)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
-    return tmp
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    for item in tmp.iterdir():
-        os.replace(item, target / item.name)
-    tmp.rmdir()
