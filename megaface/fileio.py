@@ -57,6 +57,22 @@ def atomic_output_file(path: str | os.PathLike, fsync: bool = False) -> Iterator
         Path(tmp).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_output_files(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Several files that belong together (an embedding and its sidecars): all renamed, or none.
+
+    The renames happen one after another once the block succeeds; a failure inside the block leaves every
+    previous file untouched.
+    """
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_output_file(p)) for p in paths]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_output_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
 def make_temp_dir(target: Path) -> Path:
     """A fresh hidden sibling of `target` (same filesystem, so the final rename is atomic), mode as mkdir's."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
