@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from megaface.config_ranges import check_ranges
+
 
 def _path(default: Any = None, doc: str = "") -> Any:
     """A field holding a filesystem path (resolved against the YAML file's directory)."""
@@ -284,7 +286,8 @@ _CHOICES = {
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-field checks; raises ValueError naming the key, the constraint and the fix."""
+    """Ranges (megaface.config_ranges) and cross-field checks; raises ValueError naming key, constraint, fix."""
+    check_ranges(cfg)
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -293,25 +296,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if (t.max_steps is None) == (t.epochs is None):
         raise ValueError(f"set exactly one of train.max_steps and train.epochs (got max_steps={t.max_steps}, "
                          f"epochs={t.epochs})")
-    if (t.max_steps is not None and t.max_steps <= 0) or (t.epochs is not None and t.epochs <= 0):
-        raise ValueError("train.max_steps / train.epochs must be positive")
     if o.milestones and o.milestone_epochs:
         raise ValueError("set optim.milestones (iterations) or optim.milestone_epochs, not both")
     if sorted(o.milestones) != list(o.milestones) or sorted(o.milestone_epochs) != list(o.milestone_epochs):
         raise ValueError(f"optim milestones must be increasing, got {o.milestones or o.milestone_epochs}")
-    if not 0.0 < h.sample_rate <= 1.0:
-        raise ValueError(f"head.sample_rate={h.sample_rate} must be in (0, 1]")
     if h.parallel == "data" and h.sample_rate < 1.0:
         raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
-    for name in ("save_every", "keep_last", "log_every", "throughput_window", "threads"):
-        if getattr(t, name) < 0:
-            raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")
-    if t.log_every == 0 or t.throughput_window == 0:
-        raise ValueError("train.log_every and train.throughput_window must be >= 1")
-    if t.collective_timeout_s <= 0:
-        raise ValueError(f"train.collective_timeout_s={t.collective_timeout_s} must be > 0")
     return cfg
 
 
