@@ -98,6 +98,8 @@ class DataConfig:
     """Pixel normalisation: arcface_torch = (x/255-0.5)/0.5, oneflow = (x-127.5)/128 (the seed's)."""
     seed: int = 0
     """Shuffle / flip seed."""
+    skip_corrupt: bool = False
+    """Skip images that fail to decode (each skip is logged with a running count) instead of stopping."""
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class RecordPack:
         self.reader = RecordReader(self.rec_path)
         keys, offsets = read_index(self.idx_path)
         self._check_offsets(keys, offsets)
+        self._check_unique(keys)
         # key -> offset lookups happen only while opening (header, boundary probe): sorted arrays and
         # searchsorted instead of a dict, which would cost ~100 bytes per record (GBs for Glint360K)
         order = np.argsort(keys, kind="stable")
@@ -76,6 +77,17 @@ class RecordPack:
                 f"{self.idx_path}: key {int(keys[i])} points at offset {int(offsets[i])}, past the end of "
                 f"{self.rec_path} ({self.reader.size} bytes); the .rec is truncated or the .idx belongs to "
                 "another pack"
+            )
+
+    def _check_unique(self, keys: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")
+        same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+        if same.size:
+            first, second = int(order[same[0]]), int(order[same[0] + 1])
+            raise ValueError(
+                f"{self.idx_path}: key {int(keys[first])} appears twice (lines {first + 1} and {second + 1}); "
+                f"{same.size} duplicate key(s) in all; an .idx maps each key to one record: regenerate it "
+                "from the .rec or repack the data"
             )
 
     def _offset_of(self, key: int) -> int | None:
@@ -132,7 +144,13 @@ class RecordPack:
     def read(self, i: int) -> tuple[int, bytes]:
         key = int(self.keys[i])
         header, image = unpack_payload(self.reader.read_at(int(self.offsets[i]), key), f"{self.rec_path}: key {key}")
-        label = int(header.class_label)
+        value = header.class_label
+        label = int(value)
+        if label != value:  # int() would silently move 2.5 into class 2
+            raise ValueError(
+                f"{self.rec_path}: key {key} (offset {int(self.offsets[i])}) has label {value!r}, not an integer; "
+                "class labels are whole numbers 0..num_classes-1: repack the data with integer labels"
+            )
         if not 0 <= label < self.num_classes:
             raise ValueError(
                 f"{self.rec_path}: key {key} (offset {int(self.offsets[i])}) has label {label}, outside "
