@@ -33,13 +33,17 @@ _OS_ADVICE: dict[int, tuple[str, str]] = {
 }
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def _os_error(err: OSError) -> str:
     why, todo = _OS_ADVICE.get(err.errno or -1, (err.strerror or str(err), "check the path and retry"))
     name = errno.errorcode.get(err.errno or -1, "")
     where = f" ({err.filename})" if err.filename is not None else ""
     if err.filename2 is not None:
         where = f" ({err.filename} -> {err.filename2})"
-    return f"cannot access{where}: {why}{f' [{name}]' if name else ''}; {todo}"
+    verb = "write" if err.errno in _WRITE_ERRNOS else "find" if err.errno == errno.ENOENT else "access"
+    return f"cannot {verb}{where}: {why}{f' [{name}]' if name else ''}; {todo}"
 
 
 def _yaml_error(err: yaml.YAMLError) -> str:

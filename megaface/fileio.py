@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def current_umask() -> int:
@@ -68,9 +68,44 @@ def atomic_output_files(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
         yield [stack.enter_context(atomic_output_file(p)) for p in paths]
 
 
+class _PythonLevelWriter:
+    """A file seen by numpy as a plain object with `write`: numpy then writes in Python-level chunks.
+
+    For a real file numpy uses `ndarray.tofile` (C stdio), whose final flush error is lost when the stream
+    closes: under a full disk or `ulimit -f` `np.save` returned normally and left a truncated .npy.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.write = fh.write
+
+
+def save_npy(path: str | os.PathLike, array: Any) -> None:
+    """`np.save` to `path` itself (write it inside `atomic_output_file`); every write error raises."""
+    import numpy as np
+
+    with _naming_write_errors(path), open(path, "wb") as fh:
+        np.save(_PythonLevelWriter(fh), array, allow_pickle=False)
+
+
+def save_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text to `path` itself (inside `atomic_output_file`); a failed write names `path`."""
+    with _naming_write_errors(path):
+        Path(path).write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _naming_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:  # a failed write names no file: name this one (several may be in flight)
+        if err.filename is None and err.errno is not None:
+            raise type(err)(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_output_file(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+        save_text(tmp, text)
 
 
 def make_temp_dir(target: Path) -> Path:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from megaface.eval.embed import NORMALIZE_MODES
-from megaface.fileio import atomic_output_files, write_text_atomic
+from megaface.fileio import atomic_output_files, save_npy, save_text, write_text_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -199,11 +199,10 @@ def _save_embedding(output: Path, emb: np.ndarray, labels: np.ndarray, paths: li
         arrays.append(issame)
     with atomic_output_files(names) as tmps:
         for tmp, array in zip(tmps, arrays):
-            with open(tmp, "wb") as fh:
-                if array is None:
-                    fh.write("".join(p + "\n" for p in paths).encode("utf-8"))
-                else:
-                    np.save(fh, array)
+            if array is None:
+                save_text(tmp, "".join(p + "\n" for p in paths))
+            else:
+                save_npy(tmp, array)
 
 
 def main_embed(argv: Sequence[str]) -> int:
