@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 INF = math.inf
 
@@ -53,8 +54,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 
 # 'section.key' -> (is it suspicious?, why it is probably not meant)
 WARNINGS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "optim.gamma": (lambda v: v > 1, "the learning rate grows at each milestone; decay factors are < 1 "
-                                     "(e.g. 0.1)"),
+    "optim.gamma": (lambda v: v > 1, ("the learning rate grows at each milestone; decay factors are < 1 "
+                                      "(e.g. 0.1)")),
     "optim.momentum": (lambda v: 0 < v < 0.5, "SGD momentum for face recognition is usually 0.9"),
     "head.scale": (lambda v: v < 8, "with s < 8 the softmax cannot become confident; ArcFace uses 64"),
 }

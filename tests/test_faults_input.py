@@ -32,8 +32,8 @@ def _ds(tmp_path: Path, extra: dict) -> Path:
     ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation'; did you mean 'zero_optimization'?"),
     ({"gradient_acumulation_steps": 2},
      "unknown key 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'?"),
-    ({"zero_optimization": {"stgae": 1}}, "unknown key 'zero_optimization.stgae'; did you mean "
-                                          "'zero_optimization.stage'?"),
+    ({"zero_optimization": {"stgae": 1}},
+     "unknown key 'zero_optimization.stgae'; did you mean 'zero_optimization.stage'?"),
     ({"fp16": {"enabeld": True}}, "unknown key 'fp16.enabeld'; did you mean 'fp16.enabled'?"),
     ({"zero_optimization": {"offload_param": {"devce": "cpu"}}},
      "did you mean 'zero_optimization.offload_param.device'?"),
