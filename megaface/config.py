@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from megaface.config_ranges import check_ranges
+from megaface.config_ranges import check_ranges, range_docs
 
 
 def _path(default: Any = None, doc: str = "") -> Any:
@@ -391,4 +391,6 @@ def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, str]
             docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
         elif "doc" in f.metadata:
             docs[prefix + f.name] = f.metadata["doc"]
+    if not prefix:  # the checked range of every numeric value is part of its description
+        docs.update({key: f"{docs.get(key, '')} ({text})".strip() for key, text in range_docs().items()})
     return docs

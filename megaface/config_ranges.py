@@ -65,6 +65,16 @@ def range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
     return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
+def range_docs() -> dict[str, str]:
+    """'section.key' -> 'range (0, inf)' ('range [0]: ..., [1]: ...' per position, 'range of each value ...')."""
+    parts: dict[str, list[str]] = {}
+    for key, rule in RANGES.items():
+        field, _, index = key.partition("[")
+        prefix = "of each value " if index == "]" else f"[{index}: " if index else ""
+        parts.setdefault(field, []).append(prefix + range_text(*rule))
+    return {field: "range " + ", ".join(texts) for field, texts in parts.items()}
+
+
 def _check(name: str, value: Any, rule: tuple[float, float, bool, bool]) -> None:
     low, high, low_open, high_open = rule
     if isinstance(value, float) and not math.isfinite(value):

@@ -193,3 +193,28 @@ def test_nan_features_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code = cli.main(["eval-ijb", "--features", str(tmp_path / "probe.npy"), "--meta-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "--features" in err and "row 4 holds NaN" in err
+
+
+def test_every_numeric_field_has_a_documented_range() -> None:
+    import dataclasses
+    import typing
+
+    from megaface.config import ExperimentConfig, field_docs
+    from megaface.config_ranges import RANGES
+
+    def numeric_fields(cls: type, prefix: str) -> list[str]:
+        out = []
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                out += numeric_fields(hint, f"{prefix}{f.name}.")
+            elif {int, float} & set(typing.get_args(hint) or (hint,)):
+                out.append(prefix + f.name)
+        return out
+
+    fields = numeric_fields(ExperimentConfig, "")
+    covered = {key.split("[")[0] for key in RANGES}
+    assert len(fields) > 25 and not set(fields) - covered, sorted(set(fields) - covered)
+    docs = field_docs()
+    assert all("range " in docs[name] for name in fields)
