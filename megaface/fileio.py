@@ -30,11 +30,12 @@ def _chmod_like_open(path: Path, directory: bool) -> None:
 
 
 def output_error(err: OSError, tmp: Path, path: Path) -> OSError:
-    """The same error naming the final output, if it named the temporary (or nothing)."""
+    """The error to raise: a copy naming the final output if `err` named the temporary (or no file)."""
     if err.errno is None or (err.filename is not None and not str(err.filename).startswith(str(tmp))):
         return err  # about some other file (an input read inside the block): leave it as it is
     named = type(err)(err.errno, err.strerror, str(path))
     named.__cause__ = err
+    named.__suppress_context__ = True
     return named
 
 
@@ -53,7 +54,7 @@ def atomic_output_file(path: str | os.PathLike, fsync: bool = False) -> Iterator
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        raise output_error(err, Path(tmp), path) from err.__cause__
+        raise output_error(err, Path(tmp), path)  # noqa: B904  (the cause is set inside)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -132,7 +133,7 @@ def atomic_output_dir(path: str | os.PathLike, replace: bool = False) -> Iterato
         yield tmp
         move_into_place(tmp, path)
     except OSError as err:
-        raise output_error(err, tmp, path) from err.__cause__
+        raise output_error(err, tmp, path)  # noqa: B904  (the cause is set inside)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

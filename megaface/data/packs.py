@@ -218,7 +218,7 @@ class PackWriter:
         try:
             self._writer.write(self._next_key, pack_payload(float(label), image, id=self._next_key))
         except OSError as err:  # a full disk or a file-size limit: name the output, not the temporary
-            raise output_error(err, self._tmp, self.directory) from err
+            raise output_error(err, self._tmp, self.directory)  # noqa: B904  (cause set inside)
         self._next_key += 1
         self._ranges[label][1] = self._next_key
 
@@ -232,7 +232,7 @@ class PackWriter:
         except BaseException as err:
             self.abort()
             if isinstance(err, OSError):
-                raise output_error(err, self._tmp, self.directory) from err
+                raise output_error(err, self._tmp, self.directory)  # noqa: B904  (cause set inside)
             raise
         return self.directory
 
