@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from megaface.cli_errors import EXPECTED_ERRORS, describe_error
+
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("megaface.train.cli", "main", "train a backbone + model-parallel FC7 with DeepSpeed"),
@@ -73,8 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         # MEGAFACE_TRACEBACK=1 shows where it came from.
         if os.environ.get("MEGAFACE_TRACEBACK"):
             raise
+        if isinstance(err, OSError) and err.errno is not None:  # raised by the OS, not by megaface
+            print(f"megaface {name}: error: {describe_error(err)}", file=sys.stderr)
+            return 1
         print(f"megaface {name}: error: {err}", file=sys.stderr)
         return 2
+    except EXPECTED_ERRORS as err:
+        # the environment (disk, permissions, limits) or a damaged input file: one line, exit 1
+        if os.environ.get("MEGAFACE_TRACEBACK"):
+            raise
+        print(f"megaface {name}: error: {describe_error(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

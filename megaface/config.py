@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from megaface.config_ranges import check_ranges, range_docs
+
 
 def _path(default: Any = None, doc: str = "") -> Any:
     """A field holding a filesystem path (resolved against the YAML file's directory)."""
@@ -110,6 +112,8 @@ class DataConfig:
     """Pixel normalisation: arcface_torch = (x/255-0.5)/0.5, oneflow = (x-127.5)/128 (the seed's)."""
     seed: int = 0
     """Shuffle / flip seed."""
+    skip_corrupt: bool = False
+    """Skip images that fail to decode (each skip is logged with a running count) instead of stopping."""
 
 
 @dataclass(frozen=True)
@@ -301,7 +305,8 @@ _CHOICES = {
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-field checks; raises ValueError naming the key, the constraint and the fix."""
+    """Ranges (megaface.config_ranges) and cross-field checks; raises ValueError naming key, constraint, fix."""
+    check_ranges(cfg)
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -310,37 +315,23 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if (t.max_steps is None) == (t.epochs is None):
         raise ValueError(f"set exactly one of train.max_steps and train.epochs (got max_steps={t.max_steps}, "
                          f"epochs={t.epochs})")
-    if (t.max_steps is not None and t.max_steps <= 0) or (t.epochs is not None and t.epochs <= 0):
-        raise ValueError("train.max_steps / train.epochs must be positive")
     if o.milestones and o.milestone_epochs:
         raise ValueError("set optim.milestones (iterations) or optim.milestone_epochs, not both")
     if sorted(o.milestones) != list(o.milestones) or sorted(o.milestone_epochs) != list(o.milestone_epochs):
         raise ValueError(f"optim milestones must be increasing, got {o.milestones or o.milestone_epochs}")
-    if not 0.0 < h.sample_rate <= 1.0:
-        raise ValueError(f"head.sample_rate={h.sample_rate} must be in (0, 1]")
     if h.parallel == "data" and h.sample_rate < 1.0:
         raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
     if h.parallel == "data" and h.momentum_dtype != "fp32":
         raise ValueError(f"head.momentum_dtype={h.momentum_dtype!r} needs head.parallel=model (a data-parallel FC7 "
                          "lives in the DeepSpeed engine, whose optimizer keeps its own momentum): drop the key")
-    if not 0.0 <= h.interclass_filtering_threshold < 1.0:
-        raise ValueError(f"head.interclass_filtering_threshold={h.interclass_filtering_threshold} must lie in "
-                         "[0, 1): a cosine bound (0 disables the filter)")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
     d = cfg.data
     for name in ("part_num", "part_name_suffix_length"):
         value = getattr(d, name)
-        if value is not None and (d.source != "ofrecord" or value < 1):
-            raise ValueError(f"data.{name}={value} applies to data.source=ofrecord only and must be >= 1 "
-                             f"(data.source is {d.source!r}); drop it or fix it")
-    for name in ("save_every", "keep_last", "log_every", "throughput_window", "threads"):
-        if getattr(t, name) < 0:
-            raise ValueError(f"train.{name}={getattr(t, name)} must be >= 0")
-    if t.log_every == 0 or t.throughput_window == 0:
-        raise ValueError("train.log_every and train.throughput_window must be >= 1")
-    if t.collective_timeout_s <= 0:
-        raise ValueError(f"train.collective_timeout_s={t.collective_timeout_s} must be > 0")
+        if value is not None and d.source != "ofrecord":
+            raise ValueError(f"data.{name}={value} applies to data.source=ofrecord only (data.source is "
+                             f"{d.source!r}); drop it")
     return cfg
 
 
@@ -426,4 +417,6 @@ def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, str]
             docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
         elif "doc" in f.metadata:
             docs[prefix + f.name] = f.metadata["doc"]
+    if not prefix:  # the checked range of every numeric value is part of its description
+        docs.update({key: f"{docs.get(key, '')} ({text})".strip() for key, text in range_docs().items()})
     return docs

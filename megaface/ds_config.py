@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megaface.config import parse_override
+from megaface.ds_schema import check_ds_config
 
 # Used when no JSON is given: ZeRO 0, fp32, no clipping (every value explicit, see gradient_clipping below).
 DEFAULT_DS_CONFIG: dict[str, Any] = {
@@ -40,6 +41,7 @@ def load_ds_config(path: str | os.PathLike | None, overrides: list[str] = ()) ->
             raise ValueError(f"DeepSpeed config {file} is not valid JSON: {err}") from None
         if not isinstance(ds, dict):
             raise ValueError(f"DeepSpeed config {file}: top level must be an object")
+    source = f"DeepSpeed config {path}" if path is not None else "the default DeepSpeed config"
     for text in overrides:
         parts, value = parse_override(text)
         if parts[0] == "ds":
@@ -52,20 +54,36 @@ def load_ds_config(path: str | os.PathLike | None, overrides: list[str] = ()) ->
             if not isinstance(node, dict):
                 raise ValueError(f"override {text!r}: '{part}' is not an object in the DeepSpeed config")
         node[parts[-1]] = value
+    if overrides:
+        source += " with the --ds. overrides"
+    check_ds_config(ds, source)  # unknown keys and wrong types: DeepSpeed would ignore or crash on them
     return ds
+
+
+def _section(ds: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The first of `keys` present (an object), or {}."""
+    for key in keys:
+        if key in ds:
+            if not isinstance(ds[key], dict):
+                raise ValueError(f"DeepSpeed config \"{key}\" must be an object, got {ds[key]!r}")
+            return ds[key]
+    return {}
 
 
 def precision(ds: dict[str, Any]) -> str:
     """'fp16', 'bf16' or 'fp32' as the JSON requests."""
-    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
-    bf16 = bool(ds.get("bf16", ds.get("bfloat16", {})).get("enabled", False))
+    fp16 = bool(_section(ds, "fp16").get("enabled", False))
+    bf16 = bool(_section(ds, "bf16", "bfloat16").get("enabled", False))
     if fp16 and bf16:
         raise ValueError("the DeepSpeed config enables both fp16 and bf16: enable at most one")
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = _section(ds, "zero_optimization").get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise ValueError(f"DeepSpeed config zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    return stage
 
 
 def _positive_int(ds: dict[str, Any], key: str, default: int | None) -> int:
@@ -80,6 +98,7 @@ def _positive_int(ds: dict[str, Any], key: str, default: int | None) -> int:
 def resolve_ds_config(ds: dict[str, Any], world_size: int, device_type: str) -> dict[str, Any]:
     """Return a checked copy with train_batch_size filled in; raise ValueError on any inconsistency."""
     ds = copy.deepcopy(ds)
+    check_ds_config(ds)
     micro = _positive_int(ds, "train_micro_batch_size_per_gpu", None)
     gas = _positive_int(ds, "gradient_accumulation_steps", 1)
     expected = micro * gas * world_size

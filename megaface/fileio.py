@@ -1,7 +1,10 @@
 """Atomic file output: a reader sees the old file or the complete new one, never a partial write.
 
-Everything megaface writes for others to read (checkpoints, backbone files, packs, conversions, ONNX
-models) goes through these two context managers; a crash or an exception leaves no temporary behind.
+Everything megaface writes for others to read (checkpoints, backbone files, packs, embeddings, conversions,
+ONNX models) goes through these context managers; a crash or an exception leaves the previous output intact
+and no temporary behind. Results get the mode an ordinary `open(path, "w")` would give (0666 / 0777 minus the
+umask), not the 0600 / 0700 of `tempfile`. An OSError raised inside the block (ENOSPC, EFBIG, EACCES, ...)
+names the final path, so the command line can report which output could not be written.
 """
 
 from __future__ import annotations
@@ -10,8 +13,30 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_like_open(path: Path, directory: bool) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def output_error(err: OSError, tmp: Path, path: Path) -> OSError:
+    """The error to raise: a copy naming the final output if `err` named the temporary (or no file)."""
+    if err.errno is None or (err.filename is not None and not str(err.filename).startswith(str(tmp))):
+        return err  # about some other file (an input read inside the block): leave it as it is
+    named = type(err)(err.errno, err.strerror, str(path))
+    named.__cause__ = err
+    named.__suppress_context__ = True
+    return named
 
 
 @contextlib.contextmanager
@@ -22,38 +47,97 @@ def atomic_output_file(path: str | os.PathLike, fsync: bool = False) -> Iterator
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        _chmod_like_open(Path(tmp), directory=False)
         yield Path(tmp)
         if fsync:  # small marker files ('latest') must survive a power loss along with the rename
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise output_error(err, Path(tmp), path)  # noqa: B904  (the cause is set inside)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `path`; rename it to `path` only if the block succeeds.
+def atomic_output_files(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Several files that belong together (an embedding and its sidecars): all renamed, or none.
 
-    Refuses an existing `path`: an output directory is never overwritten.
+    The renames happen one after another once the block succeeds; a failure inside the block leaves every
+    previous file untouched.
+    """
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_output_file(p)) for p in paths]
+
+
+class _PythonLevelWriter:
+    """A file seen by numpy as a plain object with `write`: numpy then writes in Python-level chunks.
+
+    For a real file numpy uses `ndarray.tofile` (C stdio), whose final flush error is lost when the stream
+    closes: under a full disk or `ulimit -f` `np.save` returned normally and left a truncated .npy.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.write = fh.write
+
+
+def save_npy(path: str | os.PathLike, array: Any) -> None:
+    """`np.save` to `path` itself (write it inside `atomic_output_file`); every write error raises."""
+    import numpy as np
+
+    with _naming_write_errors(path), open(path, "wb") as fh:
+        np.save(_PythonLevelWriter(fh), array, allow_pickle=False)
+
+
+def save_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text to `path` itself (inside `atomic_output_file`); a failed write names `path`."""
+    with _naming_write_errors(path):
+        Path(path).write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _naming_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:  # a failed write names no file: name this one (several may be in flight)
+        if err.filename is None and err.errno is not None:
+            raise type(err)(err.errno, err.strerror, str(path)) from err
+        raise
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A fresh hidden sibling of `target` (same filesystem, so the final rename is atomic), mode as mkdir's."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    _chmod_like_open(tmp, directory=True)
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `path`; it becomes `path` only if the block succeeds.
+
+    Refuses an existing `path` (an output directory is never overwritten) unless `replace`: then the entries
+    written into the temporary directory replace those of the same name in `path`, each an atomic rename.
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() and not replace:
         raise FileExistsError(f"{path} already exists; choose another output (-o) or remove it first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(path)
     try:
         yield tmp
-        tmp.rename(path)
+        move_into_place(tmp, path)
+    except OSError as err:
+        raise output_error(err, tmp, path)  # noqa: B904  (the cause is set inside)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
     """Write text so that readers see either the old or the new content, never a partial file."""
-    with atomic_output_file(path, fsync=True) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_output_file(path, fsync=fsync) as tmp:
+        save_text(tmp, text)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -62,3 +146,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_output_file(path) as tmp:
         torch.save(obj, tmp)
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename directory `tmp` to `target`; into an existing `target`, entry by entry."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)
+        return
+    for item in tmp.iterdir():
+        os.replace(item, target / item.name)
+    tmp.rmdir()

@@ -18,6 +18,7 @@ float32 would quadruple the bytes crossing the process boundary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +39,28 @@ def epoch_flips(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch, 1)).random(num_samples, dtype=np.float32) < 0.5
 
 
+class DataError(ValueError):
+    """A training record that cannot be read: the message names the file, the record and the reason."""
+
+
+@dataclass(frozen=True)
+class _WorkerFailure:
+    """What a worker returns instead of a batch when a record fails (raised again in the main process)."""
+
+    corrupt_image: bool
+    message: str
+
+    def error(self) -> ValueError:
+        return CorruptImageError(self.message) if self.corrupt_image else DataError(self.message)
+
+
+def _located(where: str, err: BaseException) -> str:
+    """One line: the record's location (unless the message already names the file) and the reason."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    file = where.split(":", 1)[0]
+    return message if file in message else f"{where}: {message}"
+
+
 class _BatchTask(torch.utils.data.Dataset):
     """Map-style dataset whose item is a whole batch: (indices, flips) -> (uint8 NCHW, labels, skipped)."""
 
@@ -47,8 +70,11 @@ class _BatchTask(torch.utils.data.Dataset):
     def __len__(self) -> int:  # unused: items are index arrays from the sampler
         return 0
 
-    def _load(self, i: int) -> np.ndarray | None:
-        label, item = self.dataset[int(i)]
+    def _load(self, i: int) -> tuple[int, np.ndarray | None]:
+        try:
+            label, item = self.dataset[int(i)]
+        except (ValueError, OSError, EOFError) as err:  # a damaged record, an unreadable file
+            raise DataError(_located(dataset_where(self.dataset, int(i)), err)) from None
         if isinstance(item, np.ndarray) and item.ndim == 3:
             return label, item
         try:
@@ -57,10 +83,21 @@ class _BatchTask(torch.utils.data.Dataset):
             if self.skip_corrupt:
                 return label, None
             raise CorruptImageError(
-                f"{dataset_where(self.dataset, int(i))}: {err}; pass skip_corrupt=True to skip such images"
+                f"{dataset_where(self.dataset, int(i))}: {err}; set data.skip_corrupt=true to skip such images "
+                "(each skip is counted in the log)"
             ) from None
 
     def __getitem__(self, task: tuple[np.ndarray, np.ndarray]):
+        # In a worker process an exception would reach the main process wrapped in torch's multi-line
+        # "Caught ... in DataLoader worker" text; ship the one-line message instead and raise it there.
+        try:
+            return self._batch(task)
+        except (ValueError, OSError, EOFError) as err:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return _WorkerFailure(isinstance(err, CorruptImageError), " ".join(str(err).split()))
+
+    def _batch(self, task: tuple[np.ndarray, np.ndarray]):
         indices, flips = task
         loaded = [self._load(i) for i in indices]
         good = [k for k, (_, im) in enumerate(loaded) if im is not None]
@@ -133,6 +170,7 @@ class TrainLoader:
         self._epoch, self._position = 0, 0
         self.skipped = 0
         self.skipped_where: list[str] = []
+        self._warned_classes = False
         self._log = log or print
         self._task = _BatchTask(dataset, self.skip_corrupt)
         self._sampler = _TaskList()
@@ -178,12 +216,27 @@ class TrainLoader:
             source = self._worker_pool()
         else:
             source = (self._task[t] for t in tasks)
-        for images, labels, skipped in source:
+        whole_epoch, top_label = self._position == 0, -1
+        for item in source:
+            if isinstance(item, _WorkerFailure):
+                raise item.error()
+            images, labels, skipped = item
+            top_label = max(top_label, int(labels.max())) if labels.numel() else top_label
             self._position += self.global_batch
             if skipped:
                 self._report(skipped)
             yield normalize_nchw(images, self.normalize), labels
+        if whole_epoch and self.world_size == 1:  # one rank sees every label only without sharding
+            self._check_class_count(top_label)
         self.set_epoch(self._epoch + 1)
+
+    def _check_class_count(self, top_label: int) -> None:
+        declared = getattr(self.dataset, "num_classes", None)
+        if declared is not None and not self._warned_classes and top_label + 1 < declared:
+            self._warned_classes = True
+            self._log(f"data: warning: the data declares {declared} classes but one epoch saw labels only up to "
+                      f"{top_label}; FC7 rows {top_label + 1}..{declared - 1} are never trained. Fine for a subset "
+                      "of a pack; otherwise fix the class count (property file)")
 
     def _worker_pool(self) -> torch.utils.data.DataLoader:
         # Workers persist across epochs (forking a process that holds torch costs ~0.5 s); the sampler

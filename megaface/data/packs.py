@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from megaface.fileio import make_temp_dir, move_into_place, output_error
 from megaface.data.recordio import RecordReader, RecordWriter, pack_payload, read_index, unpack_payload
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class RecordPack:
         self.reader = RecordReader(self.rec_path)
         keys, offsets = read_index(self.idx_path)
         self._check_offsets(keys, offsets)
+        self._check_unique(keys)
         # key -> offset lookups happen only while opening (header, boundary probe): sorted arrays and
         # searchsorted instead of a dict, which would cost ~100 bytes per record (GBs for Glint360K)
         order = np.argsort(keys, kind="stable")
@@ -80,6 +81,17 @@ class RecordPack:
                 f"{self.idx_path}: key {int(keys[i])} points at offset {int(offsets[i])}, past the end of "
                 f"{self.rec_path} ({self.reader.size} bytes); the .rec is truncated or the .idx belongs to "
                 "another pack"
+            )
+
+    def _check_unique(self, keys: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")
+        same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+        if same.size:
+            first, second = int(order[same[0]]), int(order[same[0] + 1])
+            raise ValueError(
+                f"{self.idx_path}: key {int(keys[first])} appears twice (lines {first + 1} and {second + 1}); "
+                f"{same.size} duplicate key(s) in all; an .idx maps each key to one record: regenerate it "
+                "from the .rec or repack the data"
             )
 
     def _offset_of(self, key: int) -> int | None:
@@ -136,7 +148,13 @@ class RecordPack:
     def read(self, i: int) -> tuple[int, bytes]:
         key = int(self.keys[i])
         header, image = unpack_payload(self.reader.read_at(int(self.offsets[i]), key), f"{self.rec_path}: key {key}")
-        label = int(header.class_label)
+        value = header.class_label
+        label = int(value)
+        if label != value:  # int() would silently move 2.5 into class 2
+            raise ValueError(
+                f"{self.rec_path}: key {key} (offset {int(self.offsets[i])}) has label {value!r}, not an integer; "
+                "class labels are whole numbers 0..num_classes-1: repack the data with integer labels"
+            )
         if not 0 <= label < self.num_classes:
             raise ValueError(
                 f"{self.rec_path}: key {key} (offset {int(self.offsets[i])}) has label {label}, outside "
@@ -188,8 +206,12 @@ class PackWriter:
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         self.image_size = image_size
         self._tmp = make_temp_dir(self.directory)
-        self._writer = RecordWriter(self._tmp / "train.rec", self._tmp / "train.idx")
-        self._header_offset = self._writer.write(0, pack_payload([0.0, 0.0], b""))
+        try:
+            self._writer = RecordWriter(self._tmp / "train.rec", self._tmp / "train.idx")
+            self._header_offset = self._writer.write(0, pack_payload([0.0, 0.0], b""))
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         self._ranges: list[list[int]] = []  # per class [img_start, img_end)
         self._next_key = 1
 
@@ -202,7 +224,10 @@ class PackWriter:
                 f"PackWriter: label {label} arrived after class {len(self._ranges) - 1}; images must be "
                 "grouped by class, with classes numbered 0, 1, 2, ... in order"
             )
-        self._writer.write(self._next_key, pack_payload(float(label), image, id=self._next_key))
+        try:
+            self._writer.write(self._next_key, pack_payload(float(label), image, id=self._next_key))
+        except OSError as err:  # a full disk or a file-size limit: name the output, not the temporary
+            raise output_error(err, self._tmp, self.directory)  # noqa: B904  (cause set inside)
         self._next_key += 1
         self._ranges[label][1] = self._next_key
 
@@ -211,6 +236,16 @@ class PackWriter:
         if not self._ranges:
             self.abort()
             raise ValueError(f"PackWriter: no images were added; refusing to write an empty pack to {self.directory}")
+        try:
+            self._finish()
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, OSError):
+                raise output_error(err, self._tmp, self.directory)  # noqa: B904  (cause set inside)
+            raise
+        return self.directory
+
+    def _finish(self) -> None:
         start = self._next_key
         for i, (a, b) in enumerate(self._ranges):
             self._writer.write(start + i, pack_payload([float(a), float(b)], b"", id=start + i))
@@ -219,12 +254,13 @@ class PackWriter:
         self._writer.close()
         h, w = self.image_size
         (self._tmp / "property").write_text(f"{len(self._ranges)},{h},{w}\n")
-        _move_into_place(self._tmp, self.directory)
-        return self.directory
+        move_into_place(self._tmp, self.directory)
 
     def abort(self) -> None:
-        self._writer.close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        try:
+            self._writer.close()  # may fail again (a full disk): the temporary goes in any case
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "PackWriter":
         return self
@@ -234,21 +270,3 @@ class PackWriter:
             self.close()
         else:
             self.abort()
-
-
-def make_temp_dir(target: Path) -> Path:
-    """A fresh hidden sibling of `target` (same filesystem, so the final rename is atomic)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
-    return tmp
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    for item in tmp.iterdir():
-        os.replace(item, target / item.name)
-    tmp.rmdir()

@@ -24,7 +24,8 @@ import numpy as np
 
 from megaface.data.bin_pack import save_bin
 from megaface.data.decode import encode_jpeg
-from megaface.data.packs import PackWriter, make_temp_dir
+from megaface.data.packs import PackWriter
+from megaface.fileio import atomic_output_dir, make_temp_dir
 
 SIZE = 112
 _ID_STREAM, _IMG_STREAM, _VAL_STREAM = 1, 2, 3
@@ -288,17 +289,9 @@ def write_synthetic(directory: str | os.PathLike, identities: int, images_per_id
     directory = Path(directory)
     if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"output {directory} exists and is not empty; pass overwrite (--force) to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(directory)
-    try:
+    # built aside, moved in at the end; any failure (a full disk too) removes the temporary directory
+    with atomic_output_dir(directory, replace=True) as tmp:
         _write_all(tmp, identities, images_per_identity, val_pairs, seed)
-        if not directory.exists():
-            os.rename(tmp, directory)
-        else:
-            for item in tmp.iterdir():
-                os.replace(item, directory / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory, directory / "val.bin"
 
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from megaface.eval.embed import NORMALIZE_MODES
+from megaface.fileio import atomic_output_files, atomic_write_text, save_npy, save_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -78,7 +79,7 @@ def _finish(owns_group: bool) -> None:
 
 def _write_json(path: str | None, report: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n", fsync=False)
 
 
 def _sidecar(output: Path, suffix: str) -> Path:
@@ -189,6 +190,22 @@ def _embed_source(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str],
         np.asarray(issame, bool)
 
 
+def _save_embedding(output: Path, emb: np.ndarray, labels: np.ndarray, paths: list[str],
+                    issame: np.ndarray | None) -> None:
+    """The .npy and its sidecars, all or nothing (a full disk leaves the previous set intact)."""
+    names = [output, _sidecar(output, ".labels.npy"), _sidecar(output, ".paths.txt")]
+    arrays: list[Any] = [emb, labels, None]
+    if issame is not None:
+        names.append(_sidecar(output, ".issame.npy"))
+        arrays.append(issame)
+    with atomic_output_files(names) as tmps:
+        for tmp, array in zip(tmps, arrays):
+            if array is None:
+                save_text(tmp, "".join(p + "\n" for p in paths))
+            else:
+                save_npy(tmp, array)
+
+
 def main_embed(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="megaface embed", description="embeddings to .npy")
     _model_args(parser)
@@ -209,11 +226,7 @@ def main_embed(argv: Sequence[str]) -> int:
     try:
         emb, emb_flip = embed_images(model, images, state, args.batch_size, normalize, flip=args.flip_fuse)
         if state.is_main:
-            np.save(output, (emb + emb_flip) if args.flip_fuse else emb)
-            np.save(_sidecar(output, ".labels.npy"), labels)
-            _sidecar(output, ".paths.txt").write_text("".join(p + "\n" for p in paths))
-            if issame is not None:
-                np.save(_sidecar(output, ".issame.npy"), issame)
+            _save_embedding(output, (emb + emb_flip) if args.flip_fuse else emb, labels, paths, issame)
             print(f"wrote {output} {tuple(emb.shape)} (+ labels, paths)", flush=True)
     finally:
         _finish(owns_group)
@@ -228,7 +241,20 @@ def _load_npy(path: str, what: str, mmap: bool = False) -> np.ndarray:
     arr = np.load(path, mmap_mode="r" if mmap else None)
     if arr.ndim != 2:
         raise ValueError(f"{what} {path} has shape {arr.shape}; expected [N, D] features")
+    check_finite_rows(arr, f"{what} {path}")
     return arr
+
+
+def check_finite_rows(features: np.ndarray, where: str, block_rows: int = 65536) -> None:
+    """Raise naming the first row holding NaN or inf (scanned in blocks: memory-mapped files stay on disk)."""
+    for start in range(0, len(features), block_rows):
+        ok = np.isfinite(np.asarray(features[start:start + block_rows])).all(axis=1)
+        if not ok.all():
+            row = start + int(np.flatnonzero(~ok)[0])
+            bad = int((~ok).sum())
+            raise ValueError(f"{where}: row {row} holds NaN or infinite values ({bad} such rows in rows "
+                             f"{start}..{start + len(ok) - 1}); the model that wrote them diverged or the file "
+                             "is damaged: re-embed with a finite checkpoint")
 
 
 def main_ijb(argv: Sequence[str]) -> int:

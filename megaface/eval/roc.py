@@ -8,6 +8,8 @@ from typing import Mapping
 
 import numpy as np
 
+from megaface.fileio import atomic_output_file
+
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
              title: str = "ROC", log_far: bool = False) -> Path:
@@ -37,6 +39,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output_file(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

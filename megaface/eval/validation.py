@@ -60,6 +60,34 @@ def read_bin(path: str | os.PathLike) -> tuple[list[Any], list[bool]]:
     return list(images), [bool(x) for x in issame]
 
 
+def check_validation_packs(paths: Sequence[str | os.PathLike]) -> dict[str, int]:
+    """Start-up check of every verification pack: open it, count its pairs, decode its first and last image.
+
+    Returns {pack name: number of pairs}. Raises FileNotFoundError or ValueError naming the pack (and the
+    image index when an image fails), so a damaged pack stops the job before training, not hours into it.
+    """
+    pairs: dict[str, int] = {}
+    for path in paths:
+        images, issame = read_bin(path)
+        first_last = sorted({0, len(images) - 1})
+        for index in first_last:
+            try:
+                decoded = decode_images([images[index]])
+            except ValueError as err:  # CorruptImageError is a ValueError
+                raise ValueError(
+                    f"verification pack {path}: image {index} of {len(images)} (pair {index // 2}) cannot be "
+                    f"decoded: {' '.join(str(err).split())}; re-create the pack or drop it from validation.bins"
+                ) from None
+            if index == 0:
+                shape = decoded.shape[1:]
+            elif decoded.shape[1:] != shape:
+                raise ValueError(
+                    f"verification pack {path}: image {index} is {decoded.shape[1:]} but image 0 is {shape}; "
+                    "a pack holds aligned images of one size: re-create it")
+        pairs[pack_name(path)] = len(issame)
+    return pairs
+
+
 def pack_name(path: str | os.PathLike) -> str:
     """`/data/lfw.bin` -> `lfw` (the name in `Validation on [lfw]:`)."""
     return Path(path).stem

@@ -203,13 +203,19 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     if cfg.head.num_classes is not None and cfg.head.num_classes != num_classes:
         raise ValueError(f"head.num_classes={cfg.head.num_classes} but the training data has {num_classes} "
                          "classes: fix head.num_classes (or drop it to take the data's count)")
+    bins = list(cfg.validation.bins) + extra_bins
+    if cfg.validation.interval > 0 and bins:
+        from megaface.eval.validation import check_validation_packs
+
+        check_validation_packs(bins)  # a bad pack fails now, not at the first validation hours in
     from megaface.data import TrainLoader
     from megaface.head import PartialFC, resolve_compute_dtype
     from megaface.models import build_model
 
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
-                         workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize)
+                         workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
+                         skip_corrupt=cfg.data.skip_corrupt)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout)
     h = cfg.head
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
@@ -220,7 +226,6 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
     validator = None
-    bins = list(cfg.validation.bins) + extra_bins
     if cfg.validation.interval > 0 and bins:
         from megaface.eval.validation import Validator
 
