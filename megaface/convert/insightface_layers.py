@@ -24,8 +24,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from megaface.convert.insightface import _expected_shapes
-from megaface.convert.insightface_graph import Layer, build_graph
+from megaface.convert.insightface_graph import Layer, layer_table
 
 _SHOWN = 8
 
@@ -64,12 +63,10 @@ ONEFLOW = Naming("OneFlow", "-", "moving_variance", "alpha", (1, 1), False)
 
 def _entries(network: str, embedding_size: int, naming: Naming):
     """(layer, megaface key or None, source name, source shape) for every parameter of ``network``."""
-    graph, _ = build_graph(network, embedding_size)
-    shapes = _expected_shapes(network, embedding_size)
-    for layer in graph.layers:
+    for layer in layer_table(network, embedding_size):
         for field, suffix in naming.fields(layer.kind):
             key = f"{layer.key}.{field}" if field else None
-            shape = shapes[key] if key else (embedding_size,)
+            shape = layer.shape if field == "weight" or layer.kind in ("bn", "embedding") else layer.shape[:1]
             if layer.kind == "prelu":
                 shape = shape + naming.prelu_trailing
             yield layer, key, naming.name(layer, suffix), tuple(shape)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from megaface.convert.insightface_graph import INPUT_MEAN, INPUT_SCALE, MXNET_BN_EPS_DEFAULT, build_graph
+from megaface.convert.insightface_graph import INPUT_MEAN, INPUT_SCALE, MXNET_BN_EPS_DEFAULT, build_graph, layer_table
 from megaface.convert.insightface_layers import MXNET, embedding_size_of, from_megaface, to_megaface
 from megaface.convert.mxnet_params import read_params, write_params
 from megaface.fileio import atomic_output_file
@@ -69,8 +69,9 @@ def _norm(value: str) -> str:
 def _check_symbol(facts: SymbolFacts, network: str, embedding_size: int, path: Path) -> None:
     """Every parametrised layer of the reference graph must exist in the file with the same op and geometry."""
     graph, _ = build_graph(network, embedding_size)
+    names = {layer.name for layer in graph.layers}
     for node in graph.nodes:
-        if node["op"] == "null" or node["name"] not in {layer.name for layer in graph.layers}:
+        if node["op"] == "null" or node["name"] not in names:
             continue
         found = facts.ops.get(node["name"])
         if found is None or found[0] != node["op"]:
@@ -87,24 +88,16 @@ def _check_symbol(facts: SymbolFacts, network: str, embedding_size: int, path: P
 
 def _bn_options(facts: SymbolFacts, network: str, embedding_size: int, path: Path) -> tuple[dict, frozenset]:
     """(build_options reproducing the file's BatchNorm eps, names of fix_gamma BatchNorms)."""
-    import torch
-
-    from megaface.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(network, embedding_size=embedding_size)
-    modules = dict(model.named_modules())
-    graph, _ = build_graph(network, embedding_size)
     eps, fixed, differ = {}, set(), []
-    for layer in graph.layers:
+    for layer in layer_table(network, embedding_size):
         if layer.kind not in ("bn", "embedding"):
             continue
         attrs = facts.ops[layer.name][1]
         eps[layer.name] = float(attrs.get("eps", MXNET_BN_EPS_DEFAULT))
-        if attrs.get("fix_gamma", "True") in ("True", "true", "1"):
+        if attrs.get("fix_gamma", "True") in ("True", "true", "1"):  # MXNet's default is True
             fixed.add(layer.name)
-        if abs(eps[layer.name] - modules[layer.key].eps) > 1e-12:
-            differ.append(f"{layer.name} eps {eps[layer.name]:g} (megaface {modules[layer.key].eps:g})")
+        if abs(eps[layer.name] - layer.eps) > 1e-12:
+            differ.append(f"{layer.name} eps {eps[layer.name]:g} (megaface {layer.eps:g})")
     if not differ:
         return {}, frozenset(fixed)
     if len(set(eps.values())) == 1:
@@ -132,7 +125,7 @@ def import_mxnet(prefix: str | os.PathLike, output: str | os.PathLike, network: 
     from megaface.checkpoint import save_backbone_file
 
     symbol_path, params_path = model_files(prefix, epoch)
-    build_graph(network, 1)  # unknown network: fail before reading anything
+    layer_table(network, 1)  # unknown network: fail before reading anything
     facts = read_symbol(symbol_path)
     backbone, fc7 = _split_params(read_params(params_path), params_path)
     embedding_size = embedding_size_of(backbone, network, MXNET, str(params_path))

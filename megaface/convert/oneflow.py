@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaface.convert.insightface_graph import build_graph
+from megaface.convert.insightface_graph import layer_table
 from megaface.convert.insightface_layers import ONEFLOW, embedding_size_of, from_megaface, source_shapes, to_megaface
 from megaface.fileio import atomic_output_dir
 
@@ -108,7 +108,7 @@ def import_oneflow(snapshot_dir: str | os.PathLike, output: str | os.PathLike, n
     """Convert a OneFlow snapshot into a megaface backbone file (+ FC7 shard set); returns the report text."""
     from megaface.checkpoint import save_backbone_file
 
-    build_graph(network, 1)  # unknown network: fail before reading anything
+    layer_table(network, 1)  # unknown network: fail before reading anything
     root = Path(snapshot_dir)
     arrays, fc7 = read_snapshot(root, network)
     state, embedding_size, notes = to_megaface(arrays, network, ONEFLOW, str(root))
