@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaface.checkpoint import load_backbone, save_backbone_file
+from megaface.checkpoint import load_backbone, read_backbone_file, save_backbone_file
 from megaface.convert.cli import main as convert_main
 from megaface.convert.insightface_graph import symbol_json
 from megaface.convert.mxnet import export_mxnet, import_mxnet, model_files
@@ -116,14 +116,10 @@ def test_export_import_round_trip(tmp_path, network):
     export_mxnet(tmp_path / "src.pt", tmp_path / "out" / "model", epoch=3)
     assert (tmp_path / "out" / "model-0003.params").is_file()
     import_mxnet(tmp_path / "out" / "model", tmp_path / "back.pt", network, epoch=3)
-    back, meta = load_backbone(tmp_path / "back.pt")
-    assert meta["build_options"] == {}
-    for key, value in model.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
-    if network == "mobilefacenet":  # equal weights + equal build options: the forward is the same code
-        x = torch.randn(2, 3, 112, 112)
-        with torch.no_grad():
-            assert torch.equal(model(x), back(x))
+    back, meta = read_backbone_file(tmp_path / "back.pt")
+    assert meta["build_options"] == {} and back.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():  # equal weights + equal build options: the same network
+        assert torch.equal(back[key], value), key
 
 
 @pytest.mark.slow
