@@ -30,7 +30,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int, pads: tuple[int, int, int,
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     k = w.shape[2]
     win = sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]  # N C Ho Wo k k
-    n, c, ho, wo = win.shape[:4]
+    c = win.shape[1]
     if groups == 1:
         return np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
     if groups == c and w.shape[1] == 1 and w.shape[0] == c:

@@ -88,20 +88,19 @@ def test_reference_detects_an_ignored_fix_gamma(tmp_path):
     assert np.abs(wrong - _megaface_embed(tmp_path / "b.pt", images)).max() > 1e-2
 
 
-def test_writer_bytes_equal_struct_packing_and_reader_reads_old_versions():
+def test_writer_bytes_equal_struct_packing_and_reader_reads_old_versions(tmp_path):
     rng = np.random.default_rng(3)
     arrays = {"arg:a_weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
               "aux:b_moving_var": rng.uniform(size=(5,)).astype(np.float32),
               "arg:c": rng.normal(size=(2, 2)).astype(np.float64)}
     assert pack_params(arrays) == pack_list(arrays).replace(struct.pack("<ii", 2, 1), struct.pack("<ii", 1, 0))
     for version in ("v1", "legacy"):
-        path = f"/tmp/_mx_{version}_{id(arrays)}.params"
-        with open(path, "wb") as fh:
-            fh.write(pack_list(arrays, {k: version for k in arrays}))
+        path = tmp_path / f"{version}.params"
+        path.write_bytes(pack_list(arrays, dict.fromkeys(arrays, version)))
         back = read_params(path)
         assert list(back) == list(arrays)
-        for key in arrays:
-            assert back[key].dtype == arrays[key].dtype and np.array_equal(back[key], arrays[key])
+        for key, value in arrays.items():
+            assert back[key].dtype == value.dtype and np.array_equal(back[key], value)
 
 
 @pytest.mark.parametrize("network", ["mobilefacenet", "iresnet50"])

@@ -19,7 +19,11 @@ from typing import Any
 
 from megaface.models.iresnet import BN_EPS as IRESNET_BN_EPS
 from megaface.models.iresnet import IRESNET_UNITS, STAGE_CHANNELS
-from megaface.models.mobilefacenet import CONV_BN_EPS, EMBEDDING_BN_EPS, MOBILEFACENET_SPECS
+from megaface.models.mobilefacenet import (
+    CONV_BN_EPS,
+    EMBEDDING_BN_EPS,
+    MOBILEFACENET_SPECS,
+)
 
 # InsightFace's input normalisation inside the symbol: (x - 127.5) * 0.0078125 on RGB 0..255
 # (megaface's normalize mode "oneflow").

@@ -20,8 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from megaface.convert.insightface_graph import INPUT_MEAN, INPUT_SCALE, MXNET_BN_EPS_DEFAULT, build_graph, layer_table
-from megaface.convert.insightface_layers import MXNET, embedding_size_of, from_megaface, to_megaface
+from megaface.convert.insightface_graph import (
+    INPUT_MEAN,
+    INPUT_SCALE,
+    MXNET_BN_EPS_DEFAULT,
+    build_graph,
+    layer_table,
+)
+from megaface.convert.insightface_layers import (
+    MXNET,
+    embedding_size_of,
+    from_megaface,
+    to_megaface,
+)
 from megaface.convert.mxnet_params import read_params, write_params
 from megaface.fileio import atomic_output_file
 
@@ -142,8 +153,8 @@ def import_mxnet(prefix: str | os.PathLike, output: str | os.PathLike, network: 
     if facts.normalize:
         meta["normalize"] = facts.normalize
     out = save_backbone_file(output, state, meta)
-    lines = [f"wrote megaface backbone {out}", f"{network} (embedding_size={embedding_size}): "
-             f"{len(backbone)} MXNet arrays matched"] + [f"  - {note}" for note in notes]
+    summary = f"{network} (embedding_size={embedding_size}): {len(backbone)} MXNet arrays matched"
+    lines = [f"wrote megaface backbone {out}", summary] + [f"  - {note}" for note in notes]
     if fc7:
         from megaface.convert.fc7_import import write_fc7_shard_set
 

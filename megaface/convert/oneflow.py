@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from megaface.convert.insightface_graph import layer_table
-from megaface.convert.insightface_layers import ONEFLOW, embedding_size_of, from_megaface, source_shapes, to_megaface
+from megaface.convert.insightface_layers import (
+    ONEFLOW,
+    embedding_size_of,
+    from_megaface,
+    source_shapes,
+    to_megaface,
+)
 from megaface.fileio import atomic_output_dir
 
 DATA_TYPES = {"kFloat": np.float32, "kDouble": np.float64, "kFloat16": np.float16, "kInt8": np.int8,
@@ -115,8 +121,8 @@ def import_oneflow(snapshot_dir: str | os.PathLike, output: str | os.PathLike, n
     meta = {"network": network, "embedding_size": embedding_size, "source": "oneflow", "source_file": str(root),
             "build_options": {}, "normalize": "oneflow"}
     out = save_backbone_file(output, state, meta)
-    lines = [f"wrote megaface backbone {out}", f"{network} (embedding_size={embedding_size}): {len(arrays)} "
-             "OneFlow variables matched"] + [f"  - {note}" for note in notes]
+    summary = f"{network} (embedding_size={embedding_size}): {len(arrays)} OneFlow variables matched"
+    lines = [f"wrote megaface backbone {out}", summary] + [f"  - {note}" for note in notes]
     if fc7:
         from megaface.convert.fc7_import import write_fc7_shard_set
 
@@ -143,7 +149,7 @@ def export_oneflow(src: str | os.PathLike, output: str | os.PathLike, network: s
     if meta.get("build_options"):
         warnings.append(f"the backbone runs with build options {meta['build_options']}; the OneFlow networks "
                         "hard-code their BatchNorm eps, so outputs there differ slightly")
-    embedding_gamma = [v for k, v in state.items() if k in ("features.weight", "features.layers.3.weight")][0]
+    embedding_gamma = state["features.weight" if model.network_name.startswith("iresnet") else "features.layers.3.weight"]
     if not bool((embedding_gamma == 1).all()):
         warnings.append("the embedding BatchNorm scale is not 1; OneFlow's fc1 has no scale and drops it")
     with atomic_output_dir(output) as tmp:
