@@ -1,9 +1,10 @@
 """`megaface convert`: inspect checkpoints, consolidate ZeRO backbones, merge/reshard FC7, ONNX and
-InsightFace interop. Kept light: the subcommand modules are imported only when used.
+InsightFace interop (arcface_torch state_dicts, MXNet model-zoo files, OneFlow snapshots). Kept light: the subcommand modules are imported only when used.
 
 Library entry points: `megaface.convert.inspect.inspect_checkpoint`, `megaface.convert.consolidate.consolidate`,
 `megaface.convert.fc7.merge_shards` / `reshard`, `megaface.convert.onnx_export.export_onnx`,
-`megaface.convert.insightface.import_insightface` / `export_insightface`.
+`megaface.convert.insightface.import_insightface` / `export_insightface`,
+`megaface.convert.mxnet.import_mxnet` / `export_mxnet`, `megaface.convert.oneflow.import_oneflow` / `export_oneflow`.
 """
 
 from __future__ import annotations

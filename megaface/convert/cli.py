@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
@@ -84,6 +84,55 @@ def _export_insightface(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_foreign(args: argparse.Namespace) -> int:
+    if args.command == "import-oneflow":
+        from megaface.convert.oneflow import import_oneflow
+
+        print(import_oneflow(args.source, args.output, args.network, args.fc7_output, args.num_classes))
+    else:
+        from megaface.convert.mxnet import import_mxnet
+
+        print(import_mxnet(args.source, args.output, args.network, args.epoch, args.fc7_output, args.num_classes))
+    return 0
+
+
+def _export_foreign(args: argparse.Namespace) -> int:
+    if args.command == "export-oneflow":
+        from megaface.convert.oneflow import export_oneflow
+
+        print(export_oneflow(args.checkpoint, args.output, network=args.network))
+    else:
+        from megaface.convert.mxnet import export_mxnet
+
+        print(export_mxnet(args.checkpoint, args.output, network=args.network, epoch=args.epoch))
+    return 0
+
+
+def _add_foreign(sub: Any) -> None:
+    """import/export-oneflow and import/export-mxnet (InsightFace's OneFlow snapshots and MXNet model zoo)."""
+    for fmt, source, what in (("oneflow", "SNAPSHOT_DIR", "OneFlow snapshot directory"),
+                              ("mxnet", "PREFIX", "MXNet PREFIX of PREFIX-symbol.json + PREFIX-EPOCH.params")):
+        p = sub.add_parser(f"import-{fmt}", help=f"InsightFace {what} -> megaface backbone")
+        p.add_argument("source", metavar=source, help=what)
+        p.add_argument("--network", required=True, help="mobilefacenet (y1) or iresnet18/34/50/100/200")
+        p.add_argument("-o", "--output", required=True, help="megaface backbone .pt or .safetensors")
+        if fmt == "mxnet":
+            p.add_argument("--epoch", type=int, default=0, help="checkpoint epoch (PREFIX-%%04d.params; default 0)")
+        p.add_argument("--fc7-output", help="where an fc7 weight goes (default: OUTPUT stem + '_fc7/')")
+        p.add_argument("--num-classes", type=int, help="keep the first N FC7 rows (drops class padding)")
+        p.set_defaults(handler=_import_foreign)
+
+        p = sub.add_parser(f"export-{fmt}", help=f"megaface backbone -> InsightFace {fmt} files")
+        p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or a backbone file")
+        p.add_argument("-o", "--output", required=True,
+                       help="snapshot directory" if fmt == "oneflow" else "MXNet PREFIX (writes PREFIX-symbol.json, "
+                                                                          "PREFIX-EPOCH.params)")
+        p.add_argument("--network", help="network name when the source has no meta")
+        if fmt == "mxnet":
+            p.add_argument("--epoch", type=int, default=0, help="epoch number in the params file name (default 0)")
+        p.set_defaults(handler=_export_foreign)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megaface convert", description=(
         "Inspect and convert megaface checkpoints. CKPT is an output dir, its checkpoints/ dir or one "
@@ -134,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="arcface_torch backbone .pt")
     p.add_argument("--network", help="network name when the source has no meta")
     p.set_defaults(handler=_export_insightface)
+    _add_foreign(sub)
     return parser
 
 
