@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaface.models import VIT_SPECS, build_model, profile_model
+from megaface.models import VIT_SPECS, VisionTransformer, ViTSpec, build_model, profile_model
 from megaface.models.vit import NUM_PATCHES, drop_path
 
 # name -> (params, MAdds per sample) of this implementation, pinned: a shape change breaks checkpoints.
@@ -35,6 +35,11 @@ def _on_meta(name: str, **options):
     # Shapes only: the meta device allocates nothing, so even vit_l profiles in a second or two.
     with torch.device("meta"):
         return build_model(name, **options)
+
+
+def _tiny(**options) -> VisionTransformer:
+    # The vit_t code path at C = 32, 2 blocks, 4 heads: behaviour tests in well under a second each.
+    return VisionTransformer("vit_t", ViTSpec(32, 2, 4, 0.0, 0.0, False), 16, **options)
 
 
 @pytest.mark.parametrize("name", [n for n in MEASURED if n != "vit_h"]
@@ -63,10 +68,9 @@ def test_layout_keys_are_arcface_torch_names():
 
 
 def test_attention_equals_explicit_softmax():
-    model = build_model("vit_t")
-    attn = model.blocks[0].attn
-    x = torch.randn(2, 10, 256)
-    n, t, c, h = 2, 10, 256, 8
+    attn = _tiny().blocks[0].attn
+    x = torch.randn(2, 10, 32)
+    n, t, c, h = 2, 10, 32, 4
     q, k, v = attn.qkv(x).reshape(n, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
     probs = (q @ k.transpose(-2, -1) * (c // h) ** -0.5).softmax(-1)
     expected = attn.proj((probs @ v).transpose(1, 2).reshape(n, t, c))
@@ -74,7 +78,7 @@ def test_attention_equals_explicit_softmax():
 
 
 def test_eval_is_deterministic_and_train_is_stochastic():
-    model = build_model("vit_t", drop_path_rate=0.5, mask_ratio=0.25)
+    model = _tiny(drop_path_rate=0.5, mask_ratio=0.25)
     x = torch.randn(2, 3, 112, 112)
     model.eval()
     with torch.no_grad():
@@ -84,7 +88,7 @@ def test_eval_is_deterministic_and_train_is_stochastic():
 
 
 def test_masking_fills_dropped_patches_with_the_mask_token():
-    model = build_model("vit_t", mask_ratio=0.5, drop_path_rate=0.0).train()
+    model = _tiny(mask_ratio=0.5).train()
     seen = []
     model.feature[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
     model(torch.randn(3, 3, 112, 112))
@@ -107,7 +111,8 @@ def test_drop_path_keeps_the_expectation():
 
 
 def test_stochastic_depth_rates_grow_linearly():
-    rates = [b.drop_path_rate for b in build_model("vit_t", drop_path_rate=0.11).blocks]
+    rates = [b.drop_path_rate for b in _on_meta("vit_t", drop_path_rate=0.11).blocks]
+    assert len(rates) == 12
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.11) and rates == sorted(rates)
 
 
@@ -116,7 +121,7 @@ def test_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(1)
-        model = build_model("vit_t", drop_path_rate=0.3, mask_ratio=0.1, checkpointing=checkpointing).train()
+        model = _tiny(drop_path_rate=0.3, mask_ratio=0.1, checkpointing=checkpointing).train()
         torch.manual_seed(2)  # the same masks and drop-path draws in both runs
         model(x).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))

@@ -108,7 +108,8 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize)
-    model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout)
+    model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
+                        **cfg.model.build_options())
     h = cfg.head
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
