@@ -73,6 +73,9 @@ class HeadConfig:
     """Number of identities; None = taken from the training data. Set it to check the data against it."""
     lr_scale: float = 1.0
     """FC7 learning rate = this x the schedule's lr (model-parallel head only)."""
+    interclass_filtering_threshold: float = 0.0
+    """Non-target cosines above this are treated as label noise and set to 0 before margin and scale (in the
+    softmax as exp(0), no gradient), as arcface_torch does for its WebFace12M "conflict" runs; 0 disables it."""
 
 
 @dataclass(frozen=True)
