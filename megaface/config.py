@@ -44,6 +44,17 @@ class ModelConfig:
     """Embedding width D; None = the network's default (128 for mobilefacenet, 512 for iresnet*)."""
     dropout: float | None = None
     """Dropout before the embedding FC (iresnet "E" head); None = the network's default."""
+    drop_path_rate: float | None = None
+    """vit_*: stochastic depth of the last block (0 at the first, linear between); None = the size's default."""
+    mask_ratio: float | None = None
+    """vit_*: fraction of the 144 patches dropped per sample in train mode (mask token); None = size default."""
+    checkpointing: bool | None = None
+    """vit_*: activation checkpointing per block (non-reentrant); None = the size's default (on for b/l/h)."""
+
+    def build_options(self) -> dict[str, Any]:
+        """The set ViT options as `build_model` keywords (a CNN given one is refused by build_model)."""
+        names = ("drop_path_rate", "mask_ratio", "checkpointing")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True)
@@ -118,16 +129,36 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD and the learning-rate schedule (drives the DeepSpeed optimizer and the FC7 optimizer alike)."""
+    """Optimizer and learning-rate schedule (drives the DeepSpeed optimizer and the FC7 optimizer alike).
 
+    This section is the single source of truth for the optimizer: a DeepSpeed JSON with an "optimizer"
+    section is accepted only when that section agrees (type, lr, betas, eps, weight_decay, momentum); see
+    `megaface.ds_config.check_optimizer_single_source`. Weight decay follows arcface_torch: one
+    weight_decay for every parameter of the backbone and of FC7 (norms, biases, pos_embed included; its
+    ViT's no_weight_decay() list is never consulted by its train_v2).
+    """
+
+    name: str = "sgd"
+    """sgd (momentum, coupled weight decay) or adamw (decoupled weight decay; arcface_torch's ViT recipes)."""
     lr: float = 0.1
     """Base learning rate (at a global batch of any size: scale it yourself)."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 5e-4
-    """SGD weight decay (backbone and FC7)."""
+    """Weight decay of backbone and FC7: SGD adds wd*w to the gradient, AdamW multiplies w by 1 - lr*wd."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2): torch.optim.AdamW's defaults, which arcface_torch uses."""
+    eps: float = 1e-8
+    """AdamW epsilon (added to sqrt of the bias-corrected second moment)."""
+    schedule: str = "step"
+    """step (warm-up then x gamma at milestones) or polynomial (arcface_torch's PolynomialLRWarmup)."""
+    power: float = 1.0
+    """polynomial: lr = lr0 * (1 - (i - warmup) / (total - warmup)) ** power; 1.0 is what arcface_torch's
+    train_v2 runs (the scheduler's default), 2.0 its lr_scheduler demo."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to lr over this many iterations."""
+    warmup_epochs: float = 0.0
+    """Alternative to warmup_steps, in epochs (arcface_torch: num_epoch // 10 for its polynomial runs)."""
     milestones: list[int] = field(default_factory=list)
     """Piecewise decay: lr *= gamma at each of these iterations."""
     milestone_epochs: list[float] = field(default_factory=list)
@@ -301,6 +332,8 @@ _CHOICES = {
     ("data", "source"): ("synthetic", "recordio", "folder", "ofrecord"),
     ("data", "normalize"): ("arcface_torch", "oneflow"),
     ("train", "progress"): ("auto", "on", "off"),
+    ("optim", "name"): ("sgd", "adamw"),
+    ("optim", "schedule"): ("step", "polynomial"),
 }
 
 
@@ -319,6 +352,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError("set optim.milestones (iterations) or optim.milestone_epochs, not both")
     if sorted(o.milestones) != list(o.milestones) or sorted(o.milestone_epochs) != list(o.milestone_epochs):
         raise ValueError(f"optim milestones must be increasing, got {o.milestones or o.milestone_epochs}")
+    _validate_optim(o)
     if h.parallel == "data" and h.sample_rate < 1.0:
         raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
     if h.parallel == "data" and h.momentum_dtype != "fp32":
@@ -333,6 +367,21 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ValueError(f"data.{name}={value} applies to data.source=ofrecord only (data.source is "
                              f"{d.source!r}); drop it")
     return cfg
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ValueError(f"optim.betas={list(o.betas)} must both be in [0, 1) (AdamW default [0.9, 0.999])")
+    if not o.eps > 0 or o.lr < 0 or o.weight_decay < 0:
+        raise ValueError(f"optim.eps={o.eps} must be > 0 and optim.lr={o.lr}, optim.weight_decay="
+                         f"{o.weight_decay} >= 0")
+    if o.warmup_steps and o.warmup_epochs:
+        raise ValueError("set optim.warmup_steps (iterations) or optim.warmup_epochs, not both")
+    if o.warmup_steps < 0 or o.warmup_epochs < 0:
+        raise ValueError(f"optim.warmup_steps={o.warmup_steps} / warmup_epochs={o.warmup_epochs} must be >= 0")
+    if o.schedule == "polynomial" and (o.milestones or o.milestone_epochs or not o.power > 0):
+        raise ValueError(f"optim.schedule=polynomial takes optim.power > 0 (got {o.power}) and no milestones "
+                         f"(got {o.milestones or o.milestone_epochs}); remove them or use schedule=step")
 
 
 # ---- loading ------------------------------------------------------------------------------------------

@@ -133,3 +133,57 @@ def resolve_ds_config(ds: dict[str, Any], world_size: int, device_type: str) -> 
     ds["zero_allow_untested_optimizer"] = True  # SGD is "untested" for DeepSpeed's ZeRO but works
     ds.setdefault("steps_per_print", 1_000_000_000)  # megaface logs itself
     return ds
+
+
+# ---- the optimizer: one source of truth ---------------------------------------------------------------------
+
+# DeepSpeed "optimizer.type" values (lower-cased) that name what optim.name builds. DeepSpeed's "Adam" is AdamW
+# unless params.adam_w_mode is false (its default is true).
+_DS_OPTIMIZER_TYPES = {"sgd": ("sgd",), "adamw": ("adamw", "adam")}
+# optim fields that a DeepSpeed "optimizer.params" may also carry, per optim.name.
+_SHARED_PARAMS = {"sgd": ("lr", "momentum", "weight_decay"), "adamw": ("lr", "betas", "eps", "weight_decay")}
+
+
+def check_optimizer_single_source(cfg: Any, ds: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a DeepSpeed "optimizer" section that disagrees with the experiment's optim section.
+
+    The experiment config (`cfg.optim`: name, lr, momentum, betas, eps, weight_decay) is the single source of
+    truth: megaface builds the backbone's optimizer (handed to deepspeed.initialize) and FC7's ShardSGD /
+    ShardAdamW from it. A JSON copied from elsewhere may still carry
+        "optimizer": {"type": "AdamW", "params": {"lr": ..., "betas": [...], "eps": ..., "weight_decay": ...}}
+    Its type must name optim.name (SGD for sgd; AdamW, or Adam without adam_w_mode=false, for adamw), and every
+    param it sets among lr / momentum (sgd) / betas / eps (adamw) / weight_decay must equal the YAML value;
+    otherwise a ValueError lists each disagreement and the fix. Params it does not set are fine. The "scheduler"
+    section is never accepted (the schedule is optim.schedule). Returns a copy of `ds` WITHOUT the optimizer
+    section (an agreeing section is redundant, and DeepSpeed refuses an optimizer given twice).
+    """
+    section = ds.get("optimizer")
+    out = {k: copy.deepcopy(v) for k, v in ds.items() if k != "optimizer"}
+    if section is None:
+        return out
+    o = cfg.optim
+    if not isinstance(section, dict):
+        raise ValueError(f"DeepSpeed config 'optimizer' must be an object, got {section!r}")
+    params = section.get("params") or {}
+    problems = []
+    kind = str(section.get("type", "")).lower()
+    if kind not in _DS_OPTIMIZER_TYPES[o.name] or (kind == "adam" and params.get("adam_w_mode") is False):
+        problems.append(f"type {section.get('type')!r} (with params.adam_w_mode={params.get('adam_w_mode')}) "
+                        f"is not optim.name={o.name!r}")
+    for key in _SHARED_PARAMS[o.name]:
+        if key in params and not _same(params[key], getattr(o, key)):
+            problems.append(f"params.{key}={params[key]!r} but optim.{key}={getattr(o, key)!r}")
+    if problems:
+        raise ValueError("the DeepSpeed config's 'optimizer' section disagrees with the experiment config: "
+                         + "; ".join(problems) + ". The experiment's optim section is the single source of truth: "
+                         "remove the 'optimizer' section from the JSON (or make it agree)")
+    return out
+
+
+def _same(json_value: Any, yaml_value: Any) -> bool:
+    if isinstance(yaml_value, (tuple, list)):
+        return isinstance(json_value, (tuple, list)) and len(json_value) == len(yaml_value) and all(
+            _same(a, b) for a, b in zip(json_value, yaml_value))
+    if isinstance(json_value, bool) or not isinstance(json_value, (int, float)):
+        return False
+    return abs(float(json_value) - float(yaml_value)) <= 1e-12 * max(1.0, abs(float(yaml_value)))

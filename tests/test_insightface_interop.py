@@ -252,7 +252,7 @@ def test_errors_name_keys_and_cause():
     wrong_dim = dict(reference, **{"fc.bias": torch.empty(7, device="meta")})
     with pytest.raises(ValueError, match=r"fc\.bias: expected \[512\], got \[7\]"):
         import_insightface(wrong_dim)
-    with pytest.raises(ValueError, match="not an arcface_torch iresnet or mbf"):
+    with pytest.raises(ValueError, match="not an arcface_torch iresnet, mbf or vit"):
         import_insightface({"backbone.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="not tensors"):
         import_insightface({"conv1.weight": [1, 2]})

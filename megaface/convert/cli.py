@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the onnxruntime comparison with torch (random inputs, batch 1 and 3)")
     p.set_defaults(handler=_onnx)
 
-    p = sub.add_parser("import-insightface", help="arcface_torch iresnet/mbf state_dict -> megaface backbone")
+    p = sub.add_parser("import-insightface", help="arcface_torch iresnet/mbf/vit state_dict -> megaface backbone")
     p.add_argument("model", help="arcface_torch backbone .pt/.pth (a state_dict)")
     p.add_argument("-o", "--output", required=True, help="megaface backbone .pt or .safetensors")
     p.add_argument("--network", help="megaface network name (default: detected from keys and shapes)")

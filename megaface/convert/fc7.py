@@ -1,10 +1,11 @@
-"""Merge and reshard the model-parallel FC7 (classifier rows + SGD momentum) of a checkpoint.
+"""Merge and reshard the model-parallel FC7 (classifier rows + per-row optimizer state) of a checkpoint.
 
 A checkpoint saved at world size W holds `fc7/shard_RRRRR_of_WWWWW.pt` for r < W (the dicts written by
 `megaface.head.shard_state_dict`). `merge_shards` stacks them into the full [num_classes, D] matrix in class
 order; `reshard` re-splits that for another world size with `megaface.head.sharding.class_range`, so the
 trainer can resume on a different number of ranks (and `megaface convert fc7 --reshard W` can write such a
-checkpoint ahead of time).
+checkpoint ahead of time). Per-row optimizer state (`ROW_STATE_KEYS`: SGD momentum, AdamW exp_avg /
+exp_avg_sq / row_step) travels with its rows exactly like the weight.
 
 Shard dicts are read as plain dicts: this module only needs torch and the class-range math.
 """
@@ -22,7 +23,7 @@ import torch
 
 from megaface.checkpoint.layout import DS_DIR, FC7_DIR, META_FILE, load_torch_file
 from megaface.fileio import atomic_output_dir, atomic_output_file
-from megaface.head.optim import SHARD_FORMAT
+from megaface.head.optim import ROW_STATE_KEYS, SHARD_FORMAT
 from megaface.head.sharding import class_range
 
 MERGED_FORMAT = "megaface.fc7_full.v1"
@@ -30,7 +31,7 @@ _SHARD_NAME = re.compile(r"^shard_(\d+)_of_(\d+)\.pt$")
 _REQUIRED = ("weight", "class_start", "num_local", "num_classes", "embedding_size", "rank", "world_size")
 # Keys that describe one rank's slice (rebuilt by reshard); everything else is a run-wide setting that is
 # copied from rank 0. The Partial FC sampler state belongs to a rank and is dropped: the head re-seeds it.
-_PER_RANK = {"format", "weight", "momentum", "class_start", "num_local", "rank", "world_size", "sampler_rng"}
+_PER_RANK = {"format", "weight", *ROW_STATE_KEYS, "class_start", "num_local", "rank", "world_size", "sampler_rng"}
 
 __all__ = ["MERGED_FORMAT", "shard_file_name", "merge_shards", "reshard", "split_merged", "load_rank_shard",
            "load_checkpoint_shards", "merge_checkpoint", "reshard_checkpoint"]
@@ -51,14 +52,15 @@ def _check_one(state: Any, name: str) -> None:
     if missing:
         raise ValueError(f"{name}: FC7 shard lacks {missing}; the file is damaged or from another tool")
     num_local, dim = int(state["num_local"]), int(state["embedding_size"])
-    for key in ("weight", "momentum"):
+    for key in ("weight", *ROW_STATE_KEYS):
         value = state.get(key)
-        if value is None and key == "momentum":
+        if value is None and key != "weight":
             continue
-        if not torch.is_tensor(value) or tuple(value.shape) != (num_local, dim):
+        expected = (num_local,) if key == "row_step" else (num_local, dim)
+        if not torch.is_tensor(value) or tuple(value.shape) != expected:
             shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(f"{name}: FC7 {key} has shape {shape}, expected [num_local={num_local}, "
-                             f"embedding_size={dim}]")
+            raise ValueError(f"{name}: FC7 {key} has shape {shape}, expected [num_local={num_local}"
+                             f"{'' if key == 'row_step' else f', embedding_size={dim}'}]")
 
 
 def _check_same(states: Sequence[dict], names: Sequence[str], key: str) -> int:
@@ -113,10 +115,11 @@ def _validate(states: Sequence[dict], names: Sequence[str] | None) -> tuple[list
     _check_same(states, names, "embedding_size")
     world_size = _check_same(states, names, "world_size")
     _check_ranks(states, names, world_size)
-    has_momentum = [s.get("momentum") is not None for s in states]
-    if any(has_momentum) and not all(has_momentum):
-        name = names[has_momentum.index(False)]
-        raise ValueError(f"{name}: has no momentum while other shards do; all shards must carry it or none")
+    for key in ROW_STATE_KEYS:
+        has = [s.get(key) is not None for s in states]
+        if any(has) and not all(has):
+            name = names[has.index(False)]
+            raise ValueError(f"{name}: has no {key} while other shards do; all shards must carry it or none")
     order = sorted(range(len(states)), key=lambda i: int(states[i]["class_start"]))
     _check_ranges(order, states, names, num_classes)
     return order, names
@@ -125,24 +128,25 @@ def _validate(states: Sequence[dict], names: Sequence[str] | None) -> tuple[list
 # ---- merge / reshard (pure: dicts in, dicts out) ------------------------------------------------------------
 
 def merge_shards(states: Sequence[dict], names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The full FC7 of a complete shard set: weight (and momentum) [num_classes, D] in class order.
+    """The full FC7 of a complete shard set: weight and per-row optimizer state [num_classes, ...] in class order.
 
     `names` (e.g. the shard file paths) are used in error messages. Returns {"format": MERGED_FORMAT,
-    "weight", "momentum" (or None), "num_classes", "embedding_size", "source_world_size", "class_ranges",
+    "weight", "momentum" (or None), the AdamW rows when present, "num_classes", "embedding_size",
+    "source_world_size", "class_ranges",
     "hyper", ...run-wide extras of rank 0's shard}.
     """
     order, _ = _validate(states, names)
     ordered = [states[i] for i in order]
-    momentum = None
-    if ordered[0].get("momentum") is not None:
-        momentum = torch.cat([s["momentum"].detach().cpu() for s in ordered])
+    rows = {key: torch.cat([s[key].detach().cpu() for s in ordered]) if ordered[0].get(key) is not None else None
+            for key in ROW_STATE_KEYS}
+    rows = {key: value for key, value in rows.items() if value is not None or key == "momentum"}
     rank0 = next(s for s in states if int(s["rank"]) == 0)
     extras = {k: v for k, v in rank0.items() if k not in _PER_RANK}
     return {
         **extras,
         "format": MERGED_FORMAT,
         "weight": torch.cat([s["weight"].detach().cpu() for s in ordered]),
-        "momentum": momentum,
+        **rows,
         "num_classes": int(rank0["num_classes"]),
         "embedding_size": int(rank0["embedding_size"]),
         "source_world_size": int(rank0["world_size"]),
@@ -162,13 +166,14 @@ def split_merged(merged: dict[str, Any], world_size: int) -> list[dict[str, Any]
     for rank in range(world_size):
         start, count = class_range(num_classes, world_size, rank)
         rows = slice(start, start + count)
-        momentum = merged.get("momentum")
+        optimizer_rows = {key: merged[key][rows].clone() for key in ROW_STATE_KEYS if merged.get(key) is not None}
         shards.append({
             **extras,
             "format": SHARD_FORMAT,
             # clone: a view would keep (and torch.save would write) the whole merged matrix
             "weight": merged["weight"][rows].clone(),
-            "momentum": None if momentum is None else momentum[rows].clone(),
+            "momentum": None,
+            **optimizer_rows,
             "class_start": start,
             "num_local": count,
             "rank": rank,
@@ -181,7 +186,7 @@ def split_merged(merged: dict[str, Any], world_size: int) -> list[dict[str, Any]
 def reshard(states: Sequence[dict], world_size: int, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Re-split a complete shard set (any saved world size) into `world_size` shards, rank order.
 
-    Weights and momentum rows are moved exactly (no arithmetic), so training resumed on the new world size
+    Weights and optimizer rows are moved exactly (no arithmetic), so training resumed on the new world size
     sees the same classifier and optimizer state. Per-rank sampler states are dropped (`sampler_rng=None`).
     """
     return split_merged(merge_shards(states, names), world_size)

@@ -1,6 +1,6 @@
-"""InsightFace arcface_torch interop: iresnet/mbf state_dicts <-> megaface backbones.
+"""InsightFace arcface_torch interop: iresnet/mbf/vit state_dicts <-> megaface backbones.
 
-megaface's IResNet and MobileFaceNet module trees mirror arcface_torch's, so the mapping is key for key
+megaface's IResNet, MobileFaceNet and ViT module trees mirror arcface_torch's, so the mapping is key for key
 (docs/insightface_mapping.md has the table). What this module adds is the checking: the network is detected
 from key names and tensor shapes, every key must be matched (no missing, no extra, no shape mismatch) or a
 ValueError names the offending keys and the likely cause, and the differences that a state_dict does not
@@ -25,12 +25,19 @@ import torch
 from megaface.models import build_model
 from megaface.models.iresnet import IRESNET_UNITS
 from megaface.models.mobilefacenet import MOBILEFACENET_SPECS
+from megaface.models.vit import VIT_SPECS
 
 # arcface_torch builds every BatchNorm with eps 1e-5; megaface uses the seed's 2e-5 / 1e-3.
 INSIGHTFACE_BN_EPS = 1e-5
 # Networks that arcface_torch can express (its MobileFaceNet fixes the expansion widths and the GDC width).
 INSIGHTFACE_NETWORKS = tuple(f"iresnet{d}" for d in sorted(IRESNET_UNITS)) + (
-    "mobilefacenet", "mobilefacenet_wide", "mobilefacenet_large")
+    "mobilefacenet", "mobilefacenet_wide", "mobilefacenet_large") + tuple(VIT_SPECS)
+# The key holding [D, ...] of the embedding layer, per family (gives D).
+_EMBEDDING_KEY = {"iresnet": "fc.weight", "mobilefacenet": "features.layers.2.weight", "vit": "feature.2.weight"}
+
+
+def _embedding_key(network: str) -> str:
+    return _EMBEDDING_KEY[next(prefix for prefix in _EMBEDDING_KEY if network.startswith(prefix))]
 # arcface_torch training checkpoints (checkpoint_gpu_<rank>.pt) keep the backbone under this key.
 _WRAPPER_KEYS = ("state_dict_backbone", "state_dict", "model")
 _SHOWN = 8  # keys listed per category in an error message
@@ -107,9 +114,23 @@ def detect_network(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
         raise ValueError("MobileFaceNet-like state_dict matches none of "
                          f"{list(MOBILEFACENET_SPECS)}; closest is {best!r}: "
                          f"{_describe(_diff(_expected_shapes(best, embedding_size), given))}")
-    raise ValueError("not an arcface_torch iresnet or mbf backbone: expected keys 'conv1.weight'/'fc.weight'/"
-                     "'layer1.0.conv1.weight' (iresnet) or 'layers.0.layers.0.weight'/'conv_sep.layers.0.weight'"
-                     f" (mbf); found e.g. {list(state)[:5]}")
+    if "patch_embed.proj.weight" in state and "feature.2.weight" in state:
+        return _detect_vit(state)
+    raise ValueError("not an arcface_torch iresnet, mbf or vit backbone: expected keys 'conv1.weight'/'fc.weight'/"
+                     "'layer1.0.conv1.weight' (iresnet), 'layers.0.layers.0.weight'/'conv_sep.layers.0.weight'"
+                     f" (mbf) or 'patch_embed.proj.weight'/'feature.2.weight' (vit); found e.g. {list(state)[:5]}")
+
+
+def _detect_vit(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
+    """A ViT is named by (embed dim, depth); the head count (8 in every size) is not in the weights."""
+    dim = int(state["patch_embed.proj.weight"].shape[0])
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    for name, spec in VIT_SPECS.items():
+        if (spec.embed_dim, spec.depth) == (dim, depth):
+            return name, int(state["feature.2.weight"].shape[0])
+    known = {name: (spec.embed_dim, spec.depth) for name, spec in VIT_SPECS.items()}
+    raise ValueError(f"ViT-like state_dict with embed_dim {dim} and {depth} blocks matches none of {known} "
+                     "(name: (embed_dim, depth))")
 
 
 def _diff(expected: Mapping[str, tuple], given: Mapping[str, tuple]) -> dict[str, list[str]]:
@@ -142,7 +163,7 @@ def _resolve_network(state: Mapping[str, torch.Tensor], network: str | None) -> 
     if network not in INSIGHTFACE_NETWORKS:
         raise ValueError(f"{network!r} has no arcface_torch counterpart; choose one of {list(INSIGHTFACE_NETWORKS)}")
     if embedding_size is None:
-        key = "fc.weight" if network.startswith("iresnet") else "features.layers.2.weight"
+        key = _embedding_key(network)
         embedding_size = int(state[key].shape[0]) if key in state else 512
     if detected is not None and detected != network:
         raise ValueError(f"the state_dict holds a {detected} (embedding_size={embedding_size}), not {network}: "
@@ -180,6 +201,12 @@ def import_insightface(state_dict: Mapping[str, Any], network: str | None = None
     halves = sorted({str(v.dtype) for v in state.values() if v.is_floating_point() and v.dtype != torch.float32})
     if halves:
         notes.append(f"converted {halves} tensors to float32")
+    if network in VIT_SPECS:
+        # Same eps (LayerNorm 1e-5, feature BatchNorms 2e-5) and a trained final BN scale on both sides.
+        notes.append("arcface_torch's vit_* variants (e.g. vit_t vs vit_t_dp005_mask0) share these weights and "
+                     "differ only in drop path / mask ratio; set model.drop_path_rate / model.mask_ratio to "
+                     "continue training one of them exactly")
+        return converted, InteropReport(network, embedding_size, len(converted), notes, {})
     gamma_key = "features.weight" if network.startswith("iresnet") else "features.layers.3.weight"
     if not torch.equal(converted[gamma_key], torch.ones_like(converted[gamma_key])):
         notes.append(f"{gamma_key} (final BatchNorm scale) is not all ones: kept as a fixed scale, "
@@ -194,8 +221,8 @@ def import_insightface(state_dict: Mapping[str, Any], network: str | None = None
 def export_insightface(megaface_state_dict: Mapping[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
     """megaface backbone state_dict of ``network`` -> arcface_torch state_dict (same keys, fp32 copies).
 
-    Load it into arcface_torch's ``get_model('r100', num_features=D)`` (iresnet) or its MobileFaceNet with
-    the scale/blocks given in docs/insightface_mapping.md.
+    Load it into arcface_torch's ``get_model('r100', num_features=D)`` (iresnet), its MobileFaceNet with
+    the scale/blocks given in docs/insightface_mapping.md, or ``get_model('vit_t', num_features=D)`` etc.
     """
     if network not in INSIGHTFACE_NETWORKS:
         raise ValueError(f"{network!r} has no arcface_torch counterpart; choose one of {list(INSIGHTFACE_NETWORKS)}")
@@ -203,7 +230,7 @@ def export_insightface(megaface_state_dict: Mapping[str, torch.Tensor], network:
         raise ValueError(f"expected a megaface backbone state_dict, got {type(megaface_state_dict).__name__}; "
                          "for checkpoints use export_insightface_file(src, output)")
     state = dict(megaface_state_dict)
-    key = "fc.weight" if network.startswith("iresnet") else "features.layers.2.weight"
+    key = _embedding_key(network)
     if key not in state:
         raise ValueError(f"state_dict has no {key!r}: it is not a megaface {network} backbone "
                          f"(found e.g. {list(state)[:5]})")

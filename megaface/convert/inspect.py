@@ -26,7 +26,7 @@ def _fc7_section(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     states, names = load_checkpoint_shards(tag_dir, mmap=True)
     shards = [{"file": str(Path(n).relative_to(tag_dir)), "rank": int(s["rank"]),
                "class_start": int(s["class_start"]), "num_local": int(s["num_local"]),
-               "momentum": s.get("momentum") is not None}
+               "momentum": s.get("momentum") is not None, "adamw": s.get("exp_avg") is not None}
               for s, n in zip(states, names)]
     first = states[0]
     return {"parallel": meta.get("parallel", "model"), "world_size": int(first["world_size"]),
@@ -93,7 +93,8 @@ def format_report(report: dict[str, Any]) -> str:
         for s in fc7["shards"]:
             end = s["class_start"] + s["num_local"]
             lines.append(f"    rank {s['rank']:<4} classes [{s['class_start']}, {end})  {s['num_local']} rows"
-                         f"{'  + momentum' if s['momentum'] else ''}  {s['file']}")
+                         f"{'  + momentum' if s['momentum'] else ''}{'  + AdamW moments' if s.get('adamw') else ''}"
+                         f"  {s['file']}")
         if "fc7_resharded_from" in report:
             lines.append(f"    (resharded from world size {report['fc7_resharded_from']})")
     else:

@@ -2,16 +2,18 @@
 
     from megaface.head import PartialFC, ShardSGD
     head = PartialFC(512, num_classes, margin=(1.0, 0.5, 0.0), scale=64.0, sample_rate=0.1)
-    opt = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)   # or ShardAdamW(head, lr=1e-3, weight_decay=0.1)
     loss = head(embeddings_local, labels_local)   # mean over the GLOBAL batch, same on every rank
 """
 
+from megaface.head.adamw import ShardAdamW
 from megaface.head.margin import MARGIN_PRESETS, CombinedMargin, resolve_margin
-from megaface.head.optim import SHARD_FORMAT, ShardSGD, load_shard_state_dict, shard_state_dict
+from megaface.head.optim import ROW_STATE_KEYS, SHARD_FORMAT, ShardSGD, load_shard_state_dict, shard_state_dict
 from megaface.head.partial_fc import PartialFC, resolve_compute_dtype
 from megaface.head.sharding import class_range, class_ranges
 
 __all__ = [
-    "MARGIN_PRESETS", "SHARD_FORMAT", "CombinedMargin", "PartialFC", "ShardSGD", "class_range",
-    "class_ranges", "load_shard_state_dict", "resolve_compute_dtype", "resolve_margin", "shard_state_dict",
+    "MARGIN_PRESETS", "ROW_STATE_KEYS", "SHARD_FORMAT", "CombinedMargin", "PartialFC", "ShardAdamW", "ShardSGD",
+    "class_range", "class_ranges", "load_shard_state_dict", "resolve_compute_dtype", "resolve_margin",
+    "shard_state_dict",
 ]

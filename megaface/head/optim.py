@@ -135,22 +135,49 @@ class ShardSGD(torch.optim.Optimizer):
         """The dense momentum [num_local, D] (None before the first step or with momentum 0)."""
         return self.state[self.head.weight].get("momentum_buffer")
 
+    def row_state(self) -> dict[str, torch.Tensor | None]:
+        """The per-row optimizer state written to the shard files."""
+        return {"momentum": self.momentum_buffer()}
 
-def shard_state_dict(head: PartialFC, optimizer: ShardSGD | None = None) -> dict[str, Any]:
-    """This rank's FC7 shard file content (CPU tensors); see FORMATS / CONTRACTS "FC7 shard"."""
-    momentum = optimizer.momentum_buffer() if optimizer is not None else None
+    def load_row_state(self, rows: dict[str, Any], where: str) -> None:
+        momentum, weight = rows.get("momentum"), self.head.weight
+        if momentum is None:
+            self.state[weight].pop("momentum_buffer", None)
+            return
+        if tuple(momentum.shape) != tuple(weight.shape):
+            raise ValueError(f"{where}: momentum shape {tuple(momentum.shape)} != {tuple(weight.shape)}")
+        # stored in the optimizer's momentum dtype (the current config wins over the file's dtype)
+        self.state[weight]["momentum_buffer"] = momentum.to(device=weight.device, dtype=self.momentum_dtype,
+                                                            copy=True)
+
+
+# Per-row optimizer state a shard file may carry (leading dimension num_local; row_step is [num_local] int64):
+# ShardSGD's momentum, ShardAdamW's moments and per-row step counts. Absent / None when not used.
+ROW_STATE_KEYS = ("momentum", "exp_avg", "exp_avg_sq", "row_step")
+
+
+def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
+    """This rank's FC7 shard file content (CPU tensors); see FORMATS / CONTRACTS "FC7 shard".
+
+    optimizer: ShardSGD or ShardAdamW (or None); its `row_state()` tensors are stored under ROW_STATE_KEYS
+    ("momentum" is always present, None without SGD momentum) and its class name under "optimizer".
+    """
+    rows = optimizer.row_state() if optimizer is not None else {}
     group = optimizer.param_groups[0] if optimizer is not None else {}
     return {
         "format": SHARD_FORMAT,
         "weight": head.weight.detach().to("cpu", copy=True),
-        "momentum": None if momentum is None else momentum.detach().to("cpu", copy=True),
+        "momentum": None,
+        **{key: None if value is None else value.detach().to("cpu", copy=True) for key, value in rows.items()},
+        "optimizer": None if optimizer is None else type(optimizer).__name__,
         "class_start": head.class_start,
         "num_local": head.num_local,
         "num_classes": head.num_classes,
         "embedding_size": head.embedding_size,
         "rank": head.rank,
         "world_size": head.world_size,
-        "hyper": {key: group.get(key) for key in ("lr", "momentum", "weight_decay", "sparse")},
+        "hyper": {key: group.get(key) for key in ("lr", "momentum", "weight_decay", "sparse", "betas", "eps")
+                  if key in group},
         "compute_dtype": head.compute_dtype,
         "interclass_filtering_threshold": head.interclass_filtering_threshold,
         # Extras (not needed to merge/reshard): the exact Partial FC sampler position and head settings.
@@ -162,12 +189,13 @@ def shard_state_dict(head: PartialFC, optimizer: ShardSGD | None = None) -> dict
     }
 
 
-def load_shard_state_dict(head: PartialFC, optimizer: ShardSGD | None, state: dict[str, Any]) -> None:
-    """Validate `state` against this rank's head and load weight, momentum, lr and the sampler state.
+def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]) -> None:
+    """Validate `state` against this rank's head and load weight, optimizer rows, lr and the sampler state.
 
-    momentum / weight_decay / sparse stay as constructed (the current config wins); lr is restored so a
-    resumed schedule continues from the saved value. A missing `sampler_rng` (e.g. after resharding)
-    re-seeds the sampler from (seed, rank).
+    The other hyper-parameters stay as constructed (the current config wins); lr is restored so a resumed
+    schedule continues from the saved value. A missing `sampler_rng` (e.g. after resharding) re-seeds the
+    sampler from (seed, rank). A shard written with another optimizer class (ShardSGD vs ShardAdamW) is
+    refused when it carries that optimizer's state.
     """
     if not isinstance(state, dict) or state.get("format") != SHARD_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -189,15 +217,13 @@ def load_shard_state_dict(head: PartialFC, optimizer: ShardSGD | None, state: di
     if optimizer is None:
         return
     optimizer.zero_grad()
-    momentum = state.get("momentum")
-    if momentum is not None:
-        if tuple(momentum.shape) != tuple(head.weight.shape):
-            raise ValueError(f"FC7 shard momentum shape {tuple(momentum.shape)} != {tuple(head.weight.shape)}")
-        # stored in the optimizer's momentum dtype (the current config wins over the file's dtype)
-        optimizer.state[head.weight]["momentum_buffer"] = momentum.to(
-            device=head.weight.device, dtype=optimizer.momentum_dtype, copy=True)
-    else:
-        optimizer.state[head.weight].pop("momentum_buffer", None)
+    saved_with, rows = state.get("optimizer"), {k: state.get(k) for k in ROW_STATE_KEYS}
+    mine = set(optimizer.row_state())
+    foreign = [k for k, v in rows.items() if v is not None and k not in mine]
+    if foreign:
+        raise ValueError(f"FC7 shard carries {foreign} of optimizer {saved_with or 'ShardSGD'} but this run uses "
+                         f"{type(optimizer).__name__}; resume with the optim.name the checkpoint was trained with")
+    optimizer.load_row_state(rows, f"FC7 shard (rank {head.rank})")
     lr = (state.get("hyper") or {}).get("lr")
     if lr is not None:
         optimizer.param_groups[0]["lr"] = float(lr)

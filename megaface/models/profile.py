@@ -2,8 +2,14 @@
 
 Multiply-adds (MAdds) are counted the way the MobileFaceNet/MobileNet papers and most model zoos count
 them: one per weight use in Conv2d and Linear layers (a fused multiply-add = 1 MAdd = 2 FLOPs).
-BatchNorm, PReLU, additions and bias terms are not counted (BatchNorm folds into the convs at
-deployment). Each conv contributes ``out_elements * in_channels / groups * kernel_h * kernel_w``.
+BatchNorm, LayerNorm, PReLU/ReLU6, softmax, additions and bias terms are not counted (BatchNorm folds into the
+convs at deployment). Each conv contributes ``out_elements * in_channels / groups * kernel_h * kernel_w``.
+
+Products that are not modules (the attention products Q K^T and attn V of a ViT, computed inside
+``scaled_dot_product_attention``) are counted by the module that computes them: any module with a
+``matmul_madds(inputs, output) -> int`` method (per sample) adds that many under its own name (the attention's
+``qkv``/``proj`` linears are counted separately as Linear layers). ViT counts therefore equal ptflops' module
+counts plus arcface_torch's ``extra_gflops`` (2 * T^2 * C per block).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from torch import nn
 @dataclass(frozen=True)
 class ModelProfile:
     """params: all parameters; trainable: those with requires_grad; madds: per sample;
-    madds_by_layer: per-sample MAdds keyed by module name (only Conv2d/Linear)."""
+    madds_by_layer: per-sample MAdds keyed by module name (Conv2d/Linear, and modules with matmul_madds)."""
 
     params: int
     trainable: int
@@ -34,8 +40,10 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _layer_madds(module: nn.Module, output: torch.Tensor) -> int:
+def _layer_madds(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     per_sample_out = output.numel() // output.shape[0]
+    if hasattr(module, "matmul_madds"):
+        return int(module.matmul_madds(inputs, output))
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return per_sample_out * (module.in_channels // module.groups) * kh * kw
@@ -44,16 +52,16 @@ def _layer_madds(module: nn.Module, output: torch.Tensor) -> int:
 
 
 def count_madds(model: nn.Module, input_size: tuple[int, int, int] = (3, 112, 112)) -> dict[str, int]:
-    """Per-sample MAdds of each Conv2d/Linear, from one eval-mode forward pass of a batch of 1.
+    """Per-sample MAdds of each Conv2d/Linear/matmul_madds module, from one eval-mode forward of a batch of 1.
 
     The model's training mode is restored afterwards; the input follows the model's device and dtype.
     """
     counts: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            def hook(mod: nn.Module, _inputs: tuple, output: torch.Tensor, key: str = name) -> None:
-                counts[key] = counts.get(key, 0) + _layer_madds(mod, output)
+        if isinstance(module, (nn.Conv2d, nn.Linear)) or hasattr(module, "matmul_madds"):
+            def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor, key: str = name) -> None:
+                counts[key] = counts.get(key, 0) + _layer_madds(mod, inputs, output)
             handles.append(module.register_forward_hook(hook))
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")

@@ -8,10 +8,12 @@ from torch import nn
 
 from .iresnet import IRESNET_UNITS, IResNet
 from .mobilefacenet import MOBILEFACENET_SPECS, MobileFaceNet
+from .vit import VIT_SPECS, VisionTransformer
 
 # Default dropout of the "E" head: the seed trains resnet100 with 0.4, the others without.
 _IRESNET_DROPOUT = {100: 0.4}
-_EXTRA_OPTIONS = ("bn_eps", "bn_momentum")
+_CNN_OPTIONS = ("bn_eps", "bn_momentum")
+_VIT_OPTIONS = ("drop_path_rate", "mask_ratio", "checkpointing")
 
 
 def _iresnet_factory(depth: int) -> Callable[..., nn.Module]:
@@ -32,10 +34,25 @@ def _mobilefacenet_factory(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _vit_factory(name: str) -> Callable[..., nn.Module]:
+    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> nn.Module:
+        if dropout:
+            raise ValueError(f"{name} has no dropout layer (use drop_path_rate / mask_ratio), got "
+                             f"dropout={dropout}; pass dropout=None or 0")
+        return VisionTransformer(name, VIT_SPECS[name], embedding_size or 512, **options)
+    return build
+
+
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     **{name: _mobilefacenet_factory(name) for name in MOBILEFACENET_SPECS},
     **{f"iresnet{depth}": _iresnet_factory(depth) for depth in sorted(IRESNET_UNITS)},
+    **{name: _vit_factory(name) for name in VIT_SPECS},
 }
+
+
+def build_option_names(name: str) -> tuple[str, ...]:
+    """The keyword options :func:`build_model` accepts for network ``name``."""
+    return _VIT_OPTIONS if _check_name(name) in VIT_SPECS else _CNN_OPTIONS
 
 
 def list_models() -> list[str]:
@@ -66,19 +83,22 @@ def build_model(name: str, embedding_size: int | None = None, dropout: float | N
     embedding_size: D (None: :func:`default_embedding_size`).
     dropout: dropout before the FC of the IResNet "E" head (None: 0.4 for iresnet100, else 0);
         MobileFaceNets have no dropout and accept only None/0.
-    kwargs: ``bn_eps`` (override every BatchNorm eps, e.g. 1e-5 to reproduce arcface_torch outputs
+    kwargs (CNNs): ``bn_eps`` (override every BatchNorm eps, e.g. 1e-5 to reproduce arcface_torch outputs
         exactly) and ``bn_momentum`` (PyTorch convention, default 0.1 == MXNet 0.9).
+    kwargs (vit_*): ``drop_path_rate``, ``mask_ratio`` (train-mode only) and ``checkpointing`` (activation
+        checkpointing per block); None or absent = the size's arcface_torch default (models.vit.VIT_SPECS).
     The returned module has ``.network_name`` and ``.embedding_size``.
     """
     _check_name(name)
-    unknown = sorted(set(kwargs) - set(_EXTRA_OPTIONS))
+    valid = build_option_names(name)
+    unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-        raise ValueError(f"unknown build_model option(s) {unknown} for {name!r}; valid: {list(_EXTRA_OPTIONS)}")
+        raise ValueError(f"unknown build_model option(s) {unknown} for {name!r}; valid: {list(valid)}")
     if embedding_size is not None and (not isinstance(embedding_size, int) or embedding_size <= 0):
         raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
     if dropout is not None and not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    for key in _EXTRA_OPTIONS:
+    for key in _CNN_OPTIONS:
         if key in kwargs and not float(kwargs[key]) > 0:
             raise ValueError(f"{key} must be > 0, got {kwargs[key]!r}")
     return _FACTORIES[name](embedding_size, dropout, **kwargs)

@@ -23,8 +23,10 @@ from torch import nn
 from megaface.config import ExperimentConfig
 from megaface.distributed import DistState, comm
 from megaface.ds_config import precision as ds_precision
-from megaface.ds_config import resolve_ds_config, zero_stage
-from megaface.train.schedule import resolve_milestones
+from megaface.ds_config import check_optimizer_single_source, resolve_ds_config, zero_stage
+from megaface.train.optim import backbone_optimizer
+from megaface.train.optim import fc7_optimizer as build_fc7_optimizer
+from megaface.train.schedule import resolve_milestones, resolve_warmup
 
 
 class DataParallelFace(nn.Module):
@@ -85,24 +87,21 @@ def _skip_shm_build() -> None:
 
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
                 head: nn.Module, precision: str) -> TrainParts:
-    """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD for a model-parallel head."""
+    """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD / ShardAdamW for a model-parallel
+    head. Both optimizers come from the experiment's optim section (`megaface.train.optim`)."""
     import deepspeed
 
     if state.device.type == "cpu":
         _skip_shm_build()
-    o = cfg.optim
     module: nn.Module = DataParallelFace(backbone, head) if cfg.head.parallel == "data" else backbone
     # Built here (not from the JSON) so that one schedule drives both optimizers; DeepSpeed wraps it.
-    optimizer = torch.optim.SGD(module.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    optimizer = backbone_optimizer(module.parameters(), cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
                                            dist_init_required=False)
     fc7_optimizer = None
     if cfg.head.parallel == "model":
-        from megaface.head import ShardSGD
-
         head.to(state.device)
-        fc7_optimizer = ShardSGD(head, lr=o.lr * cfg.head.lr_scale, momentum=o.momentum,
-                                 weight_decay=o.weight_decay, momentum_dtype=cfg.head.momentum_dtype)
+        fc7_optimizer = build_fc7_optimizer(head, cfg.optim, cfg.head.lr_scale, cfg.head.momentum_dtype)
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if input_dtype != torch.float32:
         # DeepSpeed casts parameters but not buffers; BatchNorm refuses bf16 weights with fp32 running stats
@@ -128,6 +127,7 @@ class Run:
     output_dir: Path
     total_steps: int
     milestones: list[int]
+    warmup_steps: int
     gas: int
     num_classes: int
     network: str
@@ -193,7 +193,7 @@ def _training_data(cfg: ExperimentConfig, state: DistState, log: Any) -> tuple[A
 
 
 def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, log: Any) -> Run:
-    ds = resolve_ds_config(ds_raw, state.world_size, state.device.type)
+    ds = resolve_ds_config(check_optimizer_single_source(cfg, ds_raw), state.world_size, state.device.type)
     precision = ds_precision(ds)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -216,7 +216,8 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
                          skip_corrupt=cfg.data.skip_corrupt)
-    model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout)
+    model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
+                        **cfg.model.build_options())
     h = cfg.head
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
@@ -231,5 +232,6 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
 
         validator = Validator(bins, state, batch_size=cfg.validation.batch_size, normalize=cfg.data.normalize)
     return Run(cfg, ds, state, parts, loader, validator, Path(cfg.train.output_dir), total,
-               resolve_milestones(cfg.optim, per_epoch), gas, num_classes, model.network_name,
-               model.embedding_size)
+               resolve_milestones(cfg.optim, per_epoch),
+               resolve_warmup(cfg.optim.warmup_steps, cfg.optim.warmup_epochs, per_epoch), gas, num_classes,
+               model.network_name, model.embedding_size)

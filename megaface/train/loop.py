@@ -13,7 +13,7 @@ from megaface.checkpoint import find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
 from megaface.distributed import comm, shutdown
 from megaface.train.build import CastInputs, Run, build_run, init_process_group
-from megaface.train.schedule import lr_at, set_lr
+from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, train_step
 from megaface.logging_utils import TrainLogger
 from megaface.train.checkpointing import load_checkpoint, save_checkpoint
@@ -96,7 +96,7 @@ def _train(run: Run, log: Callable[[str], None]) -> int:
     fp16 = parts.precision == "fp16"
     try:
         for iteration in range(run.start_iteration, run.total_steps):
-            lr = lr_at(iteration, cfg.optim, run.milestones)
+            lr = schedule_lr(iteration, cfg.optim, run.milestones, run.warmup_steps, run.total_steps)
             set_lr(parts, lr, cfg.head.lr_scale)
             start = time.perf_counter()
             losses = []
