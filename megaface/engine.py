@@ -21,7 +21,6 @@ Keeping the two optimizers in step (`step_fc7`):
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from megaface.config import ExperimentConfig, OptimConfig
 from megaface.dist import DistState, comm
+from megaface.ds_shm import skip_shm_build
 
 
 class DataParallelFace(nn.Module):
@@ -72,29 +72,13 @@ class TrainParts:
     input_dtype: torch.dtype
 
 
-def _skip_shm_build() -> None:
-    """On CPU, stop DeepSpeed from compiling its shared-memory all-reduce op (~23 s on a fresh machine).
-
-    DeepSpeed builds it whenever its comm backend starts; only DeepSpeed's inference all-reduce uses it,
-    training collectives go through the torch process group megaface already created. MEGAFACE_DS_SHM=1
-    keeps DeepSpeed's behaviour."""
-    if os.environ.get("MEGAFACE_DS_SHM") == "1":
-        return
-    import importlib
-
-    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the name `torch`
-    # (the torch package), which shadows the submodule in attribute lookup
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    ds_torch_comm.build_shm_op = lambda: None
-
-
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
                 head: nn.Module, precision: str) -> TrainParts:
     """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD for a model-parallel head."""
     import deepspeed
 
     if state.device.type == "cpu":
-        _skip_shm_build()
+        skip_shm_build()  # no C++ compiler needed (megaface.ds_shm)
     o = cfg.optim
     module: nn.Module = DataParallelFace(backbone, head) if cfg.head.parallel == "data" else backbone
     # Built here (not from the JSON) so that one schedule drives both optimizers; DeepSpeed wraps it.

@@ -2,13 +2,15 @@
 
 Only rank 0 prints and writes tensorboard; other ranks keep the counters (cheap) so the code path is the
 same everywhere. Throughput is global samples per second (train_batch_size / iteration time); the windowed
-average covers the last `window` iterations. The progress bar appears only when stdout is a terminal
-(or progress=on), and log lines then go through it so they do not tear the bar.
+average covers the last `window` iterations. The progress bar (with an ETA) appears on rank 0 when its stdout
+is a terminal (or progress=on), also under torchrun, whose ranks inherit its terminal; log
+lines then go through it so they do not tear the bar. Piped output stays plain lines.
 """
 
 from __future__ import annotations
 
 import collections
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,12 @@ class TrainLogger:
         if self.main and show_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_iteration, unit="it", dynamic_ncols=True)
+            # On stdout, the stream the terminal check looked at: `2> err.log` gets no bar. The default
+            # format ends with [elapsed<ETA, rate]. A pty that reports 0 columns (script(1), some IDE
+            # consoles, torchrun children of such a pty) would make tqdm draw nothing: use 100 there.
+            width = shutil.get_terminal_size((0, 0)).columns
+            self.bar = tqdm(total=total_steps, initial=start_iteration, unit="it", file=sys.stdout,
+                            dynamic_ncols=width > 0, ncols=None if width > 0 else 100)
         self.started = time.perf_counter()
 
     @staticmethod
