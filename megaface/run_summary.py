@@ -14,8 +14,9 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from megaface.data.synthetic import synthetic_dir
 
@@ -58,8 +59,8 @@ def summarize(output_dir: str | Path, seconds: float | None = None) -> list[str]
     """The summary lines for the run in `output_dir`."""
     model, meta = best_models(output_dir)[0]
     took = f" in {int(seconds) // 60} min {int(seconds) % 60:02d} s" if seconds is not None else ""
-    lines = [f"done{took}: best Accuracy-Flip {float(meta['accuracy_flip']):.5f} on {meta.get('pack')} "
-             f"(identities not seen in training) at iteration {meta.get('iteration')}",
+    lines = [(f"done{took}: best Accuracy-Flip {float(meta['accuracy_flip']):.5f} on {meta.get('pack')} "
+              f"(identities not seen in training) at iteration {meta.get('iteration')}"),
              f"model: {model} ({meta.get('network')}, {meta.get('embedding_size')}-d; meta in {model}.json)"]
     bin_path = pack_path(meta)
     evaluate = ["megaface", "eval", "--checkpoint", str(model), "--bin", bin_path or "lfw.bin"]

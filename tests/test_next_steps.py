@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 
 from megaface.data import encode_jpeg, open_pack
+from megaface.data.synthetic import write_synthetic
 from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 300  # a loaded 2-core machine runs these several times slower than an idle one
+JOB_TIMEOUT_S = 300  # per command: a loaded 2-core machine runs these many times slower than an idle one
+FIXTURES_S = 2 * JOB_TIMEOUT_S  # pytest-timeout counts the module fixtures a test starts
 TINY_TRAIN = ("--max-steps 2 --data.workers=0 --train.progress=off --train.tensorboard=false "
               "--train.log_every=1")
 TRAIN_LINE = re.compile(r"^train: iter (\d+), loss (\S+)", re.M)
@@ -67,9 +69,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for j in range(4):
             image = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
             (work / "faces" / identity / f"{j}.jpg").write_bytes(encode_jpeg(image, quality=90))
-    done = run(f"megaface pack synthetic --output {work / 'val'} --identities 6 --images-per-identity 4 "
-               "--val-pairs 20 --seed 1", work)
-    assert done.returncode == 0, done.stdout + done.stderr
+    write_synthetic(work / "val", identities=6, images_per_identity=4, val_pairs=20, seed=1)
     return work
 
 
@@ -109,13 +109,13 @@ def trained(workdir: Path, packed: Path) -> str:
     return check(run(f"PER_GPU_BATCH=4 {step('launch/train_mobilefacenet_mp.sh')} {TINY_TRAIN}", workdir))
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.mark.timeout(FIXTURES_S)
 def test_pack_an_image_folder(packed: Path) -> None:
     pack = open_pack(packed)
     assert len(pack) == 12 and pack.num_classes == 3
 
 
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S + 60)
+@pytest.mark.timeout(FIXTURES_S + JOB_TIMEOUT_S)
 def test_train_a_recipe_on_the_pack(workdir: Path, trained: str) -> None:
     assert [int(i) for i, _ in TRAIN_LINE.findall(trained)] == [0, 1], trained[-4000:]
     assert "world size 2," in trained and "Validation on [lfw]:" in trained, trained[-4000:]
@@ -123,14 +123,14 @@ def test_train_a_recipe_on_the_pack(workdir: Path, trained: str) -> None:
     assert meta["network"] == "mobilefacenet" and meta["num_classes"] == 3 and meta["world_size"] == 2
 
 
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S + 60)
+@pytest.mark.timeout(FIXTURES_S + JOB_TIMEOUT_S)
 def test_evaluate_on_lfw(workdir: Path, trained: str) -> None:
     out = check(run(step("megaface eval"), workdir))
     accuracy = re.search(r"Accuracy-Flip: ([0-9.]+)", out)
     assert accuracy is not None and 0.0 <= float(accuracy.group(1)) <= 1.0, out[-4000:]
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.mark.timeout(FIXTURES_S + JOB_TIMEOUT_S)
 def test_scale_with_a_deepspeed_hostfile(workdir: Path, packed: Path) -> None:
     """Step 4 on one node of 2 CPU ranks (the README's 2 x 8 GPUs need a cluster), tiny network."""
     command = step("HOSTFILE=")
