@@ -36,11 +36,12 @@ class TrainLogger:
             from tqdm import tqdm
 
             # On stdout, the stream the terminal check looked at: `2> err.log` gets no bar. The default
-            # format ends with [elapsed<ETA, rate]. A pty that reports 0 columns (script(1), some IDE
-            # consoles, torchrun children of such a pty) would make tqdm draw nothing: use 100 there.
-            width = shutil.get_terminal_size((0, 0)).columns
+            # format ends with [elapsed<ETA, rate]. A pty that reports a 0x0 size (script(1), some IDE
+            # consoles, and the ranks torchrun starts from one) makes tqdm draw nothing: fix 100x20 there.
+            size = shutil.get_terminal_size((0, 0))
+            sized = size.columns > 0 and size.lines > 0
             self.bar = tqdm(total=total_steps, initial=start_iteration, unit="it", file=sys.stdout,
-                            dynamic_ncols=width > 0, ncols=None if width > 0 else 100)
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20)
         self.started = time.perf_counter()
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,12 @@ def test_other_ranks_and_pipes_get_plain_lines(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(logging_utils.sys, "stdout", piped)
     _log_three(DistState(rank=0, world_size=2), tmp_path, "auto")
     assert piped.getvalue() == "train: iter 1, loss 1.0, throughput: 6400.000, avg throughput: 6400.000, lr 0.1\n"
+
+
+def test_a_terminal_of_size_zero_still_gets_a_drawable_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # script(1) and torchrun ranks under it report 0x0; tqdm then sizes itself to 0 rows and draws nothing
+    monkeypatch.setattr(logging_utils.sys, "stdout", FakeTerminal())
+    monkeypatch.setattr(logging_utils.shutil, "get_terminal_size", lambda fallback=(0, 0): os.terminal_size((0, 0)))
+    logger = TrainLogger(DistState(), tmp_path, 64, 10, 0, tensorboard=False, progress="auto")
+    assert logger.bar is not None and (logger.bar.ncols, logger.bar.nrows) == (100, 20)
+    logger.close()
