@@ -2,13 +2,15 @@
 
 Only rank 0 prints and writes tensorboard; other ranks keep the counters (cheap) so the code path is the
 same everywhere. Throughput is global samples per second (train_batch_size / iteration time); the windowed
-average covers the last `window` iterations. The progress bar appears only when stdout is a terminal
-(or progress=on), and log lines then go through it so they do not tear the bar.
+average covers the last `window` iterations. The progress bar (with an ETA) appears on rank 0 when its stdout
+is a terminal (or progress=on), also under torchrun, whose ranks inherit its terminal; log
+lines then go through it so they do not tear the bar. Piped output stays plain lines.
 """
 
 from __future__ import annotations
 
 import collections
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,13 @@ class TrainLogger:
         if self.main and show_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_iteration, unit="it", dynamic_ncols=True)
+            # On stdout, the stream the terminal check looked at: `2> err.log` gets no bar. The default
+            # format ends with [elapsed<ETA, rate]. A pty that reports a 0x0 size (script(1), some IDE
+            # consoles, and the ranks torchrun starts from one) makes tqdm draw nothing: fix 100x20 there.
+            size = shutil.get_terminal_size((0, 0))
+            sized = size.columns > 0 and size.lines > 0
+            self.bar = tqdm(total=total_steps, initial=start_iteration, unit="it", file=sys.stdout,
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20)
         self.started = time.perf_counter()
 
     @staticmethod

@@ -18,6 +18,7 @@ import torch
 from megaface.convert.consolidate import consolidate, consolidate_state_dict
 from megaface.convert.fc7 import load_checkpoint_shards, merge_checkpoint, reshard_checkpoint, shard_file_name
 from megaface.convert.inspect import format_report, inspect_checkpoint
+from megaface.distributed.ds_shm import skip_shm_build
 from tests.dist_utils import run_distributed
 
 NETWORK, NUM_CLASSES, STEPS = "mobilefacenet_tiny", 7, 2
@@ -39,17 +40,10 @@ def _full_backbone_state(engine, stage: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-def _skip_shm_build() -> None:
-    """DeepSpeed compiles a shared-memory op for its inference all-reduce on CPU; training does not use it."""
-    import deepspeed.comm.torch as ds_torch_comm
-
-    ds_torch_comm.build_shm_op = lambda: None
-
-
 def save_tiny_checkpoints(state, roots: list[str], runs: list[tuple[int, str]]) -> list[dict]:
     """One tiny run per (ZeRO stage, head parallelism) in the same process group (forking once is the slow
     part)."""
-    _skip_shm_build()
+    skip_shm_build()  # as the trainer does: no C++ compiler needed
     return [save_bf16_mlp(state, root, stage) if parallel == "bf16" else
             save_tiny_checkpoint(state, root, stage, parallel) for root, (stage, parallel) in zip(roots, runs)]
 

@@ -15,6 +15,7 @@ import torch
 
 from megaface.config import load_config
 from megaface.ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
+from megaface.distributed.ds_shm import skip_shm_build
 from tests.dist_utils import run_distributed
 
 DS_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -202,13 +203,10 @@ def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _train_with(state: Any, configs: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
     """Train the toy on this rank's half of each batch under every config; return the final weights."""
-    import importlib
-
     import deepspeed
     from deepspeed.runtime.zero import GatheredParameters
 
-    # DeepSpeed's comm start-up would build (or load) a shared-memory op that training never uses
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    skip_shm_build()  # as the trainer does: no C++ compiler needed
     deepspeed.init_distributed(dist_backend="gloo")
     out = []
     for ds in configs:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megaface.distributed import DistState
+from megaface.distributed.ds_shm import skip_shm_build
 from megaface.eval.embed import embed_images, num_forward_batches, shard_range
 from megaface.eval.validation import Validator
 from tests.dist_utils import run_distributed
@@ -144,6 +145,7 @@ def test_validator_bad_packs(tmp_path):
 def _zero3_job(state: DistState, images: list, batch_size: int):
     import deepspeed
 
+    skip_shm_build()  # as the trainer does: no C++ compiler needed
     model = TinyNet()
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

@@ -175,7 +175,7 @@ def test_two_ranks_zero_and_bf16(cache: Path, tmp_path: Path, ds_config: str, pa
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_quickstart_reaches_90_percent(tmp_path: Path) -> None:
-    """The README's first command, as is (2 CPU ranks via torchrun); about 5-13 minutes on 2 cores."""
+    """The quickstart training as launch/quickstart.sh runs it (2 CPU ranks, torchrun); 3-15 min on 2 cores."""
     import os
     import re
     import subprocess

@@ -295,6 +295,12 @@ def write_synthetic(directory: str | os.PathLike, identities: int, images_per_id
     return directory, directory / "val.bin"
 
 
+def synthetic_dir(root: str | os.PathLike, identities: int, images_per_identity: int, val_pairs: int,
+                  seed: int) -> Path:
+    """Where `ensure_synthetic` keeps the pack for these settings (`val.bin` inside); nothing is written."""
+    return Path(root) / f"synthetic_{identities}x{images_per_identity}_p{val_pairs}_s{seed}"
+
+
 def ensure_synthetic(root: str | os.PathLike, identities: int, images_per_identity: int, val_pairs: int = 3000,
                      seed: int = 0) -> tuple[Path, Path]:
     """Write (once, cached, atomically) a synthetic RecordIO pack + held-out-identity ``val.bin``.
@@ -304,7 +310,7 @@ def ensure_synthetic(root: str | os.PathLike, identities: int, images_per_identi
     """
     SyntheticDataset(identities, images_per_identity, seed)  # validates the arguments
     root = Path(root)
-    final = root / f"synthetic_{identities}x{images_per_identity}_p{val_pairs}_s{seed}"
+    final = synthetic_dir(root, identities, images_per_identity, val_pairs, seed)
     bin_path = final / "val.bin"
     if (final / "property").is_file():
         return final, bin_path

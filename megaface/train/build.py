@@ -10,7 +10,6 @@ backbone (a `DataParallelFace` container) and DeepSpeed averages its gradients l
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from megaface.config import ExperimentConfig
 from megaface.distributed import DistState, comm
+from megaface.distributed.ds_shm import skip_shm_build
 from megaface.ds_config import precision as ds_precision
 from megaface.ds_config import check_optimizer_single_source, resolve_ds_config, zero_stage
 from megaface.train.optim import backbone_optimizer
@@ -69,22 +69,6 @@ class TrainParts:
     input_dtype: torch.dtype
 
 
-def _skip_shm_build() -> None:
-    """On CPU, stop DeepSpeed from compiling its shared-memory all-reduce op (~23 s on a fresh machine).
-
-    DeepSpeed builds it whenever its comm backend starts; only DeepSpeed's inference all-reduce uses it,
-    training collectives go through the torch process group megaface already created. MEGAFACE_DS_SHM=1
-    keeps DeepSpeed's behaviour."""
-    if os.environ.get("MEGAFACE_DS_SHM") == "1":
-        return
-    import importlib
-
-    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the name `torch`
-    # (the torch package), which shadows the submodule in attribute lookup
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    ds_torch_comm.build_shm_op = lambda: None
-
-
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
                 head: nn.Module, precision: str) -> TrainParts:
     """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD / ShardAdamW for a model-parallel
@@ -92,7 +76,7 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     import deepspeed
 
     if state.device.type == "cpu":
-        _skip_shm_build()
+        skip_shm_build()  # no C++ compiler needed (megaface.distributed.ds_shm)
     module: nn.Module = DataParallelFace(backbone, head) if cfg.head.parallel == "data" else backbone
     # Built here (not from the JSON) so that one schedule drives both optimizers; DeepSpeed wraps it.
     optimizer = backbone_optimizer(module.parameters(), cfg.optim)
