@@ -252,7 +252,7 @@ def test_sample_rate_one_equals_full_head_and_dense_torch_sgd():
 
 
 def test_gradient_accumulation_merges_sampled_rows():
-    head = PartialFC(D, 300, sample_rate=0.1)
+    head = PartialFC(D, 300, sample_rate=0.1, accumulation_steps=2)
     opt = ShardSGD(head, lr=0.1, momentum=0.0, weight_decay=0.0)
     w0 = head.weight.detach().clone()
     dense = torch.zeros(300, D)
@@ -337,3 +337,26 @@ def test_bad_construction(kwargs, match):
 def test_bad_inputs(emb, labels, match):
     with pytest.raises(ValueError, match=match):
         PartialFC(D, 10)(emb, labels)
+
+
+def test_sampled_rows_need_the_shard_optimizer() -> None:
+    """With Partial FC the rows are detached copies: a generic optimizer never sees their gradients, and the
+    head says so at the next training forward instead of leaving FC7 untrained."""
+    from megaface.head import PartialFC, ShardSGD
+
+    torch.manual_seed(0)
+    head = PartialFC(16, 200, sample_rate=0.1, scale=8.0)
+    embeddings, labels = torch.randn(8, 16), torch.randint(0, 200, (8,))
+    generic = torch.optim.SGD(head.parameters(), lr=0.1)
+    head(embeddings, labels).backward()
+    generic.step()
+    with pytest.raises(RuntimeError, match="no optimizer step consumed their row gradients"):
+        head(embeddings, labels)
+    # the shard optimizer consumes them: any number of steps works, and accumulation is declared up front
+    head = PartialFC(16, 200, sample_rate=0.1, scale=8.0, accumulation_steps=2)
+    shard = ShardSGD(head, lr=0.1)
+    for _ in range(3):
+        for _ in range(2):
+            head(embeddings, labels).backward()
+        shard.step()
+        shard.zero_grad()

@@ -101,6 +101,15 @@ class PartialFC(nn.Module):
             part are copied to the compute dtype once per step. Resolve "auto" with `resolve_compute_dtype`.
         interclass_filtering_threshold: > 0 treats every non-target cosine above it as label noise: set to
             0 before margin and scale (it stays in the softmax as exp(0), with no gradient); 0 disables it.
+        accumulation_steps: training forwards allowed between two optimizer steps (gradient accumulation).
+
+    The optimizer contract (Partial FC, sample_rate < 1): the sampled rows are detached copies whose
+    gradients the shard optimizer collects with `take_sampled_grads()` at its step (`megaface.head.ShardSGD`
+    and `ShardAdamW` do; they also write the rows back). A generic torch optimizer over `head.parameters()`
+    would see no gradient at all, so a training forward raises when more than `accumulation_steps`
+    backpropagated sampled forwards are waiting: nothing ever trains FC7 silently without an update.
+    Data-parallel gradient factor: a "data" head returns its rank's local-batch mean loss and relies on
+    DeepSpeed's gradient averaging over ranks for the global-batch mean (the engine holds it).
 
     All ranks must pass the same local batch size (the embeddings are all-gathered in equal pieces).
     """
@@ -109,7 +118,7 @@ class PartialFC(nn.Module):
                  margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
                  sample_rate: float = 1.0, group: dist.ProcessGroup | None = None, parallel: str = "model",
                  straight_through: bool = False, seed: int = 0, compute_dtype: str = "fp32",
-                 interclass_filtering_threshold: float = 0.0) -> None:
+                 interclass_filtering_threshold: float = 0.0, accumulation_steps: int = 1) -> None:
         super().__init__()
         _check_config(embedding_size, num_classes, scale, sample_rate, parallel)
         _check_precision(compute_dtype, interclass_filtering_threshold)
@@ -128,6 +137,9 @@ class PartialFC(nn.Module):
         self.sampled_index: torch.Tensor | None = None  # rows of the last forward (None: all rows)
         self._generator: torch.Generator | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (index [k], leaf [k, D]) until step
+        if int(accumulation_steps) < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps} must be >= 1 (gradient_accumulation_steps)")
+        self.accumulation_steps = int(accumulation_steps)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -160,6 +172,12 @@ class PartialFC(nn.Module):
     def _select_rows(self, labels_global: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(index [k] sorted or None, rows [k, D]): positives of this shard plus random negatives."""
         self._pending = [p for p in self._pending if p[1].grad is not None]  # drop forwards never backpropagated
+        if self.training and len(self._pending) >= self.accumulation_steps:
+            raise RuntimeError(
+                f"PartialFC: {len(self._pending)} sampled forward(s) were backpropagated but no optimizer step "
+                f"consumed their row gradients (accumulation_steps={self.accumulation_steps}): step FC7 with "
+                "megaface.head.ShardSGD / ShardAdamW (they call take_sampled_grads()), or raise accumulation_steps "
+                "to your gradient accumulation")
         self.sampled_index = None
         if self.sample_rate >= 1.0 or not self.training:
             return None, self.weight

@@ -206,7 +206,8 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
-                     interclass_filtering_threshold=h.interclass_filtering_threshold)
+                     interclass_filtering_threshold=h.interclass_filtering_threshold,
+                     accumulation_steps=gas)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
