@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from megaface.convert.consolidate import consolidate, consolidate_state_dict
-from megaface.convert.fc7 import load_checkpoint_shards, merge_checkpoint, reshard_checkpoint, shard_file_name
+from megaface.checkpoint.fc7_shards import load_checkpoint_shards, shard_file_name
+from megaface.convert.fc7 import merge_checkpoint, reshard_checkpoint
 from megaface.convert.inspect import format_report, inspect_checkpoint
 from megaface.distributed.ds_shm import skip_shm_build
 from tests.dist_utils import run_distributed
@@ -76,7 +77,8 @@ def save_tiny_checkpoint(state, output_dir: str, stage: int, parallel: str = "mo
     import deepspeed
 
     from megaface.train.build import DataParallelFace
-    from megaface.head import PartialFC, ShardSGD, shard_state_dict
+    from megaface.checkpoint.fc7_shards import shard_state_dict
+    from megaface.head import PartialFC, ShardSGD
     from megaface.models import build_model
 
     torch.manual_seed(0)

@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401 - the first optimizer imports it (~10 s); once here, not in every forked rank
 
-from megaface.convert.fc7 import (MERGED_FORMAT, load_checkpoint_shards, load_rank_shard, merge_checkpoint,
-                                  merge_shards, reshard, reshard_checkpoint, shard_file_name)
-from megaface.head import SHARD_FORMAT, PartialFC, ShardSGD, load_shard_state_dict, shard_state_dict
+from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, SHARD_FORMAT, load_checkpoint_shards, load_rank_shard,
+                                            load_shard_state_dict, merge_shards, reshard, shard_file_name,
+                                            shard_state_dict)
+from megaface.convert.fc7 import merge_checkpoint, reshard_checkpoint
+from megaface.head import PartialFC, ShardSGD
 from megaface.head.sharding import class_range
 from tests.dist_utils import run_distributed
 

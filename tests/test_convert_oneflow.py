@@ -14,7 +14,7 @@ import torch
 
 from megaface.checkpoint import load_backbone, read_backbone_file, save_backbone_file
 from megaface.convert.cli import main as convert_main
-from megaface.convert.fc7 import load_checkpoint_shards, merge_shards
+from megaface.checkpoint.fc7_shards import load_checkpoint_shards, merge_shards
 from megaface.convert.insightface_graph import symbol_json
 from megaface.convert.oneflow import export_oneflow, import_oneflow
 from megaface.models import build_model

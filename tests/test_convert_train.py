@@ -99,7 +99,7 @@ def test_cli_consolidate_matches_deepspeed(run2, tmp_path, capsys):
 
 
 def test_cli_fc7_merge_and_reshard(run2, tmp_path, capsys):
-    from megaface.convert.fc7 import load_checkpoint_shards
+    from megaface.checkpoint.fc7_shards import load_checkpoint_shards
 
     root, _ = run2
     tag = _tag(root / "run", STEPS)
@@ -146,7 +146,7 @@ def test_cli_errors_name_the_file_and_leave_no_output(run2, tmp_path, capsys):
 def _reference_loss(tag_dir: Path, world_size: int) -> float:
     """The global-batch loss after `tag_dir` on `world_size` ranks, from the checkpoint files alone."""
     from megaface.convert.consolidate import consolidate_state_dict
-    from megaface.convert.fc7 import load_checkpoint_shards, merge_shards
+    from megaface.checkpoint.fc7_shards import load_checkpoint_shards, merge_shards
     from megaface.data import TrainLoader, build_dataset
     from megaface.data.synthetic import ensure_synthetic
     from megaface.head import PartialFC

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megaface.convert.fc7 import merge_shards, reshard
-from megaface.head import PartialFC, ShardAdamW, ShardSGD, load_shard_state_dict, shard_state_dict
+from megaface.checkpoint.fc7_shards import load_shard_state_dict, merge_shards, reshard, shard_state_dict
+from megaface.head import PartialFC, ShardAdamW, ShardSGD
 
 NUM_CLASSES, DIM = 40, 8
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)

@@ -11,7 +11,8 @@ import torch
 import torch._dynamo  # noqa: F401 - torch.optim.Optimizer() imports it; once here, not in every fork
 import torch.nn.functional as F
 
-from megaface.head import PartialFC, ShardSGD, load_shard_state_dict, shard_state_dict
+from megaface.checkpoint.fc7_shards import load_shard_state_dict, shard_state_dict
+from megaface.head import PartialFC, ShardSGD
 from megaface.head.margin import CombinedMargin
 from megaface.head.partial_fc import init_shard, resolve_compute_dtype
 from tests.dist_utils import run_distributed

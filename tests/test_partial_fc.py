@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaface.distributed import comm
-from megaface.head import PartialFC, ShardSGD, load_shard_state_dict, shard_state_dict
+from megaface.checkpoint.fc7_shards import load_shard_state_dict, shard_state_dict
+from megaface.head import PartialFC, ShardSGD
 from megaface.head.margin import CombinedMargin
 from megaface.head.partial_fc import init_shard
 from tests.dist_utils import run_distributed
@@ -287,7 +288,7 @@ def test_shard_state_dict_round_trip_resumes_exactly():
     assert torch.equal(opt3.momentum_buffer(), opt.momentum_buffer())
     with pytest.raises(ValueError, match="num_classes=300 but this rank's head has num_classes=301"):
         load_shard_state_dict(PartialFC(D, 301), None, state)
-    with pytest.raises(ValueError, match="is not 'megaface.fc7_shard.v1'"):
+    with pytest.raises(ValueError, match=r"not an FC7 shard \(format 'other', expected 'megaface.fc7_shard.v1'\)"):
         load_shard_state_dict(head2, opt2, {"format": "other"})
 
 

@@ -1,10 +1,10 @@
 """An FC7 classifier found in a foreign checkpoint (OneFlow `fc7-weight`, MXNet `fc7_weight`) written as a
 complete one-rank FC7 shard set that `megaface convert fc7 --merge/--reshard` and
-`megaface.convert.fc7.load_checkpoint_shards / load_rank_shard` read:
+`megaface.checkpoint.fc7_shards.load_checkpoint_shards / load_rank_shard` read:
 
     OUT/meta.json                      format megaface.checkpoint.v1, num_classes, embedding_size, world_size 1,
                                        class_ranges, parallel "model", source, "fc7_only": true
-    OUT/fc7/shard_00000_of_00001.pt    megaface.head.shard_state_dict layout (weight, momentum or None, ...)
+    OUT/fc7/shard_00000_of_00001.pt    megaface.checkpoint.fc7_shards.shard_state_dict layout (weight, momentum or None, ...)
 
 There is no DeepSpeed part (`ds/`): the directory carries the classifier only.
 """
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from megaface.checkpoint import CHECKPOINT_FORMAT
-from megaface.convert.fc7 import FC7_DIR, shard_file_name
+from megaface.checkpoint.fc7_shards import SHARD_FORMAT, shard_file_name
+from megaface.checkpoint.layout import FC7_DIR
 from megaface.fileio import atomic_output_dir
-from megaface.head.optim import SHARD_FORMAT
 
 
 def write_fc7_shard_set(output: str | os.PathLike, weight: np.ndarray, momentum: np.ndarray | None,

@@ -18,7 +18,8 @@ __all__ = ["inspect_checkpoint", "format_report"]
 
 
 def _fc7_section(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    from megaface.convert.fc7 import FC7_DIR, load_checkpoint_shards
+    from megaface.checkpoint.fc7_shards import load_checkpoint_shards
+    from megaface.checkpoint.layout import FC7_DIR
 
     if not (tag_dir / FC7_DIR).is_dir():
         return {"parallel": meta.get("parallel", "data"), "shards": [],

@@ -8,12 +8,11 @@
 
 from megaface.head.adamw import ShardAdamW
 from megaface.head.margin import MARGIN_PRESETS, CombinedMargin, resolve_margin
-from megaface.head.optim import ROW_STATE_KEYS, SHARD_FORMAT, ShardSGD, load_shard_state_dict, shard_state_dict
+from megaface.head.optim import ROW_STATE_KEYS, ShardSGD
 from megaface.head.partial_fc import PartialFC, resolve_compute_dtype
 from megaface.head.sharding import class_range, class_ranges
 
 __all__ = [
-    "MARGIN_PRESETS", "ROW_STATE_KEYS", "SHARD_FORMAT", "CombinedMargin", "PartialFC", "ShardAdamW", "ShardSGD",
-    "class_range", "class_ranges", "load_shard_state_dict", "resolve_compute_dtype", "resolve_margin",
-    "shard_state_dict",
+    "MARGIN_PRESETS", "ROW_STATE_KEYS", "CombinedMargin", "PartialFC", "ShardAdamW", "ShardSGD",
+    "class_range", "class_ranges", "resolve_compute_dtype", "resolve_margin",
 ]

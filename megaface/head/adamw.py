@@ -111,7 +111,7 @@ class ShardAdamW(torch.optim.Optimizer):
             state["exp_avg"].index_copy_(0, index, m)
             state["exp_avg_sq"].index_copy_(0, index, v)
 
-    # ---- the per-row state of the FC7 shard files (head.optim.shard_state_dict) ----------------------
+    # ---- the per-row state of the FC7 shard files (megaface.checkpoint.fc7_shards.shard_state_dict) ----------------------
 
     def row_state(self) -> dict[str, torch.Tensor | None]:
         """exp_avg / exp_avg_sq [num_local, D] and row_step [num_local] int64 (None before the first step)."""

@@ -25,7 +25,6 @@ import torch
 
 from megaface.head.partial_fc import PartialFC
 
-SHARD_FORMAT = "megaface.fc7_shard.v1"
 MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROW_CHUNK = 1 << 15  # rows per chunk of the bf16-momentum update: 64 MiB of fp32 temporaries at D=512
 
@@ -154,76 +153,3 @@ class ShardSGD(torch.optim.Optimizer):
 # Per-row optimizer state a shard file may carry (leading dimension num_local; row_step is [num_local] int64):
 # ShardSGD's momentum, ShardAdamW's moments and per-row step counts. Absent / None when not used.
 ROW_STATE_KEYS = ("momentum", "exp_avg", "exp_avg_sq", "row_step")
-
-
-def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
-    """This rank's FC7 shard file content (CPU tensors); see FORMATS / CONTRACTS "FC7 shard".
-
-    optimizer: ShardSGD or ShardAdamW (or None); its `row_state()` tensors are stored under ROW_STATE_KEYS
-    ("momentum" is always present, None without SGD momentum) and its class name under "optimizer".
-    """
-    rows = optimizer.row_state() if optimizer is not None else {}
-    group = optimizer.param_groups[0] if optimizer is not None else {}
-    return {
-        "format": SHARD_FORMAT,
-        "weight": head.weight.detach().to("cpu", copy=True),
-        "momentum": None,
-        **{key: None if value is None else value.detach().to("cpu", copy=True) for key, value in rows.items()},
-        "optimizer": None if optimizer is None else type(optimizer).__name__,
-        "class_start": head.class_start,
-        "num_local": head.num_local,
-        "num_classes": head.num_classes,
-        "embedding_size": head.embedding_size,
-        "rank": head.rank,
-        "world_size": head.world_size,
-        "hyper": {key: group.get(key) for key in ("lr", "momentum", "weight_decay", "sparse", "betas", "eps")
-                  if key in group},
-        "compute_dtype": head.compute_dtype,
-        "interclass_filtering_threshold": head.interclass_filtering_threshold,
-        # Extras (not needed to merge/reshard): the exact Partial FC sampler position and head settings.
-        "sampler_rng": head.sampler_state(),
-        "margin": (head.margin.m1, head.margin.m2, head.margin.m3),
-        "scale": head.scale,
-        "sample_rate": head.sample_rate,
-        "parallel": head.parallel,
-    }
-
-
-def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]) -> None:
-    """Validate `state` against this rank's head and load weight, optimizer rows, lr and the sampler state.
-
-    The other hyper-parameters stay as constructed (the current config wins); lr is restored so a resumed
-    schedule continues from the saved value. A missing `sampler_rng` (e.g. after resharding) re-seeds the
-    sampler from (seed, rank). A shard written with another optimizer class (ShardSGD vs ShardAdamW) is
-    refused when it carries that optimizer's state.
-    """
-    if not isinstance(state, dict) or state.get("format") != SHARD_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"FC7 shard format {found!r} is not {SHARD_FORMAT!r}; is this an FC7 shard file?")
-    for key in ("num_classes", "embedding_size", "class_start", "num_local"):
-        if key not in state:
-            raise ValueError(f"FC7 shard is missing key {key!r}")
-        if int(state[key]) != getattr(head, key):
-            raise ValueError(
-                f"FC7 shard {key}={state[key]} but this rank's head has {key}={getattr(head, key)} "
-                f"(rank {head.rank} of {head.world_size}); a shard saved on world size "
-                f"{state.get('world_size')} must be resharded (megaface.convert.fc7.reshard)")
-    weight = state["weight"]
-    if tuple(weight.shape) != tuple(head.weight.shape):
-        raise ValueError(f"FC7 shard weight shape {tuple(weight.shape)} != {tuple(head.weight.shape)}")
-    with torch.no_grad():
-        head.weight.copy_(weight)
-    head.set_sampler_state(state.get("sampler_rng"))
-    if optimizer is None:
-        return
-    optimizer.zero_grad()
-    saved_with, rows = state.get("optimizer"), {k: state.get(k) for k in ROW_STATE_KEYS}
-    mine = set(optimizer.row_state())
-    foreign = [k for k, v in rows.items() if v is not None and k not in mine]
-    if foreign:
-        raise ValueError(f"FC7 shard carries {foreign} of optimizer {saved_with or 'ShardSGD'} but this run uses "
-                         f"{type(optimizer).__name__}; resume with the optim.name the checkpoint was trained with")
-    optimizer.load_row_state(rows, f"FC7 shard (rank {head.rank})")
-    lr = (state.get("hyper") or {}).get("lr")
-    if lr is not None:
-        optimizer.param_groups[0]["lr"] = float(lr)

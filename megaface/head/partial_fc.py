@@ -28,7 +28,7 @@ Partial FC (sample_rate < 1, training mode)
     uniformly drawn negatives up to k = max(ceil(sample_rate * num_local), #positives) rows. The rows are
     copied into a fresh leaf tensor [k, D]: forward and backward touch only them and the gradient is [k, D].
     `ShardSGD` then updates only those rows (sparse=True) or, for the dense behaviour, all rows. The draw uses a
-    torch.Generator seeded from (seed, rank); its state is part of `shard_state_dict`, so a resume is exact.
+    torch.Generator seeded from (seed, rank); its state is part of the shard file (`megaface.checkpoint.fc7_shards`), so a resume is exact.
     At sample_rate 1.0 (or in eval mode) the Parameter itself is used and gets an ordinary dense gradient.
 """
 

@@ -5,7 +5,7 @@ directory to `<tag>` and only then rewrites `latest`. A crash before the rename 
 that nothing reads (the next save of that tag removes it) and `latest` still names the previous complete
 checkpoint. On several nodes the output directory must be a shared filesystem (as DeepSpeed also assumes).
 
-Resume at another world size: FC7 shards are merged and re-split with `megaface.convert.fc7.reshard`; the
+Resume at another world size: FC7 shards are merged and re-split with `megaface.checkpoint.fc7_shards.reshard`; the
 DeepSpeed part loads fully for ZeRO 0 + fp32 (its optimizer state is not partitioned); otherwise only the
 backbone weights are loaded (`load_module_only`) and the backbone optimizer (momentum) starts fresh - said
 in the log. Loader position and RNG states come from rank 0's file (the data order then differs from an
@@ -27,7 +27,7 @@ import megaface
 from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, FC7_DIR, LATEST, META_FILE, TAG_PREFIX,
                                  TRAINER_DIR, read_meta, tag_for, trainer_file_name)
 from megaface.fileio import atomic_torch_save, atomic_write_text
-from megaface.convert.fc7 import load_rank_shard, shard_file_name
+from megaface.checkpoint.fc7_shards import load_rank_shard, load_shard_state_dict, shard_file_name, shard_state_dict
 from megaface.distributed import comm
 from megaface.train.build import TrainParts
 
@@ -52,8 +52,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer_state: dict[str, Any],
                     meta: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final tag directory."""
-    from megaface.head import shard_state_dict
-
     state = parts.state
     ckpt_dir = Path(output_dir) / CHECKPOINTS_DIR
     tag = tag_for(iteration)
@@ -104,8 +102,6 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], tag_dir: Pa
 def _load_fc7(parts: TrainParts, tag_dir: Path, meta: dict[str, Any], log: Callable[[str], None]) -> None:
     """This rank's FC7 shard; shards stored at another world size (a run on another cluster size, or a
     `megaface convert fc7 --reshard` copy) are resharded on load."""
-    from megaface.head import load_shard_state_dict
-
     state = parts.state
     shard, stored_world = load_rank_shard(tag_dir, state.world_size, state.rank)
     if stored_world != state.world_size:
