@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from megaface import vocab
 from megaface.config_ranges import check_ranges, range_docs
 
 
@@ -62,7 +63,8 @@ class HeadConfig:
     """FC7: the classifier over all identities, with a combined margin and optional Partial FC."""
 
     margin: tuple[float, float, float] = (1.0, 0.5, 0.0)
-    """Combined margin (m1, m2, m3): target logit cos(m1*theta + m2) - m3. ArcFace = (1, 0.5, 0)."""
+    """Combined margin (m1, m2, m3): target logit cos(m1*theta + m2) - m3. ArcFace = (1, 0.5, 0). A preset name
+    is accepted too: arcface, cosface, combined, sphereface (megaface.vocab.MARGIN_PRESETS)."""
     scale: float = 64.0
     """Logit scale s."""
     sample_rate: float = 1.0
@@ -307,11 +309,22 @@ def _build(cls: type, raw: dict[str, Any], base: Path | None, where: str) -> Any
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, base, f"{where}{key}.")
             continue
+        if where == "head." and key == "margin" and isinstance(value, str):
+            value = _margin_preset(value)
         value = _coerce(value, hint, f"{where}{key}")
         if fields[key].metadata.get("path"):
             value = _resolve_paths(value, base)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _margin_preset(name: str) -> tuple[float, float, float]:
+    if name not in vocab.MARGIN_PRESETS:
+        near = difflib.get_close_matches(name, vocab.MARGIN_PRESETS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ValueError(f"head.margin={name!r} is not a preset{hint}; use one of {sorted(vocab.MARGIN_PRESETS)} "
+                         "or three numbers [m1, m2, m3]")
+    return vocab.MARGIN_PRESETS[name]
 
 
 def _resolve_paths(value: Any, base: Path | None) -> Any:
@@ -326,12 +339,12 @@ def _resolve_paths(value: Any, base: Path | None) -> Any:
 
 
 _CHOICES = {
-    ("head", "parallel"): ("model", "data"),
+    ("head", "parallel"): vocab.HEAD_PARALLEL,
     ("head", "compute_dtype"): ("auto", "fp32", "bf16", "fp16"),
     ("head", "momentum_dtype"): ("fp32", "bf16"),
-    ("data", "source"): ("synthetic", "recordio", "folder", "ofrecord"),
-    ("data", "normalize"): ("arcface_torch", "oneflow"),
-    ("train", "progress"): ("auto", "on", "off"),
+    ("data", "source"): vocab.DATA_SOURCES,
+    ("data", "normalize"): vocab.NORMALIZE_MODES,
+    ("train", "progress"): vocab.PROGRESS_MODES,
     ("optim", "name"): ("sgd", "adamw"),
     ("optim", "schedule"): ("step", "polynomial"),
 }
@@ -370,17 +383,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _validate_optim(o: OptimConfig) -> None:
-    if not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ValueError(f"optim.betas={list(o.betas)} must both be in [0, 1) (AdamW default [0.9, 0.999])")
-    if not o.eps > 0 or o.lr < 0 or o.weight_decay < 0:
-        raise ValueError(f"optim.eps={o.eps} must be > 0 and optim.lr={o.lr}, optim.weight_decay="
-                         f"{o.weight_decay} >= 0")
+    """Cross-field checks of the optim section (single values: megaface.config_ranges)."""
     if o.warmup_steps and o.warmup_epochs:
         raise ValueError("set optim.warmup_steps (iterations) or optim.warmup_epochs, not both")
-    if o.warmup_steps < 0 or o.warmup_epochs < 0:
-        raise ValueError(f"optim.warmup_steps={o.warmup_steps} / warmup_epochs={o.warmup_epochs} must be >= 0")
-    if o.schedule == "polynomial" and (o.milestones or o.milestone_epochs or not o.power > 0):
-        raise ValueError(f"optim.schedule=polynomial takes optim.power > 0 (got {o.power}) and no milestones "
+    if o.schedule == "polynomial" and (o.milestones or o.milestone_epochs):
+        raise ValueError(f"optim.schedule=polynomial takes no milestones "
                          f"(got {o.milestones or o.milestone_epochs}); remove them or use schedule=step")
 
 

@@ -19,6 +19,8 @@ INF = math.inf
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.embedding_size": (1, INF, False, False),
     "model.dropout": (0.0, 1.0, False, True),
+    "model.drop_path_rate": (0.0, 1.0, False, True),  # ViT stochastic depth
+    "model.mask_ratio": (0.0, 1.0, False, True),  # ViT random patch masking in training
     "head.margin[0]": (0.0, 10.0, True, False),  # m1: multiplies theta (SphereFace); 1 = none
     "head.margin[1]": (0.0, math.pi / 2, False, True),  # m2: additive angle in radians (ArcFace 0.5)
     "head.margin[2]": (0.0, 2.0, False, True),  # m3: subtracted cosine (CosFace 0.35); cos spans 2
@@ -39,6 +41,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "optim.momentum": (0.0, 1.0, False, True),
     "optim.weight_decay": (0.0, INF, False, True),
     "optim.warmup_steps": (0, INF, False, True),
+    "optim.warmup_epochs": (0.0, INF, False, True),
+    "optim.betas[]": (0.0, 1.0, False, True),  # AdamW
+    "optim.eps": (0.0, INF, True, True),  # AdamW
+    "optim.power": (0.0, INF, True, True),  # polynomial schedule
     "optim.milestones[]": (1, INF, False, True),
     "optim.milestone_epochs[]": (0.0, INF, True, True),
     "optim.gamma": (0.0, INF, True, True),

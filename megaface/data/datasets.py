@@ -13,9 +13,8 @@ import numpy as np
 
 from megaface.data.packs import RecordPack, open_pack
 from megaface.data.synthetic import SyntheticDataset, ensure_synthetic
+from megaface.vocab import DATA_SOURCES, IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-SOURCES = ("synthetic", "recordio", "folder", "ofrecord")
 
 
 class FolderDataset:
@@ -78,7 +77,7 @@ def build_dataset(source: str, path: str | os.PathLike | None = None, **options)
                "ofrecord": {"num_classes", "part_num", "part_name_suffix_length", "share", "gather"},
                "synthetic": {"identities", "images_per_identity", "seed", "val_pairs"}}.get(source)
     if allowed is None:
-        raise ValueError(f"unknown dataset source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise ValueError(f"unknown dataset source {source!r}; choose one of {', '.join(DATA_SOURCES)}")
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(

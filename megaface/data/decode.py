@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megaface.vocab import NORMALIZE_MODES as VOCAB_NORMALIZE_MODES
+
 try:
     import cv2
 
@@ -39,7 +41,8 @@ except ImportError:  # optional: cv2 decodes JPEG too, a little slower
 
 _JPEG_SOI = b"\xff\xd8"
 
-NORMALIZE_MODES = ("arcface_torch", "oneflow", "none")
+# the configurable modes (megaface.vocab) plus "none", raw pixel values as float, for inspecting the loader
+NORMALIZE_MODES = (*VOCAB_NORMALIZE_MODES, "none")
 
 
 class CorruptImageError(ValueError):

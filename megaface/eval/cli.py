@@ -22,21 +22,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megaface.eval.embed import NORMALIZE_MODES
 from megaface.fileio import atomic_output_files, atomic_write_text, save_npy, save_text
+from megaface.vocab import IMAGE_SUFFIXES, NORMALIZE_MODES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
 def load_model(checkpoint: str, network: str | None, embedding_size: int | None) -> tuple[Any, dict]:
     """The backbone at `checkpoint` (eval mode, CPU), checked against the requested network / size."""
-    try:
-        from megaface.checkpoint import load_backbone
-    except ImportError as err:
-        raise RuntimeError(f"megaface.checkpoint.load_backbone is unavailable ({err}); this build cannot "
-                           "read checkpoints") from None
+    from megaface.checkpoint import load_backbone
+
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist (give an output dir, a "
                                 "checkpoints dir, a tag dir or a backbone .pt/.safetensors file)")

@@ -23,10 +23,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from megaface.data.decode import decode_image, normalize_batch
 from megaface.distributed import DistState
 from megaface.distributed.comm import gather_rows
+from megaface.vocab import NORMALIZE_MODES
 
-NORMALIZE_MODES = ("arcface_torch", "oneflow")
 
 
 def shard_range(num_items: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -41,31 +42,6 @@ def num_forward_batches(num_items: int, world_size: int, batch_size: int) -> int
     return max(1, math.ceil(math.ceil(num_items / world_size) / batch_size))
 
 
-def _decode_fallback(data: bytes) -> np.ndarray:
-    import cv2
-
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"could not decode an image of {len(data)} bytes (not a JPEG/PNG?)")
-    return np.ascontiguousarray(img[:, :, ::-1])  # OpenCV decodes BGR; the models take RGB
-
-
-def _normalize_fallback(images: np.ndarray, mode: str) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    if mode == "arcface_torch":
-        return (x / 255.0 - 0.5) / 0.5
-    return (x - 127.5) / 128.0
-
-
-def _codec() -> tuple[Any, Any]:
-    """The data package's decoder and normaliser; local stand-ins until it provides them."""
-    try:
-        from megaface.data import decode_image, normalize_batch
-    except ImportError:
-        return _decode_fallback, _normalize_fallback
-    return decode_image, normalize_batch
-
-
 def check_normalize(mode: str) -> str:
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize={mode!r} is not one of {NORMALIZE_MODES}; use the mode the model was "
@@ -75,13 +51,12 @@ def check_normalize(mode: str) -> str:
 
 def decode_images(images: Sequence[Any]) -> np.ndarray:
     """Encoded bytes or uint8 HWC arrays -> one uint8 [N, H, W, 3] RGB array (all of one size)."""
-    decode, _ = _codec()
     out = []
     for i, img in enumerate(images):
         if isinstance(img, np.ndarray) and img.ndim == 3:
             arr = img
         else:  # encoded: bytes, or a 1-D uint8 array as in some .bin files
-            arr = decode(img.tobytes() if isinstance(img, np.ndarray) else bytes(img))
+            arr = decode_image(img.tobytes() if isinstance(img, np.ndarray) else bytes(img))
         if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
             raise ValueError(f"image {i}: expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
         if out and arr.shape != out[0].shape:
@@ -129,7 +104,6 @@ def embed_share(model: torch.nn.Module, images_local: Sequence[Any] | np.ndarray
     batch. Batches past the end of the share hold one blank image whose output is discarded.
     Returns float32 tensors [n, D] on the model's device.
     """
-    _, norm = _codec()
     device, dtype = _model_device_dtype(model, state)
     outs: list[torch.Tensor] = []
     outs_flip: list[torch.Tensor] = []
@@ -141,7 +115,7 @@ def embed_share(model: torch.nn.Module, images_local: Sequence[Any] | np.ndarray
         if tuple(chunk.shape[1:]) != tuple(image_shape):
             raise ValueError(f"batch {b} holds images of shape {chunk.shape[1:]} but the first image is "
                              f"{tuple(image_shape)}; align all images to one size (112x112 for the bundled models)")
-        x = norm(chunk, normalize).to(device=device, dtype=dtype)
+        x = normalize_batch(chunk, normalize).to(device=device, dtype=dtype)
         outs.append(model(x)[:real].float())
         if flip:
             outs_flip.append(model(torch.flip(x, dims=[3]))[:real].float())

@@ -8,7 +8,6 @@ scores and logs, and broadcasts the results so that `.best` and `.improved` agre
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,16 +18,6 @@ from megaface.distributed import DistState
 from megaface.distributed.comm import broadcast_object, gather_rows
 from megaface.eval.embed import check_normalize, decode_images, embed_share, num_forward_batches, shard_range
 from megaface.eval.verification import evaluate, format_result
-
-
-def _load_bin_fallback(path: str) -> tuple[list[Any], list[bool]]:
-    with open(path, "rb") as f:
-        try:
-            bins, issame = pickle.load(f)
-        except UnicodeDecodeError:  # packs written by Python 2
-            f.seek(0)
-            bins, issame = pickle.load(f, encoding="bytes")
-    return list(bins), [bool(x) for x in issame]
 
 
 def read_bin(path: str | os.PathLike) -> tuple[list[Any], list[bool]]:
@@ -45,10 +34,8 @@ def read_bin(path: str | os.PathLike) -> tuple[list[Any], list[bool]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"verification pack {path!r} does not exist; fix the path or drop it from "
                                 "the validation list (packs are never skipped silently)")
-    try:
-        from megaface.data import load_bin
-    except ImportError:
-        load_bin = _load_bin_fallback
+    from megaface.data import load_bin
+
     images, issame = load_bin(path)
     if len(images) % 2:
         raise ValueError(f"{path}: {len(images)} images, an odd count; a pack stores 2 images per pair")

@@ -29,14 +29,10 @@ import math
 
 import torch
 
+from megaface.vocab import MARGIN_PRESETS
+
 EPS = 1e-6
 
-MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
-    "arcface": (1.0, 0.5, 0.0),
-    "cosface": (1.0, 0.0, 0.35),
-    "combined": (1.0, 0.3, 0.2),
-    "sphereface": (1.35, 0.0, 0.0),
-}
 
 
 def resolve_margin(margin: str | tuple[float, float, float] | list[float]) -> tuple[float, float, float]:
