@@ -42,6 +42,10 @@ class ModelConfig:
     """Embedding width D; None = the network's default (128 for mobilefacenet, 512 for iresnet*)."""
     dropout: float | None = None
     """Dropout before the embedding FC (iresnet "E" head); None = the network's default."""
+    init: str = "per_group"
+    """Conv/linear init: per_group = He fan_out counted per group (the networks' own); arcface_torch = fan_out
+    ignoring groups, as its kaiming_normal_ does (depthwise kernels ~sqrt(channels) times smaller, so behind
+    BatchNorm they take ~channels times larger effective steps)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,13 @@ class HeadConfig:
     """Number of identities; None = taken from the training data. Set it to check the data against it."""
     lr_scale: float = 1.0
     """FC7 learning rate = this x the schedule's lr (model-parallel head only)."""
+    margin_fallback: str = "shifted"
+    """Target logit past m1*theta + m2 = pi: shifted (continuous, decreasing cosine) or none (plain cosine)."""
+    init_std: float = 0.01
+    """FC7 rows start as N(0, init_std) (InsightFace's 0.01)."""
+    clip_grad_norm: float | None = None
+    """Max global norm of the FC7 gradient (model-parallel head); None = the DeepSpeed JSON's
+    gradient_clipping (which clips the backbone), 0 = no FC7 clipping."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +288,8 @@ def _resolve_paths(value: Any, base: Path | None) -> Any:
 
 _CHOICES = {
     ("head", "parallel"): ("model", "data"),
+    ("head", "margin_fallback"): ("shifted", "none"),
+    ("model", "init"): ("per_group", "arcface_torch"),
     ("data", "source"): ("synthetic", "recordio", "folder"),
     ("data", "normalize"): ("arcface_torch", "oneflow"),
     ("train", "progress"): ("auto", "on", "off"),
@@ -303,6 +316,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError(f"head.sample_rate={h.sample_rate} must be in (0, 1]")
     if h.parallel == "data" and h.sample_rate < 1.0:
         raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
+    if h.init_std <= 0:
+        raise ValueError(f"head.init_std={h.init_std} must be > 0 (0.01 is usual)")
+    if h.clip_grad_norm is not None and h.clip_grad_norm < 0:
+        raise ValueError(f"head.clip_grad_norm={h.clip_grad_norm} must be >= 0 (0 = off, null = the JSON's value)")
+    if h.clip_grad_norm is not None and h.parallel == "data":
+        raise ValueError("head.clip_grad_norm needs head.parallel=model: a data-parallel FC7 lives in the "
+                         "DeepSpeed engine and is clipped with the backbone by the JSON's gradient_clipping")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
     for name in ("save_every", "keep_last", "log_every", "throughput_window", "threads"):

@@ -13,9 +13,9 @@ Keeping the two optimizers in step (`step_fc7`):
   divided by that scale (read before `engine.step()`, which may change it), and the FC7 step is skipped
   whenever the engine skipped (overflow, decided over all ranks by DeepSpeed) or the FC7 gradients
   themselves are non-finite on any rank (their squared norm is all-reduced) - so all ranks skip alike;
-- clipping: DeepSpeed clips the backbone by the backbone's global norm; FC7 is clipped with the same
-  max norm (the JSON's gradient_clipping) by the global FC7 norm, sqrt(all-reduced sum of the shards'
-  squared norms). The two parts are clipped separately, not by one joint norm.
+- clipping: DeepSpeed clips the backbone by the backbone's global norm (the JSON's gradient_clipping); FC7
+  is clipped by the global FC7 norm, sqrt(all-reduced sum of the shards' squared norms), at head.clip_grad_norm
+  (None = the JSON's value, 0 = off). The two parts are clipped separately, not by one joint norm.
 """
 
 from __future__ import annotations
@@ -117,7 +117,14 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     live_head = engine.module.head if cfg.head.parallel == "data" else head
     live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
-                      float(ds.get("gradient_clipping", 0.0)), precision, input_dtype)
+                      fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype)
+
+
+def fc7_max_norm(clip_grad_norm: float | None, ds: dict[str, Any]) -> float:
+    """FC7's max gradient norm: head.clip_grad_norm, or the JSON's gradient_clipping when it is None; 0 = off."""
+    if clip_grad_norm is None:
+        return float(ds.get("gradient_clipping", 0.0))
+    return float(clip_grad_norm)
 
 
 # ---- lr schedule ------------------------------------------------------------------------------------------

@@ -109,10 +109,14 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout)
+    if cfg.model.init != "per_group":
+        from megaface.models.layers import init_conv_weights
+
+        init_conv_weights(model, per_group=False)  # re-drawn from the seeded global generator
     h = cfg.head
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
-                     seed=cfg.train.seed)
+                     seed=cfg.train.seed, margin_fallback=h.margin_fallback, init_std=h.init_std)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
