@@ -91,25 +91,36 @@ def command(arm: str, seed: int, max_steps: int, output: Path, cache_dir: Path, 
             "--train.tensorboard=false", "--train.progress=off", *extra]
 
 
+def _logged(runs: Path, arm: str, seed: int) -> dict[int, float]:
+    """Accuracies from every log of (arm, seed): a run extended by resuming writes one log per leg."""
+    out: dict[int, float] = {}
+    for log in sorted(runs.glob(f"{arm}_s{seed}_n*.log")):
+        out.update(parse_log(log.read_text()))
+    return out
+
+
 def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict[int, float]:
-    """Train one (arm, seed) unless a log of at least this length exists (with --reuse); parse its accuracies."""
+    """Train (arm, seed) to --max-steps and parse its accuracies. With --reuse, logs that already reach
+    max_steps answer without training, and a shorter finished run is extended from its last checkpoint
+    (exact: the schedule's milestones are fixed, the resume restores optimizer, sampler and loader)."""
     runs = Path(args.runs_dir)
-    if args.reuse:  # any finished log of this arm and seed that reached max_steps answers
-        for log in sorted(runs.glob(f"{arm}_s{seed}_n*.log")):
-            accuracies = parse_log(log.read_text())
-            if max(accuracies, default=0) >= args.max_steps:
-                return {k: v for k, v in accuracies.items() if k <= args.max_steps}
+    output = runs / f"{arm}_s{seed}"
+    done = _logged(runs, arm, seed) if args.reuse or args.report_only else {}
+    if max(done, default=0) >= args.max_steps or args.report_only:
+        return {k: v for k, v in done.items() if k <= args.max_steps}
+    cmd = command(arm, seed, args.max_steps, output, Path(args.cache_dir), Path(args.config))
+    if args.reuse and (output / "checkpoints").is_dir():
+        cmd.append("--train.resume=latest")
     log = runs / f"{arm}_s{seed}_n{args.max_steps}.log"
-    cmd = command(arm, seed, args.max_steps, runs / f"{arm}_s{seed}", Path(args.cache_dir), Path(args.config))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     started = time.time()
-    with open(log, "w", encoding="utf-8") as fh:
+    with open(log, "a", encoding="utf-8") as fh:
         fh.write("# " + " ".join(cmd) + "\n")
         fh.flush()
         code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     print(f"# {arm} seed {seed}: exit {code} after {time.time() - started:.0f} s ({log})", file=sys.stderr,
           flush=True)
-    return parse_log(log.read_text())
+    return {k: v for k, v in _logged(runs, arm, seed).items() if k <= args.max_steps}
 
 
 def summarise(arm: str, seeds: list[int], results: list[dict[int, float]], max_steps: int,
@@ -117,6 +128,8 @@ def summarise(arm: str, seeds: list[int], results: list[dict[int, float]], max_s
     acc, per_seed = {}, {}
     for step in at:
         values = [r[step] for r in results if step in r]
+        if len(values) < len(results):  # report-only: say which seeds this mean covers
+            per_seed[f"{step}_seeds"] = [s for s, r in zip(seeds, results) if step in r]
         if not values:
             continue
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -138,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="/tmp/megaface-learning/cache")
     parser.add_argument("--runs-dir", default="/tmp/megaface-learning/runs")
     parser.add_argument("--reuse", action="store_true", help="parse finished logs instead of training again")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: summarise the logs already under --runs-dir (missing seeds left out)")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
