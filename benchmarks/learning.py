@@ -48,6 +48,7 @@ ARMS: dict[str, list[str]] = {
     "fc7_lr_x0.5": ["--head.lr_scale=0.5"],
     "fc7_init_0.001": ["--head.init_std=0.001"],
     "fc7_init_0.1": ["--head.init_std=0.1"],
+    "fc7_init_1.0": ["--head.init_std=1.0"],
     "backbone_init_arcface_torch": ["--model.init=arcface_torch"],
     # InsightFace's PyTorch recipe as a whole: straight-through, no fallback, backbone-only clipping, its init.
     "arcface_torch_all": ["--head.straight_through=true", "--head.margin_fallback=none",

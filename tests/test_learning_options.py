@@ -82,3 +82,24 @@ def test_benchmark_log_parser() -> None:
            "Validation on [other]:\nAccuracy-Flip: 0.5+-0.1\nvalidation at iteration 100 (20 s):\n"
            "Accuracy-Flip: 0.86500+-0.02\n")
     assert parse_log(log) == {50: 0.71, 100: 0.865}
+
+
+def _straight_through_job(state):
+    from tests.test_partial_fc import MARGINS, S, D, _local_step
+
+    return [_local_step(state, PartialFC(D, 10, margin=m, scale=S, straight_through=True)) for m in MARGINS]
+
+
+def test_straight_through_exact_at_world_size_3():
+    """The other gradient mode against the same single-process reference (uneven split 4/3/3)."""
+    from tests.dist_utils import run_distributed
+    from tests.test_partial_fc import MARGINS, RTOL, _reference, _rel
+
+    results = run_distributed(_straight_through_job, 3)
+    for i, margin in enumerate(MARGINS):
+        ref = _reference(10, margin, straight_through=True)
+        for r in (per_rank[i] for per_rank in results):
+            assert _rel(r["loss"], ref["loss"]) < RTOL and _rel(r["bb"], ref["bb"]) < RTOL, margin
+        emb_grad = torch.cat([per_rank[i]["emb"] for per_rank in results]) / 3
+        assert _rel(emb_grad, ref["emb"]) < RTOL, margin
+        assert _rel(torch.cat([per_rank[i]["w"] for per_rank in results]), ref["w"]) < RTOL, margin
