@@ -69,7 +69,8 @@ class HeadConfig:
     margin_fallback: str = "shifted"
     """Target logit past m1*theta + m2 = pi: shifted (continuous, decreasing cosine) or none (plain cosine)."""
     init_std: float = 0.01
-    """FC7 rows start as N(0, init_std) (InsightFace's 0.01)."""
+    """FC7 rows start as N(0, init_std) (InsightFace's 0.01). Only the rows' norm, hence their step size, depends
+    on it; with few classes 0.1 learns faster early (quickstart.yaml, docs/learning.md)."""
     clip_grad_norm: float | None = None
     """Max global norm of the FC7 gradient (model-parallel head); None = the DeepSpeed JSON's
     gradient_clipping (which clips the backbone), 0 = no FC7 clipping."""
