@@ -56,6 +56,10 @@ class ModelConfig:
         """The set ViT options as `build_model` keywords (a CNN given one is refused by build_model)."""
         names = ("drop_path_rate", "mask_ratio", "checkpointing")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+    init: str = "per_group"
+    """Conv/linear init: per_group = He fan_out counted per group (the networks' own); arcface_torch = fan_out
+    ignoring groups, as its kaiming_normal_ does (depthwise kernels ~sqrt(channels) times smaller, so behind
+    BatchNorm they take ~channels times larger effective steps)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,14 @@ class HeadConfig:
     interclass_filtering_threshold: float = 0.0
     """Non-target cosines above this are treated as label noise and set to 0 before margin and scale (in the
     softmax as exp(0), no gradient), as arcface_torch does for its WebFace12M "conflict" runs; 0 disables it."""
+    margin_fallback: str = "shifted"
+    """Target logit past m1*theta + m2 = pi: shifted (continuous, decreasing cosine) or none (plain cosine)."""
+    init_std: float = 0.01
+    """FC7 rows start as N(0, init_std) (InsightFace's 0.01). Only the rows' norm, hence their step size, depends
+    on it; with few classes 0.1 learns faster early (quickstart.yaml, docs/learning.md)."""
+    clip_grad_norm: float | None = None
+    """Max global norm of the FC7 gradient (model-parallel head); None = the DeepSpeed JSON's
+    gradient_clipping (which clips the backbone), 0 = no FC7 clipping."""
 
 
 @dataclass(frozen=True)
@@ -347,6 +359,8 @@ _CHOICES = {
     ("train", "progress"): vocab.PROGRESS_MODES,
     ("optim", "name"): ("sgd", "adamw"),
     ("optim", "schedule"): ("step", "polynomial"),
+    ("head", "margin_fallback"): ("shifted", "none"),
+    ("model", "init"): ("per_group", "arcface_torch"),
 }
 
 
@@ -371,6 +385,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if h.parallel == "data" and h.momentum_dtype != "fp32":
         raise ValueError(f"head.momentum_dtype={h.momentum_dtype!r} needs head.parallel=model (a data-parallel FC7 "
                          "lives in the DeepSpeed engine, whose optimizer keeps its own momentum): drop the key")
+    if h.clip_grad_norm is not None and h.parallel == "data":
+        raise ValueError("head.clip_grad_norm needs head.parallel=model: a data-parallel FC7 lives in the "
+                         "DeepSpeed engine and is clipped with the backbone by the JSON's gradient_clipping")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
     d = cfg.data

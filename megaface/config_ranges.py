@@ -29,6 +29,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "head.num_classes": (1, INF, False, True),
     "head.lr_scale": (0.0, INF, False, True),
     "head.interclass_filtering_threshold": (0.0, 1.0, False, True),  # a cosine bound; 0 = off
+    "head.init_std": (0.0, INF, True, True),  # FC7 rows start as N(0, init_std)
+    "head.clip_grad_norm": (0.0, INF, False, True),  # None = the JSON's gradient_clipping, 0 = off
     "data.synthetic.identities": (2, INF, False, True),
     "data.synthetic.images_per_identity": (1, INF, False, True),
     "data.synthetic.val_pairs": (0, INF, False, True),

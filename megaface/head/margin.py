@@ -20,6 +20,8 @@ Boundaries (decided here, tested in tests/test_margin.py)
       which equals cos(pi) - m3 = -1 - m3 at theta_limit (continuous), keeps decreasing in theta (derivative
       -sin(theta) <= 0, d/dcos = 1: finite), and stays below cos(theta) - m3 (a penalty, never a bonus).
       Unlike the classic cos(theta) - m*sin(m) fallback it has no jump at the threshold.
+      `fallback="none"` drops it and evaluates cos(m1*theta + m2) - m3 on the whole range, as InsightFace's
+      PyTorch trainer does (the value rises again past theta_limit; only sensible with straight_through).
     * m1 == 1 and m2 == 0 (CosFace) never uses arccos: f = cos - m3 exactly, on the whole [-1, 1].
 """
 
@@ -33,6 +35,7 @@ from megaface.vocab import MARGIN_PRESETS
 
 EPS = 1e-6
 
+FALLBACKS = ("shifted", "none")  # past theta_limit: the shifted cosine above, or plain cos(m1*theta + m2)
 
 
 def resolve_margin(margin: str | tuple[float, float, float] | list[float]) -> tuple[float, float, float]:
@@ -59,9 +62,12 @@ class CombinedMargin:
     """Elementwise target-cosine -> margined target cosine (unscaled); see the module docstring."""
 
     def __init__(self, margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0),
-                 straight_through: bool = False) -> None:
+                 straight_through: bool = False, fallback: str = "shifted") -> None:
         self.m1, self.m2, self.m3 = resolve_margin(margin)
         self.straight_through = bool(straight_through)
+        if fallback not in FALLBACKS:
+            raise ValueError(f"margin fallback={fallback!r} is not one of {list(FALLBACKS)}")
+        self.fallback = fallback
         self.angular = not (self.m1 == 1.0 and self.m2 == 0.0)
         self.theta_limit = (math.pi - self.m2) / self.m1
         # Past this cosine the angle is beyond theta_limit; -1 when theta_limit >= pi (never reached).
@@ -69,7 +75,7 @@ class CombinedMargin:
 
     def __repr__(self) -> str:
         return (f"CombinedMargin(m1={self.m1}, m2={self.m2}, m3={self.m3}, "
-                f"straight_through={self.straight_through})")
+                f"straight_through={self.straight_through}, fallback={self.fallback!r})")
 
     def _value(self, cos_t: torch.Tensor) -> torch.Tensor:
         if not self.angular:
@@ -77,6 +83,8 @@ class CombinedMargin:
         c = cos_t.clamp(-1.0 + EPS, 1.0 - EPS)
         theta = torch.acos(c)
         inside = torch.cos(self.m1 * theta + self.m2) - self.m3
+        if self.fallback == "none":
+            return inside
         beyond = c - (self.cos_limit + 1.0 + self.m3)
         return torch.where(theta <= self.theta_limit, inside, beyond)
 

@@ -67,15 +67,16 @@ class _DataParallelGradScale(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def init_shard(class_start: int, num_local: int, embedding_size: int, seed: int = 0) -> torch.Tensor:
-    """N(0, 0.01) rows [class_start, class_start + num_local), drawn in seeded blocks of class ids."""
+def init_shard(class_start: int, num_local: int, embedding_size: int, seed: int = 0,
+               std: float = INIT_STD) -> torch.Tensor:
+    """N(0, std) rows [class_start, class_start + num_local), drawn in seeded blocks of class ids."""
     out = torch.empty((num_local, embedding_size), dtype=torch.float32)
     end = class_start + num_local
     gen = torch.Generator()
     for block in range(class_start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
         lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
         gen.manual_seed(seed * 1_000_003 + block)
-        values = torch.randn((INIT_BLOCK, embedding_size), generator=gen).mul_(INIT_STD)
+        values = torch.randn((INIT_BLOCK, embedding_size), generator=gen).mul_(std)
         a, b = max(lo, class_start), min(hi, end)
         out[a - class_start:b - class_start] = values[a - lo:b - lo]
     return out
@@ -93,7 +94,11 @@ class PartialFC(nn.Module):
         parallel: "model" - rank r of `group` holds classes [class_start, class_start + num_local);
             "data" - the full weight on every rank, local-batch loss, no collectives (goes inside the
             DeepSpeed engine with the backbone).
-        straight_through: margin gradient mode (see `megaface.head.margin`).
+        straight_through, margin_fallback: margin gradient mode and the branch past theta_limit (see
+            `megaface.head.margin`).
+        init_std: std of the N(0, std) initial rows. The rows are normalised in the forward, so only the
+            direction counts, but the norm sets the rows' effective step size (an update of size lr*g turns
+            a row by about lr*g/||w||): a smaller std makes FC7 learn faster at first.
         seed: initial weights (drawn per block of class ids: the same full matrix at any world size) and
             the Partial FC sampler (seeded from (seed, rank)).
         compute_dtype: "fp32", "bf16" or "fp16": operand dtype of the three GEMMs (fp32 accumulation).
@@ -118,7 +123,8 @@ class PartialFC(nn.Module):
                  margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
                  sample_rate: float = 1.0, group: dist.ProcessGroup | None = None, parallel: str = "model",
                  straight_through: bool = False, seed: int = 0, compute_dtype: str = "fp32",
-                 interclass_filtering_threshold: float = 0.0, accumulation_steps: int = 1) -> None:
+                 interclass_filtering_threshold: float = 0.0, accumulation_steps: int = 1,
+                 margin_fallback: str = "shifted", init_std: float = INIT_STD) -> None:
         super().__init__()
         _check_config(embedding_size, num_classes, scale, sample_rate, parallel)
         _check_precision(compute_dtype, interclass_filtering_threshold)
@@ -132,8 +138,11 @@ class PartialFC(nn.Module):
             self.class_start, self.num_local = class_range(num_classes, self.world_size, self.rank)
         else:
             self.class_start, self.num_local = 0, self.num_classes
-        self.margin = CombinedMargin(margin, straight_through)
-        self.weight = nn.Parameter(init_shard(self.class_start, self.num_local, self.embedding_size, seed))
+        self.margin = CombinedMargin(margin, straight_through, margin_fallback)
+        if not (math.isfinite(float(init_std)) and float(init_std) > 0):
+            raise ValueError(f"init_std={init_std} must be a positive finite number (0.01 is usual)")
+        self.weight = nn.Parameter(init_shard(self.class_start, self.num_local, self.embedding_size, seed,
+                                              float(init_std)))
         self.sampled_index: torch.Tensor | None = None  # rows of the last forward (None: all rows)
         self._generator: torch.Generator | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (index [k], leaf [k, D]) until step

@@ -21,15 +21,17 @@ class ScalelessBatchNorm1d(nn.BatchNorm1d):
         self.register_buffer("weight", torch.ones(num_features))
 
 
-def init_conv_weights(module: nn.Module) -> None:
+def init_conv_weights(module: nn.Module, per_group: bool = True) -> None:
     """He init (fan_out) for conv/linear weights, identity BatchNorm, zero biases.
 
     The fan is counted per group: ``kaiming_normal_`` ignores groups, which makes depthwise kernels
     (fan_out = k*k, not channels*k*k) hundreds of times too small and fresh networks output ~0 in eval mode.
+    ``per_group=False`` reproduces that (arcface_torch's init): behind a BatchNorm the scale does not change the
+    output in training mode, but the small kernels take ~channels times larger steps relative to their size.
     """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            groups = m.groups if isinstance(m, nn.Conv2d) else 1
+            groups = m.groups if isinstance(m, nn.Conv2d) and per_group else 1
             fan_out = m.weight.shape[0] // groups * m.weight[0, 0].numel()
             nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
             if m.bias is not None:

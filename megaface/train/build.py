@@ -95,7 +95,14 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     live_head = engine.module.head if cfg.head.parallel == "data" else head
     live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
-                      float(ds.get("gradient_clipping", 0.0)), precision, input_dtype)
+                      fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype)
+
+
+def fc7_max_norm(clip_grad_norm: float | None, ds: dict[str, Any]) -> float:
+    """FC7's max gradient norm: head.clip_grad_norm, or the JSON's gradient_clipping when it is None; 0 = off."""
+    if clip_grad_norm is None:
+        return float(ds.get("gradient_clipping", 0.0))
+    return float(clip_grad_norm)
 
 
 @dataclass
@@ -202,12 +209,16 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
                          skip_corrupt=cfg.data.skip_corrupt)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
                         **cfg.model.build_options())
+    if cfg.model.init != "per_group":
+        from megaface.models.layers import init_conv_weights
+
+        init_conv_weights(model, per_group=False)  # re-drawn from the seeded global generator
     h = cfg.head
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
-                     accumulation_steps=gas)
+                     accumulation_steps=gas, margin_fallback=h.margin_fallback, init_std=h.init_std)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)

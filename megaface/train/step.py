@@ -11,9 +11,9 @@ Keeping the two optimizers in step (`step_fc7`):
   divided by that scale (read before `engine.step()`, which may change it), and the FC7 step is skipped
   whenever the engine skipped (overflow, decided over all ranks by DeepSpeed) or the FC7 gradients
   themselves are non-finite on any rank (their squared norm is all-reduced) - so all ranks skip alike;
-- clipping: DeepSpeed clips the backbone by the backbone's global norm; FC7 is clipped with the same
-  max norm (the JSON's gradient_clipping) by the global FC7 norm, sqrt(all-reduced sum of the shards'
-  squared norms). The two parts are clipped separately, not by one joint norm.
+- clipping: DeepSpeed clips the backbone by the backbone's global norm (the JSON's gradient_clipping); FC7
+  is clipped by the global FC7 norm, sqrt(all-reduced sum of the shards' squared norms), at head.clip_grad_norm
+  (None = the JSON's value, 0 = off). The two parts are clipped separately, not by one joint norm.
 """
 
 from __future__ import annotations

@@ -1,0 +1,175 @@
+"""Early-learning ablation: the quickstart with one knob changed per arm, several seeds, Accuracy-Flip over time.
+
+    python benchmarks/learning.py --arms seed,straight_through --seeds 0,1,2 --max-steps 300 [--jobs 1]
+
+Every run is a real two-rank job, `nice -n 19 torchrun --nproc_per_node 2 -m megaface train --config
+launch/configs/quickstart.yaml --train.seed=S --data.seed=S <arm overrides>`, validating every 50 iterations
+on the synthetic held-out identities (one cache for all runs: --cache-dir). The schedule has fixed milestones,
+so a run stopped at --max-steps 100 is exactly the first 100 iterations of a 300-iteration run.
+
+Prints one JSON line per arm:
+    {"arm": ..., "overrides": [...], "seeds": [...], "max_steps": N,
+     "acc": {"50": [mean, spread], ...}, "per_seed": {"50": [...], ...}}
+spread = sample standard deviation over the seeds (0 for one seed). A run's log is kept under
+--runs-dir/<arm>_s<seed>_n<steps>.log; with --reuse a finished log is parsed instead of training again
+(so an interrupted ablation resumes, and a longer run also answers for the shorter checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "launch" / "configs" / "quickstart.yaml"
+
+# The seed's behaviour, spelled out, so every arm below changes exactly one thing relative to it
+# (whatever the config defaults are at the time).
+SEED_BEHAVIOUR = ["--head.straight_through=false", "--head.clip_grad_norm=null", "--ds.gradient_clipping=0",
+                  "--head.margin_fallback=shifted", "--head.lr_scale=1.0", "--head.init_std=0.01",
+                  "--model.init=per_group"]
+
+ARMS: dict[str, list[str]] = {
+    "seed": [],
+    "straight_through": ["--head.straight_through=true"],
+    "clip_backbone_5": ["--ds.gradient_clipping=5", "--head.clip_grad_norm=0"],
+    "clip_both_5": ["--ds.gradient_clipping=5"],
+    "fallback_none": ["--head.margin_fallback=none"],
+    "fc7_lr_x2": ["--head.lr_scale=2.0"],
+    "fc7_lr_x0.5": ["--head.lr_scale=0.5"],
+    "fc7_init_0.001": ["--head.init_std=0.001"],
+    "fc7_init_0.1": ["--head.init_std=0.1"],
+    "fc7_init_1.0": ["--head.init_std=1.0"],
+    "backbone_init_arcface_torch": ["--model.init=arcface_torch"],
+    # InsightFace's PyTorch recipe as a whole: straight-through, no fallback, backbone-only clipping, its init.
+    "arcface_torch_all": ["--head.straight_through=true", "--head.margin_fallback=none",
+                          "--ds.gradient_clipping=5", "--head.clip_grad_norm=0", "--model.init=arcface_torch"],
+    # The shipped quickstart config as it is (no overrides at all, not even SEED_BEHAVIOUR).
+    "defaults": None,  # type: ignore[dict-item]
+}
+
+VALIDATION = re.compile(r"validation at iteration (\d+)")
+ACCURACY = re.compile(r"Accuracy-Flip: ([0-9.]+|nan)")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def parse_log(text: str) -> dict[int, float]:
+    """{iteration: Accuracy-Flip} from a train log (the first pack after each 'validation at iteration N')."""
+    out: dict[int, float] = {}
+    current = None
+    for line in text.splitlines():
+        found = VALIDATION.search(line)
+        if found:
+            current = int(found.group(1))
+            continue
+        found = ACCURACY.search(line)
+        if found and current is not None and current not in out:
+            out[current] = float(found.group(1))
+    return out
+
+
+def command(arm: str, seed: int, max_steps: int, output: Path, cache_dir: Path, config: Path) -> list[str]:
+    overrides = ARMS[arm]
+    extra = [] if overrides is None else SEED_BEHAVIOUR + overrides
+    return ["nice", "-n", "19", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(_free_port()), "-m", "megaface", "train", "--config", str(config),
+            "--output", str(output), "--max-steps", str(max_steps), f"--data.cache_dir={cache_dir}",
+            f"--train.seed={seed}", f"--data.seed={seed}", "--validation.interval=50", "--train.save_every=0",
+            "--train.tensorboard=false", "--train.progress=off", *extra]
+
+
+def _logged(runs: Path, arm: str, seed: int) -> dict[int, float]:
+    """Accuracies from every log of (arm, seed): a run extended by resuming writes one log per leg."""
+    out: dict[int, float] = {}
+    for log in sorted(runs.glob(f"{arm}_s{seed}_n*.log")):
+        out.update(parse_log(log.read_text()))
+    return out
+
+
+def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict[int, float]:
+    """Train (arm, seed) to --max-steps and parse its accuracies. With --reuse, logs that already reach
+    max_steps answer without training, and a shorter finished run is extended from its last checkpoint
+    (exact: the schedule's milestones are fixed, the resume restores optimizer, sampler and loader)."""
+    runs = Path(args.runs_dir)
+    output = runs / f"{arm}_s{seed}"
+    done = _logged(runs, arm, seed) if args.reuse or args.report_only else {}
+    if max(done, default=0) >= args.max_steps or args.report_only:
+        return {k: v for k, v in done.items() if k <= args.max_steps}
+    cmd = command(arm, seed, args.max_steps, output, Path(args.cache_dir), Path(args.config))
+    if args.reuse and (output / "checkpoints").is_dir():
+        cmd.append("--train.resume=latest")
+    log = runs / f"{arm}_s{seed}_n{args.max_steps}.log"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.time()
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write("# " + " ".join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    print(f"# {arm} seed {seed}: exit {code} after {time.time() - started:.0f} s ({log})", file=sys.stderr,
+          flush=True)
+    return {k: v for k, v in _logged(runs, arm, seed).items() if k <= args.max_steps}
+
+
+def summarise(arm: str, seeds: list[int], results: list[dict[int, float]], max_steps: int,
+              at: list[int]) -> dict:
+    acc, per_seed = {}, {}
+    for step in at:
+        values = [r[step] for r in results if step in r]
+        if len(values) < len(results):  # report-only: say which seeds this mean covers
+            per_seed[f"{step}_seeds"] = [s for s, r in zip(seeds, results) if step in r]
+        if not values:
+            continue
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        acc[str(step)] = [round(statistics.fmean(values), 4), round(spread, 4)]
+        per_seed[str(step)] = values
+    return {"arm": arm, "overrides": ARMS[arm] if ARMS[arm] is not None else "(quickstart.yaml as shipped)",
+            "seeds": seeds, "max_steps": max_steps, "acc": acc, "per_seed": per_seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", default="seed,straight_through,clip_backbone_5,backbone_init_arcface_torch",
+                        help=f"comma list of {list(ARMS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds (train.seed = data.seed = S)")
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--at", default="50,100,200,300", help="iterations to report")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (each takes 2 processes)")
+    parser.add_argument("--config", default=str(QUICKSTART))
+    parser.add_argument("--cache-dir", default="/tmp/megaface-learning/cache")
+    parser.add_argument("--runs-dir", default="/tmp/megaface-learning/runs")
+    parser.add_argument("--reuse", action="store_true", help="parse finished logs instead of training again")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: summarise the logs already under --runs-dir (missing seeds left out)")
+    args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    at = [int(s) for s in args.at.split(",") if s and int(s) <= args.max_steps]
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+    jobs = [(arm, seed) for arm in arms for seed in seeds]
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        results = list(pool.map(lambda job: run_one(*job, args), jobs))
+    for arm in arms:
+        mine = [r for (a, _), r in zip(jobs, results) if a == arm]
+        print(json.dumps(summarise(arm, seeds, mine, args.max_steps, at)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
