@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from megaface.checkpoint.integrity import FILES_KEY, digests, list_files
 from megaface.checkpoint.layout import DS_DIR, FC7_DIR, META_FILE, load_torch_file
 from megaface.fileio import atomic_output_dir, atomic_output_file
 from megaface.head.optim import SHARD_FORMAT
@@ -294,6 +295,8 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
             torch.save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
+        if FILES_KEY in meta:  # the copy's own digests (the shard files are new)
+            meta[FILES_KEY] = digests(tmp, list_files(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(output)
 
