@@ -58,6 +58,8 @@ class RunLock:
     def __init__(self, output_dir: Path, log: Callable[[str], None]) -> None:
         self.path = Path(output_dir) / LOCK_FILE
         self._fd: int | None = None
+        # a run that fails before training (a config error) leaves no output directory it created itself
+        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._flock(log)
@@ -118,3 +120,8 @@ class RunLock:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = None
+        for directory in self._created:  # innermost first; only while still empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
