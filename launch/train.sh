@@ -20,8 +20,23 @@
 #   PYTHON         interpreter for the python and mpirun launchers [python]
 #   LAUNCHER_ARGS  extra arguments for the launcher itself (split on spaces) []
 #   DRY_RUN        1 = print the command instead of running it     [0]
-# All arguments go to `megaface train` unchanged, after the ones built here, so they win.
+#   NODE_IPS       "ip1,ip2,...": with NODES > 1 and no HOSTFILE, a hostfile of the first NODES of them []
+#   MODEL_LOAD_DIR backbone file, or OneFlow snapshot dir (imported once), to start from (model.init_from) []
+#   NETWORK        network of a OneFlow snapshot in MODEL_LOAD_DIR [the CONFIG's model.network]
+# The seed's positional arguments come first when given (its insightface_*_train.sh order):
+#   launch/train_r100_mp_pfc.sh [NODES [GPUS_PER_NODE [PER_GPU_BATCH [NODE_IPS [MODEL_LOAD_DIR]]]]] [--options]
+# All other arguments go to `megaface train` unchanged, after the ones built here, so they win.
 set -euo pipefail
+
+seed_args=()
+while (( $# )) && [[ "$1" != -* ]] && (( ${#seed_args[@]} < 5 )); do seed_args+=("$1"); shift; done
+if (( ${#seed_args[@]} )); then
+  NODES="${seed_args[0]}"
+  [[ -n "${seed_args[1]:-}" ]] && GPUS_PER_NODE="${seed_args[1]}"
+  [[ -n "${seed_args[2]:-}" ]] && PER_GPU_BATCH="${seed_args[2]}"
+  [[ -n "${seed_args[3]:-}" ]] && NODE_IPS="${seed_args[3]}"
+  [[ -n "${seed_args[4]:-}" ]] && MODEL_LOAD_DIR="${seed_args[4]}"
+fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CONFIG="${CONFIG:-$here/configs/quickstart.yaml}"
@@ -39,6 +54,9 @@ DATA_DIR="${DATA_DIR:-}"
 PYTHON="${PYTHON:-python}"
 LAUNCHER_ARGS="${LAUNCHER_ARGS:-}"
 DRY_RUN="${DRY_RUN:-0}"
+NODE_IPS="${NODE_IPS:-}"
+MODEL_LOAD_DIR="${MODEL_LOAD_DIR:-}"
+NETWORK="${NETWORK:-}"
 
 die() { echo "launch/train.sh: $*" >&2; exit 2; }
 
@@ -50,6 +68,13 @@ done
 [[ -z "$DS_CONFIG" || -f "$DS_CONFIG" ]] || die "DS_CONFIG='$DS_CONFIG' does not exist (see ds_configs/README.md)"
 if [[ -n "$HOSTFILE" && ! -f "$HOSTFILE" ]]; then
   die "HOSTFILE='$HOSTFILE' does not exist (copy launch/hostfile.example and list your nodes)"
+fi
+if (( NODES > 1 )) && [[ -z "$HOSTFILE" && -n "$NODE_IPS" ]]; then
+  IFS=, read -r -a ips <<< "$NODE_IPS"
+  (( ${#ips[@]} >= NODES )) || die "NODE_IPS='$NODE_IPS' lists ${#ips[@]} address(es) for NODES=$NODES"
+  HOSTFILE="$(mktemp "${TMPDIR:-/tmp}/megaface_hostfile.XXXXXX")"
+  for (( i = 0; i < NODES; i++ )); do echo "${ips[i]} slots=$GPUS_PER_NODE" >> "$HOSTFILE"; done
+  MASTER_ADDR="${MASTER_ADDR:-${ips[0]}}"
 fi
 if (( NODES > 1 )) && [[ -z "$HOSTFILE" && "$LAUNCHER" != torchrun ]]; then
   die "NODES=$NODES needs HOSTFILE=<file with one '<host> slots=$GPUS_PER_NODE' line per node>"
@@ -68,6 +93,21 @@ train_args=(train --config "$CONFIG")
 if [[ -n "$DATA_DIR" ]]; then
   train_args+=(--data.source=recordio --data.path="$DATA_DIR"
     "--validation.bins=[\"$DATA_DIR/lfw.bin\", \"$DATA_DIR/cfp_fp.bin\", \"$DATA_DIR/agedb_30.bin\"]")
+fi
+if [[ -n "$MODEL_LOAD_DIR" ]]; then
+  [[ -e "$MODEL_LOAD_DIR" ]] || die "MODEL_LOAD_DIR='$MODEL_LOAD_DIR' does not exist"
+  init="$MODEL_LOAD_DIR"
+  if [[ -d "$MODEL_LOAD_DIR" ]]; then  # a OneFlow snapshot (one directory per variable): import it once
+    if [[ -z "$NETWORK" ]]; then
+      NETWORK="$("$PYTHON" -c 'import sys; from megaface.config import load_config
+print(load_config(sys.argv[1]).model.network)' "$CONFIG")"
+    fi
+    init="${OUTPUT:-.}/imported_$(basename "$MODEL_LOAD_DIR")_$NETWORK.safetensors"
+    import=("$PYTHON" -m megaface convert import-oneflow "$MODEL_LOAD_DIR" --network "$NETWORK" -o "$init")
+    if [[ "$DRY_RUN" == 1 ]]; then printf '%q ' "${import[@]}"; printf '\n'
+    elif [[ ! -f "$init" ]]; then "${import[@]}" >&2; fi
+  fi
+  train_args+=(--model.init_from="$init")
 fi
 train_args+=("$@")
 read -r -a extra <<< "$LAUNCHER_ARGS"

@@ -41,6 +41,8 @@ class ModelConfig:
 
     network: str = "mobilefacenet"
     """Registry name for `megaface.models.build_model` (e.g. mobilefacenet, iresnet50, iresnet100)."""
+    init_from: str | None = _path(None, "Backbone file (.pt/.safetensors: convert import-oneflow / import-mxnet / "
+                                        "import-insightface / consolidate) whose weights training starts from.")
     embedding_size: int | None = None
     """Embedding width D; None = the network's default (128 for mobilefacenet, 512 for iresnet*)."""
     dropout: float | None = None
@@ -73,6 +75,9 @@ class HeadConfig:
     """Logit scale s."""
     sample_rate: float = 1.0
     """Partial FC: fraction of each rank's classes taking part per step (positives always kept); 1 = all."""
+    num_sample: int | None = None
+    """Partial FC by count, as the seed's --num_sample: classes taking part per step over all ranks (8568 for
+    85,744 classes = rate 0.1); sets sample_rate = num_sample / num_classes. None = use sample_rate."""
     parallel: str = "model"
     """"model": FC7 rows sharded over ranks, own optimizer; "data": replicated FC7 inside the DeepSpeed engine."""
     straight_through: bool = False
@@ -207,8 +212,10 @@ class TrainConfig:
     """Seed for weights and head sampling (data order has data.seed)."""
     resume: str | None = None
     """latest, a checkpoint tag directory, or None."""
-    collective_timeout_s: float = 600.0
-    """A collective waiting longer than this fails the job (a dead rank stops the others)."""
+    collective_timeout_s: float = 120.0
+    """A collective waiting longer than this fails the job: a dead, hung or stopped rank ends the others
+    (exit code 3, naming the silent rank when the backend does). 120 s suits CPU jobs; on GPU clusters
+    with slow first steps (NCCL setup, compilation) or long validation, raise it (e.g. 600-1800)."""
     threads: int = 0
     """torch intra-op threads per rank; 0 = leave torch's default."""
 
@@ -380,8 +387,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if sorted(o.milestones) != list(o.milestones) or sorted(o.milestone_epochs) != list(o.milestone_epochs):
         raise ValueError(f"optim milestones must be increasing, got {o.milestones or o.milestone_epochs}")
     _validate_optim(o)
-    if h.parallel == "data" and h.sample_rate < 1.0:
-        raise ValueError("head.sample_rate < 1 (Partial FC) needs head.parallel=model")
+    if h.num_sample is not None and h.sample_rate != 1.0:
+        raise ValueError(f"set head.num_sample={h.num_sample} or head.sample_rate={h.sample_rate}, not both "
+                         "(num_sample is the seed's count form of the same setting)")
+    if h.parallel == "data" and (h.sample_rate < 1.0 or h.num_sample is not None):
+        raise ValueError("head.sample_rate < 1 or head.num_sample (Partial FC) needs head.parallel=model")
     if h.parallel == "data" and h.momentum_dtype != "fp32":
         raise ValueError(f"head.momentum_dtype={h.momentum_dtype!r} needs head.parallel=model (a data-parallel FC7 "
                          "lives in the DeepSpeed engine, whose optimizer keeps its own momentum): drop the key")

@@ -26,6 +26,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "head.margin[2]": (0.0, 2.0, False, True),  # m3: subtracted cosine (CosFace 0.35); cos spans 2
     "head.scale": (0.0, INF, True, True),
     "head.sample_rate": (0.0, 1.0, True, False),
+    "head.num_sample": (1, INF, False, True),
     "head.num_classes": (1, INF, False, True),
     "head.lr_scale": (0.0, INF, False, True),
     "head.interclass_filtering_threshold": (0.0, 1.0, False, True),  # a cosine bound; 0 = off

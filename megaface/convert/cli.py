@@ -18,7 +18,7 @@ _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 def _inspect(args: argparse.Namespace) -> int:
     from megaface.convert.inspect import format_report, inspect_checkpoint
 
-    report = inspect_checkpoint(args.checkpoint)
+    report = inspect_checkpoint(args.checkpoint, verify=args.verify)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
     return 1 if report["problems"] else 0  # scripts can tell a damaged checkpoint from the exit status
 
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="iteration, network, FC7 shards, ZeRO stage, precision, config")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="also load every tensor and check it is finite (file digests are always checked)")
     p.set_defaults(handler=_inspect)
 
     p = sub.add_parser("consolidate", help="plain fp32 backbone (.pt/.safetensors) from any ZeRO stage")

@@ -14,6 +14,7 @@ import torch
 from megaface.checkpoint import DS_DIR, FC7_DIR, META_FILE, read_meta
 from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name,
                                             split_merged)
+from megaface.checkpoint.integrity import FILES_KEY, digests, list_files
 from megaface.fileio import atomic_output_dir, atomic_output_file
 
 
@@ -83,5 +84,7 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
             torch.save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
+        if FILES_KEY in meta:  # the copy's own digests (the shard files are new)
+            meta[FILES_KEY] = digests(tmp, list_files(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(output)

@@ -3,6 +3,10 @@
 The FC7 section is read from the shard files themselves (world size and class range of each), so a
 checkpoint resharded with `fc7 --reshard` shows its new layout. Shard tensors are memory-mapped, not read,
 so inspecting a multi-GB head is quick; DeepSpeed files are only listed.
+
+Integrity: every file is compared with the sha256 digests meta.json records (reads every byte once), a
+missing ds/ part or an unverified (older or diverged) checkpoint is a problem, and `verify=True` also
+loads every tensor and checks it is finite. Any problem makes `megaface convert inspect` exit 1.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from megaface.checkpoint import DS_DIR, TRAINER_DIR, read_meta, resolve_checkpoint
+from megaface.checkpoint.integrity import (FILES_KEY, FINITE_KEY, finite_problems, missing_ds_problem,
+                                           unlisted_files, verify_files)
 
 __all__ = ["inspect_checkpoint", "format_report"]
 
@@ -50,10 +56,27 @@ def _ds_section(tag_dir: Path) -> dict[str, Any]:
     return {"dir": str(ds_dir), "layout": layout, "files": files}
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def _integrity_problems(tag_dir: Path, meta: dict[str, Any], verify: bool) -> list[str]:
+    problems = [p for p in [missing_ds_problem(tag_dir)] if p is not None]
+    expected = meta.get(FILES_KEY)
+    if expected:
+        problems += verify_files(tag_dir, expected) + unlisted_files(tag_dir, expected)
+    else:
+        problems.append(f"{tag_dir / 'meta.json'} records no file digests (saved by an older megaface): "
+                        "its files cannot be verified; `--verify` still checks the tensors")
+    if not meta.get(FINITE_KEY):
+        problems.append(f"{tag_dir}: meta.json does not say the weights were verified finite when saved; run "
+                        "`megaface convert inspect --verify` to check the tensors")
+    if verify:
+        problems += finite_problems(tag_dir)
+    return problems
+
+
+def inspect_checkpoint(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
     """A JSON-ready summary of the checkpoint at `path` (an output dir, checkpoints dir or tag dir).
 
-    Damaged FC7 shards do not stop the report: the error goes to `report["problems"]`."""
+    Damaged files do not stop the report: every problem goes to `report["problems"]` (one line each).
+    `verify=True` also reads every tensor and reports inf/NaN."""
     tag_dir = resolve_checkpoint(path)
     meta = read_meta(tag_dir)
     keys = ("iteration", "network", "embedding_size", "num_classes", "world_size", "zero_stage", "precision",
@@ -70,6 +93,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         report["fc7"] = {"parallel": meta.get("parallel"), "shards": [], "note": "unreadable (see problems)"}
         report["problems"].append(str(err))
     report["deepspeed"] = _ds_section(tag_dir)
+    report["verified_finite"] = bool(meta.get(FINITE_KEY))
+    report["problems"] += _integrity_problems(tag_dir, meta, verify)
     trainer = tag_dir / TRAINER_DIR
     report["trainer_files"] = sorted(p.name for p in trainer.iterdir()) if trainer.is_dir() else []
     report["config"] = meta.get("config")
@@ -103,6 +128,8 @@ def format_report(report: dict[str, Any]) -> str:
     ds = report["deepspeed"]
     lines.append(_line("deepspeed", f"{ds['layout']}: {', '.join(ds['files'])}"))
     lines.append(_line("trainer", ", ".join(report["trainer_files"]) or "-"))
+    lines.append(_line("integrity", "problems below" if report.get("problems") else
+                       "ok (sha256 of every file matches meta.json, saved verified finite)"))
     for problem in report.get("problems", []):
         lines.append(f"  PROBLEM          {problem}")
     if report.get("config") is not None:

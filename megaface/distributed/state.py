@@ -11,6 +11,9 @@ happens at import time and nothing is kept in module globals. Supported launcher
 | `mpirun` (MPICH, Intel MPI), `srun`        | PMI_RANK/PMI_SIZE, SLURM_PROCID/SLURM_NTASKS           |
 | plain `python`                             | nothing: one process, no process group                 |
 
+When a launcher started us, the rank also dies with its launcher (`exit_with_parent`): a `kill -9` of
+torchrun / deepspeed / mpirun would otherwise leave the ranks training (and writing checkpoints) as orphans.
+
 Under MPI the rendezvous address is MASTER_ADDR/MASTER_PORT when set; otherwise rank 0 picks one and
 broadcasts it with mpi4py (loopback when all ranks share one host).
 """
@@ -19,7 +22,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -141,11 +148,50 @@ def _mpi_rendezvous(launch: LaunchEnv) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """Linux: ask the kernel to send `sig` to this process when its parent dies. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, interval_s: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    print(f"[pid {os.getpid()}] launcher (pid {parent}) is gone: exiting", file=sys.stderr, flush=True)
+    os._exit(1)  # no cleanup: the collectives' peers are gone or about to be
+
+
+def exit_with_parent(interval_s: float = 1.0) -> None:
+    """End this process when its launcher (the parent process) dies, however it dies.
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGKILL), delivered by the kernel even while a collective blocks in C.
+    Elsewhere: a daemon thread polling the parent pid every `interval_s`. A launcher that died while the
+    signal was being armed ends this process at once.
+    """
+    parent = os.getppid()
+    if not _set_parent_death_signal(signal.SIGKILL):
+        threading.Thread(target=_watch_parent, args=(parent, interval_s), name="megaface-parent-watch",
+                         daemon=True).start()
+    if os.getppid() != parent:  # the parent died between reading its pid and arming the signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
                      require_group: bool = False) -> DistState:
     """Join the job the launcher started (or stay a single process) and return its `DistState`.
 
-    Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed, started afterwards, finds the same
+    A launched rank exits when its launcher dies (`exit_with_parent`; MEGAFACE_EXIT_WITH_PARENT=0 turns
+    this off, e.g. under a launcher that daemonises its workers). Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed, started afterwards, finds the same
     process group instead of running its own discovery. `require_group=True` gives a single process a
     1-rank group on a free loopback port (DeepSpeed would otherwise run its own, MPI-based discovery).
     """
@@ -158,6 +204,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
             return DistState(0, 1, 0, 1, device, None)
         if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):  # torchrun sets both
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if launch.launcher != "single" and os.environ.get("MEGAFACE_EXIT_WITH_PARENT", "1") != "0":
+        exit_with_parent()
     if launch.launcher in ("openmpi", "pmi", "slurm"):
         _mpi_rendezvous(launch)
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),

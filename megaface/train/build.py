@@ -183,6 +183,29 @@ def _training_data(cfg: ExperimentConfig, state: DistState, log: Any) -> tuple[A
     return build_dataset("recordio", str(pack_dir)), bins
 
 
+def sample_rate_of(sample_rate: float, num_sample: int | None, num_classes: int) -> float:
+    """head.sample_rate, or the seed's head.num_sample (classes per step over all ranks) as a rate."""
+    if num_sample is None:
+        return float(sample_rate)
+    if num_sample > num_classes:
+        raise ValueError(f"head.num_sample={num_sample} exceeds the {num_classes} classes of the training data; "
+                         f"use at most {num_classes} (or drop it to train every class)")
+    return num_sample / num_classes
+
+
+def load_initial_weights(model: nn.Module, path: str, network: str) -> None:
+    """model.init_from: a backbone file's weights, strictly (every key and shape must fit `network`)."""
+    from megaface.checkpoint import read_backbone_file, resolve_network
+
+    state, meta = read_backbone_file(path)
+    resolve_network(meta, network, path)  # a file that names another network is refused with the fix
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"model.init_from={path}: the weights do not fit model.network={network} "
+                         f"(embedding_size={getattr(model, 'embedding_size', '?')}): {str(err)[:300]}") from None
+
+
 def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, log: Any) -> Run:
     ds = resolve_ds_config(check_optimizer_single_source(cfg, ds_raw), state.world_size, state.device.type)
     precision = ds_precision(ds)
@@ -213,8 +236,12 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
         from megaface.models.layers import init_conv_weights
 
         init_conv_weights(model, per_group=False)  # re-drawn from the seeded global generator
+    if cfg.model.init_from:
+        load_initial_weights(model, cfg.model.init_from, cfg.model.network)
+        log(f"model: starting from the weights in {cfg.model.init_from}")
     h = cfg.head
-    head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale, sample_rate=h.sample_rate,
+    head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale,
+                     sample_rate=sample_rate_of(h.sample_rate, h.num_sample, num_classes),
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,

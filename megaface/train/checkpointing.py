@@ -5,6 +5,12 @@ directory to `<tag>` and only then rewrites `latest`. A crash before the rename 
 that nothing reads (the next save of that tag removes it) and `latest` still names the previous complete
 checkpoint. On several nodes the output directory must be a shared filesystem (as DeepSpeed also assumes).
 
+Integrity: before anything is written, weights, momentum and FC7 are checked finite on every rank and the
+flags are reduced in one all-reduce; a non-finite state raises `NonFiniteState` and nothing is saved, so
+`latest` only ever names a checkpoint whose meta.json says `verified_finite`. Every rank hashes the files it
+wrote (sha256); rank 0 stores the digests in meta.json and resume verifies them (split over the ranks)
+before loading anything. Pruning never deletes the newest verified checkpoint.
+
 Resume at another world size: FC7 shards are merged and re-split with `megaface.checkpoint.fc7_shards.reshard`; the
 DeepSpeed part loads fully for ZeRO 0 + fp32 (its optimizer state is not partitioned); otherwise only the
 backbone weights are loaded (`load_module_only`) and the backbone optimizer (momentum) starts fresh - said
@@ -25,9 +31,13 @@ import torch
 
 import megaface
 from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, FC7_DIR, LATEST, META_FILE, TAG_PREFIX,
-                                 TRAINER_DIR, read_meta, tag_for, trainer_file_name)
+                                 TRAINER_DIR, load_torch_file, read_meta, tag_for, trainer_file_name)
+from megaface.checkpoint.fc7_shards import (load_rank_shard, load_shard_state_dict, shard_file_name,
+                                            shard_state_dict)
+from megaface.checkpoint.integrity import (FILES_KEY, FINITE_KEY, digests, file_owner, files_for_rank, is_verified,
+                                           last_verified, list_files, local_finite, missing_ds_problem,
+                                           verify_files)
 from megaface.fileio import atomic_torch_save, atomic_write_text
-from megaface.checkpoint.fc7_shards import load_rank_shard, load_shard_state_dict, shard_file_name, shard_state_dict
 from megaface.distributed import comm
 from megaface.train.build import TrainParts
 
@@ -49,10 +59,62 @@ def set_rng_state(state: dict[str, Any]) -> None:
         getattr(torch, accel.current_accelerator().type).set_rng_state(state["device"])
 
 
+class NonFiniteState(RuntimeError):
+    """Weights, momentum or FC7 hold inf/NaN on some rank: the checkpoint was not saved."""
+
+
+def healthy_note(output_dir: Path) -> str:
+    """Where to resume after a divergence: the newest checkpoint verified finite, or none."""
+    tag = last_verified(output_dir)
+    if tag is None:
+        return "no verified-finite checkpoint exists in this output directory yet"
+    return f"the last healthy checkpoint is {tag}: resume from it with --resume {tag}"
+
+
+def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
+    """Parameters and state tensors of an optimizer and of the optimizers it wraps (DeepSpeed's ZeRO / bf16
+    wrappers keep the fp32 master weights and momentum in an inner torch optimizer)."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        for group in getattr(optimizer, "param_groups", []):
+            out += [p for p in group.get("params", []) if torch.is_tensor(p)]
+        for per_param in getattr(optimizer, "state", {}).values():
+            if isinstance(per_param, dict):
+                out += [v for v in per_param.values() if torch.is_tensor(v)]
+        optimizer = getattr(optimizer, "optimizer", None)
+    return out
+
+
+def state_is_finite(parts: TrainParts) -> bool:
+    """Collective: True when weights, momentum and FC7 are finite on every rank (one all-reduce of a flag)."""
+    tensors = list(parts.engine.module.parameters())
+    tensors += [p.ds_tensor for p in tensors if torch.is_tensor(getattr(p, "ds_tensor", None))]  # ZeRO-3
+    tensors += _optimizer_tensors(parts.engine.optimizer)
+    if parts.fc7_optimizer is not None:
+        tensors += list(parts.head.parameters()) + _optimizer_tensors(parts.fc7_optimizer)
+    flag = local_finite(iter(tensors)).to(parts.state.device)
+    return bool(comm.all_reduce_(flag, "min", parts.state.group))  # host sync: all ranks decide alike
+
+
+def _own_digests(tmp: Path, state: Any) -> dict[str, dict[str, Any]]:
+    """Collective: sha256 of the files this rank wrote, merged over ranks (every rank gets the whole map)."""
+    mine = [rel for rel in list_files(tmp) if file_owner(rel, state.world_size) == state.rank]
+    merged: dict[str, dict[str, Any]] = {}
+    for part in comm.all_gather_object(digests(tmp, mine), state.group):
+        merged.update(part)
+    return merged
+
+
 def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer_state: dict[str, Any],
                     meta: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final tag directory."""
+    """Collective: every rank calls it. Returns the final tag directory.
+
+    Raises NonFiniteState (on every rank, nothing written) when the state to save holds inf/NaN."""
     state = parts.state
+    if not state_is_finite(parts):
+        raise NonFiniteState(f"weights, momentum or FC7 hold inf/NaN after iteration {iteration}")
     ckpt_dir = Path(output_dir) / CHECKPOINTS_DIR
     tag = tag_for(iteration)
     tmp, final = ckpt_dir / f"{tag}.tmp", ckpt_dir / tag
@@ -68,9 +130,10 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
         atomic_torch_save(shard, tmp / FC7_DIR / shard_file_name(state.rank, state.world_size))
     atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_DIR / trainer_file_name(state.rank))
     comm.barrier(state.group)
+    files = _own_digests(tmp, state)  # also the barrier: every rank's files are complete
     if state.is_main:
         full_meta = {"format": CHECKPOINT_FORMAT, "iteration": iteration, "megaface_version": megaface.__version__,
-                     **meta}
+                     **meta, FINITE_KEY: True, FILES_KEY: files}
         atomic_write_text(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
         if final.exists():  # a save at the same iteration (e.g. resumed at the end): replace it
             shutil.rmtree(final)
@@ -82,11 +145,13 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    """Delete all but the newest `keep_last` checkpoints, never `keep` nor the newest verified-finite one."""
     if keep_last <= 0:
         return
     tags = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    healthy = next((p.name for p in reversed(tags) if is_verified(p)), None)
     for old in tags[:-keep_last]:
-        if old.name != keep:
+        if old.name not in (keep, healthy):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -109,31 +174,63 @@ def _load_fc7(parts: TrainParts, tag_dir: Path, meta: dict[str, Any], log: Calla
     load_shard_state_dict(parts.head, parts.fc7_optimizer, shard)
 
 
+def verify_checkpoint(tag_dir: Path, meta: dict[str, Any], state: Any, log: Callable[[str], None]) -> None:
+    """Collective: compare the files with meta.json's digests (each rank hashes its share) before loading;
+    every rank raises the same one-line ValueError naming the first damaged file."""
+    problem = missing_ds_problem(tag_dir)
+    if problem is not None:
+        raise ValueError(problem)
+    expected = meta.get(FILES_KEY)
+    if not expected:
+        log(f"resume: {tag_dir} has no file digests (saved by an older megaface): files not verified")
+        return
+    mine = verify_files(tag_dir, expected, files_for_rank(list(expected), state.rank, state.world_size))
+    problems = [p for part in comm.all_gather_object(mine, state.group) for p in part]
+    if problems:
+        more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)
+
+
+def _load_ds(parts: TrainParts, tag_dir: Path, **kwargs: Any) -> None:
+    """engine.load_checkpoint with one clear line instead of DeepSpeed's traceback or silent None."""
+    try:
+        path, _ = parts.engine.load_checkpoint(str(tag_dir), tag=DS_DIR, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any reader failure here is a damaged or incomplete ds/ folder
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{tag_dir / DS_DIR}: DeepSpeed cannot load it ({type(err).__name__}: {detail}); a file "
+                         "is truncated, missing or from another layout: check it with `megaface convert inspect "
+                         "--verify` and resume from another checkpoint") from None
+    if path is None:
+        raise ValueError(f"{tag_dir / DS_DIR}: DeepSpeed found no checkpoint files there; resume from another "
+                         "checkpoint")
+
+
 def load_checkpoint(parts: TrainParts, tag_dir: Path, expected: dict[str, Any], zero_stage: int,
                     precision: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Load everything saved by `save_checkpoint`; returns this rank's trainer state (RNG already restored)."""
     meta = read_meta(tag_dir)
     check_compatible(meta, expected, tag_dir)
     state = parts.state
+    verify_checkpoint(tag_dir, meta, state, log)
     same_world = int(meta["world_size"]) == state.world_size
     same_layout = int(meta.get("zero_stage", 0)) == zero_stage and meta.get("precision") == precision
     unpartitioned = zero_stage == 0 and precision == "fp32"
     if same_layout and (same_world or unpartitioned):
-        parts.engine.load_checkpoint(str(tag_dir), tag=DS_DIR, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+        _load_ds(parts, tag_dir, load_optimizer_states=True, load_lr_scheduler_states=False)
     else:
         if int(meta.get("zero_stage", 0)) == 3:
             raise ValueError(f"checkpoint {tag_dir} is ZeRO-3 at world size {meta['world_size']}; this run is "
                              f"ZeRO-{zero_stage} at world size {state.world_size}: consolidate it first "
                              "(megaface convert consolidate) or resume with the same world size and stage")
-        parts.engine.load_checkpoint(str(tag_dir), tag=DS_DIR, load_module_only=True)
+        _load_ds(parts, tag_dir, load_module_only=True)
         log(f"resume: world size {meta['world_size']} -> {state.world_size} or ZeRO/precision changed "
             f"(ZeRO-{meta.get('zero_stage')} {meta.get('precision')} -> ZeRO-{zero_stage} {precision}): "
             "backbone weights loaded, backbone optimizer state (momentum) starts fresh")
     if parts.fc7_optimizer is not None:
         _load_fc7(parts, tag_dir, meta, log)
     rank_file = tag_dir / TRAINER_DIR / trainer_file_name(state.rank if same_world else 0)
-    trainer_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    trainer_state = load_torch_file(rank_file, "this rank's trainer state (loader position, RNG)",
+                                    weights_only=False)
     set_rng_state(trainer_state["rng"])
     trainer_state["same_world"] = same_world
     return trainer_state

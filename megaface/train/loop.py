@@ -16,7 +16,8 @@ from megaface.train.build import CastInputs, Run, build_run, init_process_group
 from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, train_step
 from megaface.logging_utils import TrainLogger
-from megaface.train.checkpointing import load_checkpoint, save_checkpoint
+from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
+from megaface.train.run_lock import RunLock
 
 
 def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -44,7 +45,9 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
         if state.is_main:
             print(message, flush=True)
 
+    lock = None
     try:
+        lock = _lock_output(Path(cfg.train.output_dir), state, log)
         run = build_run(cfg, ds_raw, state, log)
         _resume(run, log)
         log(f"start-up: {time.perf_counter() - started:.1f} s to the first step (world size {state.world_size}, "
@@ -54,9 +57,48 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as err:
+        if not _is_timeout(err):
+            raise
+        print(f"{prefix}megaface train: error: {_timeout_message(err, cfg.train.collective_timeout_s)}",
+              file=sys.stderr, flush=True)
+        return 3
     finally:
+        if lock is not None:
+            lock.release()
         if owns_group:
             shutdown()
+
+
+def _lock_output(output_dir: Path, state: Any, log: Callable[[str], None]) -> RunLock | None:
+    """Collective: rank 0 takes the output directory's lock; every rank raises the same error if it is busy."""
+    lock, error = None, None
+    if state.is_main:
+        try:
+            lock = RunLock(output_dir, log)
+        except ValueError as err:
+            error = str(err)
+    error = comm.broadcast_object(error, src=0, group=state.group)
+    if error is not None:
+        raise ValueError(error)
+    return lock
+
+
+def _is_timeout(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _timeout_message(err: RuntimeError, timeout_s: float) -> str:
+    """One line: which collective timed out, the peer gloo/nccl named (when it did) and what to do."""
+    import re
+
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    peer = re.search(r"(?:from|peer|rank)[ =]*\[?(\d+)\]?", str(err))
+    who = f"rank {peer.group(1)} (as the backend reports it)" if peer else "a peer rank"
+    return (f"a collective waited more than train.collective_timeout_s={timeout_s:g} s for {who}: it is stopped, "
+            f"hung or dead ({first}); check that rank's log and host, then resume with --resume latest (raise "
+            "train.collective_timeout_s if slow steps - first GPU steps, long validation - are expected)")
 
 
 def _resume(run: Run, log: Callable[[str], None]) -> None:
@@ -106,14 +148,19 @@ def _train(run: Run, log: Callable[[str], None]) -> int:
                     losses.append(train_step(parts, images, labels))
                 except NonFiniteLoss as err:
                     logger.info(f"train: non-finite loss ({err}) at iteration {iteration}: stopping without "
-                                "saving (lower optim.lr, set gradient_clipping in the DeepSpeed JSON, or resume "
-                                "from the last checkpoint)")
+                                "saving (lower optim.lr, set gradient_clipping in the DeepSpeed JSON); "
+                                + healthy_note(run.output_dir))
                     return 1
             seconds = time.perf_counter() - start
             run.skipped_steps = int(parts.engine.skipped_steps)
             logger.iteration(iteration, sum(losses) / len(losses), seconds, lr,
                              loss_scale(parts.engine) if fp16 else None, run.skipped_steps)
-            _after_iteration(run, iteration + 1, logger)
+            try:
+                _after_iteration(run, iteration + 1, logger)
+            except NonFiniteState as err:
+                logger.info(f"train: {err}: stopping, checkpoint not saved (lower optim.lr, set "
+                            f"gradient_clipping in the DeepSpeed JSON); {healthy_note(run.output_dir)}")
+                return 1
     finally:
         logger.close()
     if fp16 and run.skipped_steps:
