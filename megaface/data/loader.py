@@ -17,7 +17,6 @@ float32 would quadruple the bytes crossing the process boundary.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,7 +149,7 @@ class TrainLoader:
 
     def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  drop_last: bool = True, workers: int = 2, flip: bool = True, normalize: str = "arcface_torch",
-                 skip_corrupt: bool = False, prefetch: int = 2, log=None):
+                 skip_corrupt: bool = False, log=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (per-rank batch), got {batch_size}")
         if not (world_size >= 1 and 0 <= rank < world_size):
@@ -159,7 +158,7 @@ class TrainLoader:
             raise ValueError(f"unknown normalize mode {normalize!r}; choose one of {', '.join(NORMALIZE_MODES)}")
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
         self.seed, self.drop_last, self.workers, self.flip = int(seed), bool(drop_last), int(workers), bool(flip)
-        self.normalize, self.skip_corrupt, self.prefetch = normalize, bool(skip_corrupt), int(prefetch)
+        self.normalize, self.skip_corrupt = normalize, bool(skip_corrupt)
         self.num_samples = len(dataset)
         self.global_batch = self.batch_size * self.world_size
         if len(self) == 0:
@@ -244,7 +243,7 @@ class TrainLoader:
         if self._pool is None:
             self._pool = torch.utils.data.DataLoader(
                 self._task, batch_size=None, sampler=self._sampler, num_workers=self.workers,
-                worker_init_fn=_worker_init, prefetch_factor=self.prefetch, persistent_workers=True,
+                worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=True,
                 multiprocessing_context="fork",
             )
         return self._pool
@@ -281,8 +280,3 @@ class TrainLoader:
             )
         self._epoch, self._position, self.skipped = int(state["epoch"]), position, int(state.get("skipped", 0))
 
-
-def loader_batches_per_epoch(num_samples: int, batch_size: int, world_size: int, drop_last: bool = True) -> int:
-    """len(TrainLoader) without building one."""
-    g = batch_size * world_size
-    return num_samples // g if drop_last else math.ceil(num_samples / g)
