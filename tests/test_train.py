@@ -64,7 +64,10 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("variant", [(), pytest.param(("--data.workers=1", "--ds-config",
                                                             str(ROOT / "ds_configs" / "zero1_fp32.json")),
-                                                           marks=pytest.mark.slow)])
+                                                           marks=pytest.mark.slow),
+                                     # AdamW for both optimizers (sparse over Partial FC rows), polynomial lr
+                                     ("--optim.name=adamw", "--optim.lr=0.01", "--optim.weight_decay=0.05",
+                                      "--optim.schedule=polynomial", "--head.sample_rate=0.5")])
 def test_two_ranks_fp32_loss_decreases_and_resume_is_exact(cache: Path, tmp_path: Path, variant: tuple) -> None:
     # 16 images seen again every 2 steps, plain softmax at a small scale: the loss falls within 8 steps
     easy = ("--head.margin=[1, 0, 0]", "--head.scale=8", "--data.synthetic.identities=8",

@@ -64,7 +64,7 @@ def format_config(cfg: Any) -> str:
                 lines.append(f"{indent}{key}:")
                 emit(value, f"{prefix}{key}.", indent + "  ")
             else:
-                doc = docs.get(prefix + key, "")
+                doc = " ".join(docs.get(prefix + key, "").split())  # one line: a valid YAML comment
                 lines.append(f"{indent}{key}: {json.dumps(value)}" + (f"  # {doc}" if doc else ""))
 
     emit(cfg.to_dict(), "", "")
