@@ -153,7 +153,9 @@ def build_parts_for(state: Any, network: str, ds_config: str | Path, overrides: 
     torch.manual_seed(0)
     model = build_model(network, embedding_size=embedding_size)
     head = PartialFC(model.embedding_size, classes, sample_rate=sample_rate, group=state.group)
-    return build_parts(cfg, ds, state, model, head, precision(ds), channels_last=channels_last)
+    if channels_last:  # an experiment only: DeepSpeed ZeRO refuses NHWC parameters (see benchmarks/README.md)
+        model = model.to(memory_format=torch.channels_last)
+    return build_parts(cfg, ds, state, model, head, precision(ds))
 
 
 def build_case(state: Any, case: dict[str, Any], data_root: Path) -> tuple[Any, Any]:

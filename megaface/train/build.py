@@ -65,11 +65,6 @@ class TrainParts:
     clip: float
     precision: str
     input_dtype: torch.dtype
-    channels_last: bool = False  # backbone weights and input batches in NHWC (see build_parts)
-
-
-# NHWC backbones: measured by benchmarks/train_step.py --channels-last (see benchmarks/README.md).
-CHANNELS_LAST = False
 
 
 def _skip_shm_build() -> None:
@@ -89,17 +84,17 @@ def _skip_shm_build() -> None:
 
 
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
-                head: nn.Module, precision: str, channels_last: bool = CHANNELS_LAST) -> TrainParts:
+                head: nn.Module, precision: str) -> TrainParts:
     """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD for a model-parallel head.
 
-    channels_last: convert the backbone to NHWC before the engine sees it (the step converts the batches)."""
+    The backbone stays NCHW (contiguous): channels_last measured 20-27% less CPU time per forward+backward of
+    MobileFaceNet, but DeepSpeed ZeRO views parameters as flat bytes and refuses NHWC strides, and converting
+    after deepspeed.initialize would break ZeRO's flat-buffer aliasing (benchmarks/README.md)."""
     import deepspeed
 
     if state.device.type == "cpu":
         _skip_shm_build()
     o = cfg.optim
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
     module: nn.Module = DataParallelFace(backbone, head) if cfg.head.parallel == "data" else backbone
     # Built here (not from the JSON) so that one schedule drives both optimizers; DeepSpeed wraps it.
     optimizer = torch.optim.SGD(module.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -121,7 +116,7 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     live_head = engine.module.head if cfg.head.parallel == "data" else head
     live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
-                      float(ds.get("gradient_clipping", 0.0)), precision, input_dtype, channels_last)
+                      float(ds.get("gradient_clipping", 0.0)), precision, input_dtype)
 
 
 @dataclass

@@ -50,8 +50,6 @@ def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) ->
     """
     engine = parts.engine
     images = images.to(parts.state.device, parts.input_dtype, non_blocking=True)
-    if parts.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.to(parts.state.device, non_blocking=True)
     embeddings_local = engine(images)                            # [b, 3, 112, 112] -> [b, D], data parallel
     loss = parts.head(embeddings_local, labels)                  # all-gather -> FC7 shard -> CE: global mean
