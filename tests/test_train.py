@@ -138,19 +138,21 @@ def test_fc7_step_unscales_clips_and_skips() -> None:
 
     ref, opt = fresh(1.0)
     start = ref.weight.detach().clone()
-    assert step_fc7(opt, DistState(), 1.0, 0.0, True)
+    assert step_fc7(opt, DistState(), None, 0.0, True)  # fp32/bf16, no clipping: no norm at all
     torch.testing.assert_close(ref.weight.detach(), start - 0.5)
     scaled, opt = fresh(1024.0)  # fp16: gradients carry the loss scale
     assert step_fc7(opt, DistState(), 1024.0, 0.0, True)
     torch.testing.assert_close(scaled.weight.detach(), ref.weight.detach())
-    clipped, opt = fresh(1.0)
-    assert step_fc7(opt, DistState(), 1.0, 1.0, True)
-    torch.testing.assert_close((start - clipped.weight.detach()).norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    for scale in (None, 1.0):  # the clip coefficient is applied on the device, with or without fp16
+        clipped, opt = fresh(1.0)
+        assert step_fc7(opt, DistState(), scale, 1.0, True)
+        torch.testing.assert_close((start - clipped.weight.detach()).norm(), torch.tensor(1.0), rtol=1e-5,
+                                   atol=1e-5)
     skipped, opt = fresh(1.0)
     assert not step_fc7(opt, DistState(), 1.0, 0.0, False)  # the engine skipped (fp16 overflow)
     torch.testing.assert_close(skipped.weight.detach(), start)
     inf, opt = fresh(float("inf"))
-    assert not step_fc7(opt, DistState(), 1.0, 0.0, True)  # non-finite FC7 gradients skip too
+    assert not step_fc7(opt, DistState(), 1.0, 0.0, True)  # fp16: non-finite FC7 gradients skip too
     torch.testing.assert_close(inf.weight.detach(), start)
 
 

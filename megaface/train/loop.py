@@ -14,7 +14,7 @@ from megaface.config import ExperimentConfig
 from megaface.distributed import comm, shutdown
 from megaface.train.build import CastInputs, Run, build_run, init_process_group
 from megaface.train.schedule import schedule_lr, set_lr
-from megaface.train.step import NonFiniteLoss, loss_scale, train_step
+from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
 from megaface.logging_utils import TrainLogger
 from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
 from megaface.train.run_lock import RunLock
@@ -136,27 +136,37 @@ def _train(run: Run, log: Callable[[str], None]) -> int:
         run.validator.writer = logger.writer
     batches = _batches(run.loader)
     fp16 = parts.precision == "fp16"
+    # Iteration losses stay on the device until the loop logs, validates or saves (no per-step host sync);
+    # per-iteration seconds then time the host side, and the read's wait lands in the iteration that reads,
+    # so the logger's windowed throughput stays right.
+    pending: list[torch.Tensor] = []
+    records: list[tuple[int, float, float, float | None, int]] = []
     try:
         for iteration in range(run.start_iteration, run.total_steps):
             lr = schedule_lr(iteration, cfg.optim, run.milestones, run.warmup_steps, run.total_steps)
             set_lr(parts, lr, cfg.head.lr_scale)
             start = time.perf_counter()
-            losses = []
-            for _ in range(run.gas):
-                images, labels = next(batches)
-                try:
-                    losses.append(train_step(parts, images, labels))
+            losses = [train_step(parts, *next(batches)) for _ in range(run.gas)]
+            pending.append(torch.stack(losses).mean())
+            run.skipped_steps = int(parts.engine.skipped_steps)
+            records.append((iteration, time.perf_counter() - start, lr,
+                            loss_scale(parts.engine) if fp16 else None, run.skipped_steps))
+            done = iteration + 1
+            validate, save = _due(run, done)
+            if done % t.log_every == 0 or validate or save:
+                try:  # before any save: a non-finite loss never reaches a checkpoint
+                    values = read_losses(pending, parts, records[0][0])
                 except NonFiniteLoss as err:
-                    logger.info(f"train: non-finite loss ({err}) at iteration {iteration}: stopping without "
-                                "saving (lower optim.lr, set gradient_clipping in the DeepSpeed JSON); "
+                    logger.info(f"train: non-finite loss ({err.value}) at iteration {err.iteration}: stopping "
+                                "without saving (lower optim.lr, set gradient_clipping in the DeepSpeed JSON); "
                                 + healthy_note(run.output_dir))
                     return 1
-            seconds = time.perf_counter() - start
-            run.skipped_steps = int(parts.engine.skipped_steps)
-            logger.iteration(iteration, sum(losses) / len(losses), seconds, lr,
-                             loss_scale(parts.engine) if fp16 else None, run.skipped_steps)
+                for value, (it, seconds, it_lr, scale, skipped) in zip(values, records):
+                    logger.iteration(it, value, seconds, it_lr, scale, skipped)
+                pending.clear()
+                records.clear()
             try:
-                _after_iteration(run, iteration + 1, logger)
+                _after_iteration(run, done, logger, validate, save)
             except NonFiniteState as err:
                 logger.info(f"train: {err}: stopping, checkpoint not saved (lower optim.lr, set "
                             f"gradient_clipping in the DeepSpeed JSON); {healthy_note(run.output_dir)}")
@@ -168,14 +178,19 @@ def _train(run: Run, log: Callable[[str], None]) -> int:
     return 0
 
 
-def _after_iteration(run: Run, done: int, logger: TrainLogger) -> None:
-    """Validation and checkpoints after `done` completed iterations."""
+def _due(run: Run, done: int) -> tuple[bool, bool]:
+    """(validate, save) after `done` completed iterations."""
     last = done == run.total_steps
-    interval = run.cfg.validation.interval
-    if run.validator is not None and (done % interval == 0 or last):
-        _validate(run, done, logger)
+    validate = run.validator is not None and (done % run.cfg.validation.interval == 0 or last)
     save_every = run.cfg.train.save_every
-    if (save_every and done % save_every == 0) or last:
+    return validate, bool((save_every and done % save_every == 0) or last)
+
+
+def _after_iteration(run: Run, done: int, logger: TrainLogger, validate: bool, save: bool) -> None:
+    """Validation and checkpoints after `done` completed iterations."""
+    if validate:
+        _validate(run, done, logger)
+    if save:
         trainer_state = {"iteration": done, "loader": run.loader.state_dict(), "skipped_steps": run.skipped_steps,
                          "best": dict(run.validator.best) if run.validator is not None else {}}
         path = save_checkpoint(run.parts, run.output_dir, done, trainer_state, run.meta(), run.cfg.train.keep_last)

@@ -14,6 +14,13 @@ Keeping the two optimizers in step (`step_fc7`):
 - clipping: DeepSpeed clips the backbone by the backbone's global norm (the JSON's gradient_clipping); FC7
   is clipped by the global FC7 norm, sqrt(all-reduced sum of the shards' squared norms), at head.clip_grad_norm
   (None = the JSON's value, 0 = off). The two parts are clipped separately, not by one joint norm.
+
+Host syncs (a GPU stalls until the host has read a device value): fp32/bf16 steps have none. The loss stays
+on the device; the loop keeps each iteration's loss and reads them all at once (`read_losses`: one sync, and
+for a data-parallel head one all-reduce) only when it logs, validates or saves - and a non-finite one stops
+the run before anything is saved. FC7 needs no norm without clipping; with clipping the norm is all-reduced
+and the clip coefficient is applied on the device. Only fp16 keeps one sync per step (`step_fc7`): the FC7
+skip decision must be the same on every rank and match the engine's, which DeepSpeed itself takes on the host.
 """
 
 from __future__ import annotations
@@ -30,35 +37,51 @@ from megaface.train.build import TrainParts
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf under fp32/bf16 (fp16 skips such steps through loss scaling instead)."""
 
+    def __init__(self, value: float, iteration: int) -> None:
+        super().__init__(f"{value} at iteration {iteration}")
+        self.value, self.iteration = value, iteration
 
-def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) -> float:
+
+def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One micro-batch: backbone -> FC7 (all-gather, sharded logits + margin, distributed CE) -> backward -> steps.
 
-    Returns the loss (global-batch mean, identical on every rank). Raises NonFiniteLoss before any update.
+    Returns the detached loss on the device, without a host sync: the global-batch mean with a model-parallel
+    head, this rank's mean with a data-parallel one (`read_losses` averages those when it reads them).
     """
     engine = parts.engine
     images = images.to(parts.state.device, parts.input_dtype, non_blocking=True)
     labels = labels.to(parts.state.device, non_blocking=True)
     embeddings_local = engine(images)                            # [b, 3, 112, 112] -> [b, D], data parallel
     loss = parts.head(embeddings_local, labels)                  # all-gather -> FC7 shard -> CE: global mean
-    value = _global_loss(loss, parts)                            # host sync (needed for the stop decision)
-    if not math.isfinite(value) and parts.precision != "fp16":
-        raise NonFiniteLoss(value)
     boundary = engine.is_gradient_accumulation_boundary()        # before step(), which advances the counter
     engine.backward(loss)                                        # x loss scale / gas; DeepSpeed averages backbone
-    scale, skipped_before = loss_scale(engine), engine.skipped_steps  # the scale this backward used
+    fp16 = parts.precision == "fp16"
+    scale, skipped_before = (loss_scale(engine), engine.skipped_steps) if fp16 else (None, 0)  # this backward's
     engine.step()                                                # backbone step at the boundary (or fp16 skip)
     if boundary and parts.fc7_optimizer is not None:
-        step_fc7(parts.fc7_optimizer, parts.state, scale, parts.clip, engine_step_applied(engine, skipped_before))
-    return value
+        applied = engine_step_applied(engine, skipped_before) if fp16 else True
+        step_fc7(parts.fc7_optimizer, parts.state, scale, parts.clip, applied)
+    return loss.detach()
 
 
-def _global_loss(loss: torch.Tensor, parts: TrainParts) -> float:
+def read_losses(pending: list[torch.Tensor], parts: TrainParts, first_iteration: int) -> list[float]:
+    """The host values of the iteration losses kept on the device since the last read (one sync).
+
+    `pending[i]` is iteration `first_iteration + i`. With a data-parallel head each rank holds its own
+    local-batch losses: they are averaged (one all-reduce) so that every rank logs, and stops, alike.
+    Raises NonFiniteLoss (fp32/bf16) for the first non-finite one; fp16 skips such steps instead.
+    """
+    if not pending:
+        return []
+    stacked = torch.stack([p.float() for p in pending])
     if parts.fc7_optimizer is None and parts.state.world_size > 1:
-        # data-parallel head: each rank has its local-batch loss; all ranks must agree on stopping
-        return float(comm.all_reduce_(loss.detach().clone(), "avg", parts.state.group))
-    return float(loss.detach())
-
+        stacked = comm.all_reduce_(stacked, "avg", parts.state.group)
+    values = stacked.tolist()  # the host sync, once per log interval
+    if parts.precision != "fp16":
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(value, first_iteration + offset)
+    return values
 
 
 # ---- fp16 loss scale and the FC7 step ------------------------------------------------------------------
@@ -81,26 +104,34 @@ def engine_step_applied(engine: Any, skipped_before: int) -> bool:
 
 
 @torch.no_grad()
-def step_fc7(optimizer: torch.optim.Optimizer, state: DistState, scale: float, max_norm: float,
+def step_fc7(optimizer: torch.optim.Optimizer, state: DistState, scale: float | None, max_norm: float,
              engine_applied: bool) -> bool:
-    """Unscale, check, clip and step the FC7 shard optimizer at an accumulation boundary; True if stepped."""
+    """Unscale, check, clip and step the FC7 shard optimizer at an accumulation boundary; True if stepped.
+
+    `scale` is the fp16 loss scale, None without loss scaling (fp32/bf16). Collectives and host syncs:
+    fp32/bf16 without clipping: none; with clipping: one all-reduce of the squared norm, applied on the device
+    (a non-finite norm yields non-finite weights, which the non-finite loss then stops before any save);
+    fp16: the same all-reduce and one host read, so that every rank skips alike and with the engine.
+    """
     grads = [g for g in optimizer.grads() if g is not None]
-    if scale != 1.0:
+    if scale is None and max_norm <= 0:
+        optimizer.step()
+        optimizer.zero_grad()
+        return True
+    if scale is not None and scale != 1.0:
         for g in grads:
             g.div_(scale)
     local_sq = torch.zeros((), dtype=torch.float32, device=state.device)
     for g in grads:
         local_sq += g.float().pow(2).sum()
     global_sq = comm.all_reduce_(local_sq, "sum", state.group)  # one collective: norm and finiteness
-    sq = float(global_sq)  # host sync: the decision must be the same on every rank
-    if not engine_applied or not math.isfinite(sq):
+    if scale is not None and (not engine_applied or not math.isfinite(float(global_sq))):  # fp16: host sync
         optimizer.zero_grad()
         return False
     if max_norm > 0:
-        coef = max_norm / (math.sqrt(sq) + 1e-6)
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        coef = (max_norm / (global_sq.sqrt() + 1e-6)).clamp(max=1.0)  # on the device: no host read
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
     optimizer.step()
     optimizer.zero_grad()
     return True
