@@ -27,16 +27,17 @@ sample_rate 1.0 (dense gradient on the Parameter) both modes equal torch.optim.A
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from megaface.head.optim import ShardOptimizer
 from megaface.head.partial_fc import PartialFC
 
 _ROW_KEYS = ("exp_avg", "exp_avg_sq", "row_step")
 
 
-class ShardAdamW(torch.optim.Optimizer):
+class ShardAdamW(ShardOptimizer):
     """AdamW for one PartialFC shard; `param_groups[0]["lr"]` is schedulable (set it before each step)."""
 
     def __init__(self, head: PartialFC, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -47,37 +48,7 @@ class ShardAdamW(torch.optim.Optimizer):
             raise ValueError(f"ShardAdamW betas={betas} must be two values in [0, 1)")
         defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
                         weight_decay=float(weight_decay), sparse=bool(sparse))
-        super().__init__([head.weight], defaults)
-        self.head = head
-
-    def grads(self) -> list[torch.Tensor]:
-        """The live gradient tensors of the next step (dense weight.grad and/or sampled [k, D] grads)."""
-        out = self.head.sampled_grads()
-        if self.head.weight.grad is not None:
-            out.append(self.head.weight.grad)
-        return out
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
-        self.head.clear_sampled()
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        weight = self.head.weight
-        sampled = self.head.take_sampled_grads()
-        if weight.grad is not None:  # all rows took part (sample_rate 1.0 or eval-mode forward)
-            if sampled is not None:
-                weight.grad.index_add_(0, sampled[0], sampled[1])
-            self._update(None, weight.grad)
-        elif sampled is not None and self.param_groups[0]["sparse"]:
-            self._update(*sampled)
-        elif sampled is not None:
-            self._update(None, torch.zeros_like(weight).index_copy_(0, sampled[0], sampled[1]))
-        return loss
+        super().__init__(head, defaults)
 
     def _state(self) -> dict[str, torch.Tensor]:
         state = self.state[self.head.weight]

@@ -29,19 +29,12 @@ MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROW_CHUNK = 1 << 15  # rows per chunk of the bf16-momentum update: 64 MiB of fp32 temporaries at D=512
 
 
-class ShardSGD(torch.optim.Optimizer):
-    """SGD with momentum and weight decay for one PartialFC shard; `param_groups[0]["lr"]` is schedulable."""
+class ShardOptimizer(torch.optim.Optimizer):
+    """What both FC7 shard optimizers share: the one parameter (the shard's weight), the Partial FC protocol
+    (sampled rows' gradients taken from the head with `take_sampled_grads`), dense vs sparse dispatch.
+    Subclasses implement `_update(index, grad)`: index None = a dense [num_local, D] gradient, else [k] rows."""
 
-    def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 sparse: bool = True, momentum_dtype: str = "fp32") -> None:
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not value >= 0.0:
-                raise ValueError(f"ShardSGD {name}={value} must be >= 0")
-        if momentum_dtype not in MOMENTUM_DTYPES:
-            raise ValueError(f"ShardSGD momentum_dtype={momentum_dtype!r} must be one of {sorted(MOMENTUM_DTYPES)}")
-        self.momentum_dtype = MOMENTUM_DTYPES[momentum_dtype]
-        defaults = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
-                        sparse=bool(sparse))
+    def __init__(self, head: PartialFC, defaults: dict[str, Any]) -> None:
         super().__init__([head.weight], defaults)
         self.head = head
 
@@ -70,10 +63,28 @@ class ShardSGD(torch.optim.Optimizer):
             self._update(None, weight.grad)
         elif sampled is not None and self.param_groups[0]["sparse"]:
             self._update(*sampled)
-        elif sampled is not None:
-            dense = torch.zeros_like(weight).index_copy_(0, sampled[0], sampled[1])
-            self._update(None, dense)
+        elif sampled is not None:  # dense mode: every row takes the step (InsightFace PyTorch's behaviour)
+            self._update(None, torch.zeros_like(weight).index_copy_(0, sampled[0], sampled[1]))
         return loss
+
+    def _update(self, index: torch.Tensor | None, grad: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class ShardSGD(ShardOptimizer):
+    """SGD with momentum and weight decay for one PartialFC shard; `param_groups[0]["lr"]` is schedulable."""
+
+    def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 sparse: bool = True, momentum_dtype: str = "fp32") -> None:
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not value >= 0.0:
+                raise ValueError(f"ShardSGD {name}={value} must be >= 0")
+        if momentum_dtype not in MOMENTUM_DTYPES:
+            raise ValueError(f"ShardSGD momentum_dtype={momentum_dtype!r} must be one of {sorted(MOMENTUM_DTYPES)}")
+        self.momentum_dtype = MOMENTUM_DTYPES[momentum_dtype]
+        defaults = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
+                        sparse=bool(sparse))
+        super().__init__(head, defaults)
 
     def _momentum_buffer(self) -> torch.Tensor | None:
         if self.param_groups[0]["momentum"] == 0:
