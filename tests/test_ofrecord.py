@@ -288,3 +288,19 @@ def test_label_outside_the_class_count(tmp_path):
     _one_part(tmp_path, hand_part([hand_record([("encoded", b"j"), ("label", -1)])]))
     with pytest.raises(ValueError, match="byte offset 0: label -1 is negative"):
         OFRecordDataset(d)
+
+
+def test_forced_replacement_keeps_the_old_output_when_it_fails(tmp_path):
+    record = encode_record({"encoded": b"x", "label": 0})
+    out = tmp_path / "of"
+    old = write_parts(out, 4, iter([record] * 4), parts=4)
+    before = {p.name: p.read_bytes() for p in old}
+    with pytest.raises(FileExistsError, match="pass --force to replace it"):
+        write_parts(out, 2, iter([record] * 2), parts=2)
+    with pytest.raises(ValueError, match="the source ran out after 2 of 5 records"):
+        write_parts(out, 5, iter([record] * 2), parts=2, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["of"]  # no staging or old copies left
+    new = write_parts(out, 2, iter([record] * 2), parts=2, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in new)  # old parts 2 and 3 are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["of"]

@@ -27,11 +27,15 @@ def write_parts(output: str | os.PathLike, count: int, records: Iterator[bytes],
         raise ValueError(f"--parts {parts} must be >= 1")
     if count < parts:
         raise ValueError(f"--parts {parts} is more than the {count} record(s) to write; every part needs a record")
-    if output.exists():
-        if not overwrite:
-            raise FileExistsError(f"output {output} exists; pass --force to replace it")
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    with atomic_output_dir(output) as tmp:
+    replacing = output.exists()
+    if replacing and not overwrite:
+        raise FileExistsError(f"output {output} exists; pass --force to replace it")
+    # A replacement is written beside the old output and swapped in only once complete, so a failure (a bad
+    # source record, a full disk) leaves the previous output as it was.
+    staging = output.with_name(f".{output.name}.new") if replacing else output
+    if replacing and staging.exists():  # left by an interrupted earlier replacement
+        shutil.rmtree(staging)
+    with atomic_output_dir(staging) as tmp:
         written = 0
         for p in range(parts):
             stop = (p + 1) * count // parts
@@ -42,6 +46,11 @@ def write_parts(output: str | os.PathLike, count: int, records: Iterator[bytes],
                         raise ValueError(f"write_parts: the source ran out after {written} of {count} records")
                     f.write(frame(payload))
                     written += 1
+    if replacing:
+        old = output.with_name(f".{output.name}.old")
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     return [output / part_name(p, suffix_length) for p in range(parts)]
 
 
