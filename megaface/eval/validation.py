@@ -56,23 +56,28 @@ def check_validation_packs(paths: Sequence[str | os.PathLike]) -> dict[str, int]
     pairs: dict[str, int] = {}
     for path in paths:
         images, issame = read_bin(path)
-        first_last = sorted({0, len(images) - 1})
-        for index in first_last:
-            try:
-                decoded = decode_images([images[index]])
-            except ValueError as err:  # CorruptImageError is a ValueError
-                raise ValueError(
-                    f"verification pack {path}: image {index} of {len(images)} (pair {index // 2}) cannot be "
-                    f"decoded: {' '.join(str(err).split())}; re-create the pack or drop it from validation.bins"
-                ) from None
-            if index == 0:
-                shape = decoded.shape[1:]
-            elif decoded.shape[1:] != shape:
-                raise ValueError(
-                    f"verification pack {path}: image {index} is {decoded.shape[1:]} but image 0 is {shape}; "
-                    "a pack holds aligned images of one size: re-create it")
+        check_pack_images(path, images)
         pairs[pack_name(path)] = len(issame)
     return pairs
+
+
+def check_pack_images(path: str | os.PathLike, images: Sequence[Any]) -> None:
+    """Decode a pack's first and last image (they must decode, and be of one size); errors name the image."""
+    first_last = sorted({0, len(images) - 1})
+    for index in first_last:
+        try:
+            decoded = decode_images([images[index]])
+        except ValueError as err:  # CorruptImageError is a ValueError
+            raise ValueError(
+                f"verification pack {path}: image {index} of {len(images)} (pair {index // 2}) cannot be "
+                f"decoded: {' '.join(str(err).split())}; re-create the pack or drop it from validation.bins"
+            ) from None
+        if index == 0:
+            shape = decoded.shape[1:]
+        elif decoded.shape[1:] != shape:
+            raise ValueError(
+                f"verification pack {path}: image {index} is {decoded.shape[1:]} but image 0 is {shape}; "
+                "a pack holds aligned images of one size: re-create it")
 
 
 def pack_name(path: str | os.PathLike) -> str:
@@ -86,6 +91,7 @@ class _Pack:
     def __init__(self, path: str, state: DistState) -> None:
         self.path, self.name = path, pack_name(path)
         images, self.issame = read_bin(path)
+        check_pack_images(path, images)  # at start-up, not at the first validation hours in
         self.num_images = len(images)
         start, stop = shard_range(self.num_images, state.world_size, state.rank)
         self._encoded_local = images[start:stop]

@@ -222,10 +222,12 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
         raise ValueError(f"head.num_classes={cfg.head.num_classes} but the training data has {num_classes} "
                          "classes: fix head.num_classes (or drop it to take the data's count)")
     bins = list(cfg.validation.bins) + extra_bins
+    validator = None
     if cfg.validation.interval > 0 and bins:
-        from megaface.eval.validation import check_validation_packs
+        from megaface.eval.validation import Validator
 
-        check_validation_packs(bins)  # a bad pack fails now, not at the first validation hours in
+        # built (and each pack checked) before the model: a bad pack fails now, not hours in
+        validator = Validator(bins, state, batch_size=cfg.validation.batch_size, normalize=cfg.data.normalize)
     from megaface.data import TrainLoader
     from megaface.head import PartialFC, resolve_compute_dtype
     from megaface.models import build_model
@@ -253,11 +255,6 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
-    validator = None
-    if cfg.validation.interval > 0 and bins:
-        from megaface.eval.validation import Validator
-
-        validator = Validator(bins, state, batch_size=cfg.validation.batch_size, normalize=cfg.data.normalize)
     return Run(cfg, ds, state, parts, loader, validator, Path(cfg.train.output_dir), total,
                resolve_milestones(cfg.optim, per_epoch),
                resolve_warmup(cfg.optim.warmup_steps, cfg.optim.warmup_epochs, per_epoch), gas, num_classes,
