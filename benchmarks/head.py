@@ -162,8 +162,10 @@ def _memory_search(args: argparse.Namespace, base: dict, precision: str) -> dict
     counts = [int(c) for c in args.memory_classes.split(",")]
     peaks = []
     for classes in counts:
+        # Two steps: the first creates the momentum after its backward; the second is the steady state
+        # (momentum resident before the forward's rows, logit blocks and row gradients are allocated).
         case = dict(base, classes=classes, sample_rate=0.1, sparse=True, precision=precision,
-                    steps=1, warmup=0, gemm_reps=0)
+                    steps=1, warmup=1, gemm_reps=0)
         peaks.append(max(run_case(case, args.world_size)["peak_rss_mb_per_rank"]) * 2**20)
     per_rank = [c / args.world_size for c in counts]
     per_class = (peaks[1] - peaks[0]) / (per_rank[1] - per_rank[0])

@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-QUICKSTART = REPO / "launch" / "configs" / "quickstart.yaml"
+# The 300-iteration quickstart (milestones 220 / 280): a run stopped early is a prefix of the full run.
+QUICKSTART = REPO / "launch" / "configs" / "quickstart_long.yaml"
 
 # The seed's behaviour, spelled out, so every arm below changes exactly one thing relative to it
 # (whatever the config defaults are at the time).
@@ -53,10 +54,20 @@ ARMS: dict[str, list[str]] = {
     # InsightFace's PyTorch recipe as a whole: straight-through, no fallback, backbone-only clipping, its init.
     "arcface_torch_all": ["--head.straight_through=true", "--head.margin_fallback=none",
                           "--ds.gradient_clipping=5", "--head.clip_grad_norm=0", "--model.init=arcface_torch"],
-    # The shipped quickstart config as it is (no overrides at all, not even SEED_BEHAVIOUR).
+    # arcface_torch's schedule: linear warm-up, then linear decay to 0 at the last iteration (its first step
+    # runs at the full lr). The decay depends on the run length, so this arm only runs at its full length.
+    "schedule_polynomial": ["--optim.schedule=polynomial", "--optim.milestones=[]"],
+    # The shipped config as it is (no overrides at all, not even SEED_BEHAVIOUR).
     "defaults": None,  # type: ignore[dict-item]
+    # The shipped config in bf16 (DeepSpeed bf16; the head follows it: head.compute_dtype auto).
+    "defaults_bf16": ["--ds.bf16.enabled=true"],
 }
+# Arms that start from the shipped config instead of SEED_BEHAVIOUR.
+FROM_DEFAULTS = {"defaults", "defaults_bf16"}
+# Arms whose schedule depends on the run length: they cannot be stopped early and extended later.
+FULL_LENGTH_ONLY = {"schedule_polynomial"}
 
+FULL_LENGTH = 300  # quickstart_long.yaml's train.max_steps
 VALIDATION = re.compile(r"validation at iteration (\d+)")
 ACCURACY = re.compile(r"Accuracy-Flip: ([0-9.]+|nan)")
 
@@ -83,8 +94,8 @@ def parse_log(text: str) -> dict[int, float]:
 
 
 def command(arm: str, seed: int, max_steps: int, output: Path, cache_dir: Path, config: Path) -> list[str]:
-    overrides = ARMS[arm]
-    extra = [] if overrides is None else SEED_BEHAVIOUR + overrides
+    overrides = ARMS[arm] or []
+    extra = overrides if arm in FROM_DEFAULTS else SEED_BEHAVIOUR + overrides
     return ["nice", "-n", "19", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", str(_free_port()), "-m", "megaface", "train", "--config", str(config),
             "--output", str(output), "--max-steps", str(max_steps), f"--data.cache_dir={cache_dir}",
@@ -109,6 +120,8 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict[int, float]:
     done = _logged(runs, arm, seed) if args.reuse or args.report_only else {}
     if max(done, default=0) >= args.max_steps or args.report_only:
         return {k: v for k, v in done.items() if k <= args.max_steps}
+    if arm in FULL_LENGTH_ONLY and args.max_steps != FULL_LENGTH:
+        raise SystemExit(f"arm {arm} only runs at --max-steps {FULL_LENGTH} (its schedule depends on the run length)")
     cmd = command(arm, seed, args.max_steps, output, Path(args.cache_dir), Path(args.config))
     if args.reuse and (output / "checkpoints").is_dir():
         cmd.append("--train.resume=latest")
@@ -136,7 +149,9 @@ def summarise(arm: str, seeds: list[int], results: list[dict[int, float]], max_s
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         acc[str(step)] = [round(statistics.fmean(values), 4), round(spread, 4)]
         per_seed[str(step)] = values
-    return {"arm": arm, "overrides": ARMS[arm] if ARMS[arm] is not None else "(quickstart.yaml as shipped)",
+    shipped = f"({QUICKSTART.name} as shipped)"
+    overrides = ARMS[arm] if arm not in FROM_DEFAULTS else [shipped, *(ARMS[arm] or [])]
+    return {"arm": arm, "overrides": overrides,
             "seeds": seeds, "max_steps": max_steps, "acc": acc, "per_seed": per_seed}
 
 

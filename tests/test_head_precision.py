@@ -64,6 +64,50 @@ def test_low_precision_head_matches_fp32(dtype, num_classes):
     assert not torch.equal(emb_grad, ref_emb)  # the low-precision path really ran
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_sampled_rows_in_low_precision(dtype):
+    """Partial FC under bf16 compute keeps the sampled rows and their gradient in bf16 (the memory saving),
+    and that gradient still matches the fp32 head's; fp16 keeps fp32 rows (scaled gradients overflow fp16)."""
+    num_classes, batch, dim = 4000, 64, 128
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    emb = _trained_like(init_shard(0, num_classes, dim), labels, gen)
+    grads = {}
+    for mode in ("fp32", dtype):
+        head = PartialFC(dim, num_classes, scale=S, sample_rate=0.1, seed=5, compute_dtype=mode)
+        emb_in = emb.clone().requires_grad_(True)
+        head(emb_in, labels).backward()
+        index, grad = head.take_sampled_grads()
+        grads[mode] = (index, grad, emb_in.grad)
+    (ref_index, ref_grad, ref_emb), (index, grad, emb_grad) = grads["fp32"], grads[dtype]
+    assert torch.equal(index, ref_index)  # same draw in every precision
+    assert grad.dtype == {"bf16": torch.bfloat16, "fp16": torch.float32}[dtype]
+    assert emb_grad.dtype == torch.float32
+    assert _cosine(grad, ref_grad) >= 0.999 and _cosine(emb_grad, ref_emb) >= 0.999
+    assert not torch.equal(grad.float(), ref_grad)
+
+
+def test_bf16_row_gradients_accumulate_in_fp32():
+    """Two accumulated micro-batches: the merged sampled gradient is summed in fp32, and both shard
+    optimizers step with bf16 row gradients."""
+    head = PartialFC(32, 500, scale=S, sample_rate=0.2, seed=2, compute_dtype="bf16", accumulation_steps=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        labels = torch.randint(0, 500, (16,), generator=gen)
+        head(_trained_like(init_shard(0, 500, 32), labels, gen), labels).backward()
+    index, grad = head.take_sampled_grads()
+    assert grad.dtype == torch.float32 and index.numel() > 100
+    from megaface.head import ShardAdamW
+    for make in (lambda h: ShardSGD(h, lr=0.1), lambda h: ShardAdamW(h, lr=1e-3)):
+        head = PartialFC(32, 500, scale=S, sample_rate=0.2, seed=2, compute_dtype="bf16")
+        opt, before = make(head), head.weight.detach().clone()
+        labels = torch.randint(0, 500, (16,), generator=gen)
+        head(_trained_like(init_shard(0, 500, 32), labels, gen), labels).backward()
+        opt.step()
+        assert head.weight.dtype == torch.float32 and torch.isfinite(head.weight).all()
+        assert 0 < (head.weight != before).any(dim=1).sum() <= 100
+
+
 def _train(head, opt, steps, start=0):
     losses = []
     for step in range(start, start + steps):

@@ -63,6 +63,7 @@ class ShardAdamW(ShardOptimizer):
         """AdamW on rows `index` (all rows when None) with grad [len(index) or num_local, D]."""
         group, weight, state = self.param_groups[0], self.head.weight, self._state()
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        grad = grad.to(weight.dtype)  # bf16 sampled-row gradients (head.compute_dtype bf16) widen to fp32
         rows = slice(None) if index is None else index
         w = weight if index is None else weight.index_select(0, index)
         m = state["exp_avg"] if index is None else state["exp_avg"].index_select(0, index)

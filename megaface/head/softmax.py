@@ -18,8 +18,10 @@ GEMMs (logits, d/d emb, d/d weight) plus about two memory passes over the buffer
 
 Precision (compute_dtype): the three GEMMs take fp32, bf16 or fp16 operands (fp32 accumulation); the
 low-precision copies of emb_hat_global and weight_rows are made once per step. The [B, c] block buffer, the
-row max, sum-exp, target cosine, margin and loss are fp32 in every mode, and both gradients are returned in
-fp32. With compute_dtype fp32 every operation is the fp32 head's, bit for bit.
+row max, sum-exp, target cosine, margin and loss are fp32 in every mode. The embedding gradient is fp32; the
+weight gradient has weight_rows' dtype (PartialFC hands bf16 rows under bf16 compute: their gradient is
+formed and projected in fp32 per block and rounded once). With compute_dtype fp32 every operation is the
+fp32 head's, bit for bit.
 
 Inter-class filtering (filter_threshold > 0): a non-target logit whose cosine exceeds the threshold is set to
 0 in its block before the row max (so it stays in the softmax as exp(0 - max)) and its gradient is zeroed in
@@ -66,14 +68,15 @@ class _ShardedMarginCE(torch.autograd.Function):
                 margin: CombinedMargin, scale: float, group: dist.ProcessGroup | None, reduce: bool,
                 compute_dtype: torch.dtype, filter_threshold: float) -> torch.Tensor:
         batch, k = emb_hat.shape[0], weight_rows.shape[0]
-        inv_norm = weight_rows.norm(dim=1).clamp_min_(NORM_EPS).reciprocal_()  # [k]
+        inv_norm = torch.linalg.vector_norm(weight_rows, dim=1, dtype=torch.float32)  # [k], fp32 for bf16 rows
+        inv_norm = inv_norm.clamp_min_(NORM_EPS).reciprocal_()
         col_scale = inv_norm * scale
         # Targets sorted by column, so each block's targets are one slice; their cosines come from a
         # [B, D] row gather (cheap, always fp32), so the margined logits are known before the blocks are built.
         rows = (target_local >= 0).nonzero().squeeze(1)
         cols, order = target_local.index_select(0, rows).sort()
         rows = rows.index_select(0, order)
-        cos_t = (emb_hat.index_select(0, rows) * weight_rows.index_select(0, cols)).sum(dim=1)
+        cos_t = (emb_hat.index_select(0, rows) * weight_rows.index_select(0, cols).float()).sum(dim=1)
         cos_t = cos_t * inv_norm.index_select(0, cols)
         target_logit = margin(cos_t) * scale
         width = _block_columns(batch, k, emb_hat.device)
@@ -141,6 +144,13 @@ class _ShardedMarginCE(torch.autograd.Function):
             block[r, c] *= target_factor[a:b]
             if ctx.filtered:  # filtered logits are constants (0): no gradient reaches their dot products
                 block.view(-1).index_fill_(0, ctx.filtered[i], 0.0)
+            if want_weight and grad_weight.dtype != torch.float32:  # bf16 rows: project in fp32, round once
+                block_grad = torch.empty((c1 - c0, weight_rows.shape[1]), dtype=torch.float32,
+                                         device=block.device)
+                _backward_gemms(block, emb_op, weight_op[c0:c1], grad_emb, block_grad)
+                _project_out_rows(block_grad, weight_rows[c0:c1].float(), ctx.inv_norm[c0:c1])
+                grad_weight[c0:c1].copy_(block_grad)
+                continue
             _backward_gemms(block, emb_op, weight_op[c0:c1], grad_emb,
                             grad_weight[c0:c1] if want_weight else None)
             if want_weight:

@@ -67,6 +67,7 @@ class TrainParts:
     clip: float
     precision: str
     input_dtype: torch.dtype
+    input_format: torch.memory_format = torch.contiguous_format
 
 
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
@@ -74,9 +75,11 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD / ShardAdamW for a model-parallel
     head. Both optimizers come from the experiment's optim section (`megaface.train.optim`).
 
-    The backbone stays NCHW (contiguous): channels_last measured 20-27% less CPU time per forward+backward of
-    MobileFaceNet, but DeepSpeed ZeRO views parameters as flat bytes and refuses NHWC strides, and converting
-    after deepspeed.initialize would break ZeRO's flat-buffer aliasing (benchmarks/README.md)."""
+    The backbone's parameters stay NCHW (contiguous): DeepSpeed ZeRO views parameters as flat bytes and
+    refuses NHWC strides, and converting after deepspeed.initialize would break ZeRO's flat-buffer aliasing.
+    Only the input batch goes channels_last (`model.channels_last`): the convolutions then run in NHWC, which
+    gave the same ~22% MobileFaceNet speed-up as converting the whole model (benchmarks/README.md), and
+    autograd returns each weight gradient in its parameter's (contiguous) layout."""
     import deepspeed
 
     if state.device.type == "cpu":
@@ -99,7 +102,8 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     live_head = engine.module.head if cfg.head.parallel == "data" else head
     live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
-                      fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype)
+                      fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype,
+                      torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
 
 
 def fc7_max_norm(clip_grad_norm: float | None, ds: dict[str, Any]) -> float:

@@ -49,7 +49,8 @@ def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) ->
     head, this rank's mean with a data-parallel one (`read_losses` averages those when it reads them).
     """
     engine = parts.engine
-    images = images.to(parts.state.device, parts.input_dtype, non_blocking=True)
+    layout = parts.input_format if images.dim() == 4 else torch.preserve_format  # NHWC: model.channels_last
+    images = images.to(parts.state.device, parts.input_dtype, non_blocking=True, memory_format=layout)
     labels = labels.to(parts.state.device, non_blocking=True)
     embeddings_local = engine(images)                            # [b, 3, 112, 112] -> [b, D], data parallel
     loss = parts.head(embeddings_local, labels)                  # all-gather -> FC7 shard -> CE: global mean
