@@ -51,6 +51,8 @@ ARMS: dict[str, list[str]] = {
     "fc7_init_0.1": ["--head.init_std=0.1"],
     "fc7_init_1.0": ["--head.init_std=1.0"],
     "backbone_init_arcface_torch": ["--model.init=arcface_torch"],
+    # The two best single changes together (FC7 init 0.1 and clipping of backbone and FC7 at 5).
+    "fc7_init_0.1+clip_both_5": ["--head.init_std=0.1", "--ds.gradient_clipping=5"],
     # InsightFace's PyTorch recipe as a whole: straight-through, no fallback, backbone-only clipping, its init.
     "arcface_torch_all": ["--head.straight_through=true", "--head.margin_fallback=none",
                           "--ds.gradient_clipping=5", "--head.clip_grad_norm=0", "--model.init=arcface_torch"],
