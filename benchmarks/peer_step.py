@@ -13,7 +13,8 @@ step (the order rotates every step), so a change in the machine's load hits all 
                ds_configs/zero1_fp32.json + --megaface-override, by default gradient_clipping=5.0 to match the
                peer's clip of the backbone; megaface then also clips FC7 by its global norm)
   megaface_cl  the same engine and head, with only the input batch in channels_last (weights stay NCHW, so
-               DeepSpeed's flat buffers are unaffected)
+               DeepSpeed's flat buffers are unaffected): what megaface's train step does by default
+               (model.channels_last: true); `megaface` is fed NCHW (model.channels_last: false)
   peer         the step of train_v2.py: DDP over the backbone (bucket_cap_mb=16, find_unused_parameters,
                static graph, fp16_compress_hook), PartialFC_V2 with CombinedMarginLoss(64, 1.0, 0.5, 0.0) (ArcFace),
                one SGD over backbone + FC7 (lr 0.1, momentum 0.9, wd 5e-4), loss.backward(),

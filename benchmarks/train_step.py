@@ -20,7 +20,9 @@ phase's share of the step, timed exclusively (a collective inside backward count
   host_sync       the per-step reads of the old step (variant item `legacy`): the loss read on the host and
                   the all-reduced, host-read FC7 gradient norm that step_fc7 computed at every iteration
   other           the rest of the step (lr bookkeeping, Python)
-A variant is NAME:ITEMS with comma-separated items: `legacy`, `channels_last`, or a DeepSpeed JSON override
+A variant is NAME:ITEMS with comma-separated items: `legacy`, `channels_last` (the model converted: ZeRO
+refuses it), `input_channels_last` (the library's model.channels_last: only the batch is NHWC; without it the
+batch is fed NCHW), or a DeepSpeed JSON override
 `key.path=value` applied to ds_configs/zero1_<precision>.json (or --ds-config). Data: the images come from
 the loader; labels are spread over all classes (label * classes // identities) so positives fall on every
 shard. On CPU there is no device queue, so host_sync here is the cost of the work the syncs force (a norm
@@ -138,7 +140,7 @@ def _legacy_fc7_norm(parts: Any) -> None:
 
 def build_parts_for(state: Any, network: str, ds_config: str | Path, overrides: list[str], batch: int,
                     classes: int, sample_rate: float, embedding_size: int | None = 512,
-                    channels_last: bool = False) -> Any:
+                    channels_last: bool = False, input_channels_last: bool = False) -> Any:
     """TrainParts through the library's own build_parts: a DeepSpeed JSON + overrides, a backbone, PartialFC."""
     from megaface.config import load_config
     from megaface.ds_config import load_ds_config, precision, resolve_ds_config
@@ -149,7 +151,8 @@ def build_parts_for(state: Any, network: str, ds_config: str | Path, overrides: 
     raw = load_ds_config(ds_config, overrides)
     raw["train_micro_batch_size_per_gpu"] = batch
     ds = resolve_ds_config(raw, state.world_size, state.device.type)
-    cfg = load_config(None, ["--train.max_steps=1"])
+    # the input layout is pinned here (NCHW unless asked), whatever the library's default model.channels_last
+    cfg = load_config(None, ["--train.max_steps=1", f"--model.channels_last={str(input_channels_last).lower()}"])
     torch.manual_seed(0)
     model = build_model(network, embedding_size=embedding_size)
     head = PartialFC(model.embedding_size, classes, sample_rate=sample_rate, group=state.group)
@@ -166,7 +169,7 @@ def build_case(state: Any, case: dict[str, Any], data_root: Path) -> tuple[Any, 
     path = case["ds_config"] or ROOT / "ds_configs" / f"zero1_{case['precision']}.json"
     parts = build_parts_for(state, case["network"], path, [o for o in case["items"] if "=" in o], case["batch"],
                             case["classes"], case["sample_rate"], case["embedding_size"],
-                            "channels_last" in case["items"])
+                            "channels_last" in case["items"], "input_channels_last" in case["items"])
     pack_dir, _ = ensure_synthetic(data_root, case["identities"], 4, 0, 0)
     loader = TrainLoader(build_dataset("recordio", str(pack_dir)), case["batch"], state.rank, state.world_size,
                          workers=case["workers"])
