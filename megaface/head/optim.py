@@ -23,10 +23,9 @@ from typing import Any, Callable
 
 import torch
 
-from megaface.head.partial_fc import PartialFC
+from megaface.head.partial_fc import ROW_CHUNK, PartialFC
 
 MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROW_CHUNK = 1 << 12  # rows per chunk of the bf16-momentum update: 8 MiB fp32 temporaries at D=512 (a fixed cost)
 
 
 class ShardOptimizer(torch.optim.Optimizer):

@@ -261,7 +261,9 @@ class PartialFC(nn.Module):
         self._pending = []
 
 
-GATHER_ROWS = 4096  # rows per chunk when gathering into another dtype (an 8 MiB fp32 temporary at D=512)
+# Rows per chunk wherever FC7 rows change dtype on the way (the bf16 gather here, ShardSGD's bf16-momentum
+# update): an 8 MiB fp32 temporary at D=512, a fixed cost whatever the class count.
+ROW_CHUNK = 1 << 12
 
 
 def _gather_rows(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -270,8 +272,8 @@ def _gather_rows(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) 
     if dtype == weight.dtype:
         return weight.index_select(0, index)
     out = torch.empty((index.numel(), weight.shape[1]), dtype=dtype, device=weight.device)
-    for lo in range(0, index.numel(), GATHER_ROWS):
-        out[lo:lo + GATHER_ROWS] = weight.index_select(0, index[lo:lo + GATHER_ROWS])
+    for lo in range(0, index.numel(), ROW_CHUNK):
+        out[lo:lo + ROW_CHUNK] = weight.index_select(0, index[lo:lo + ROW_CHUNK])
     return out
 
 

@@ -144,17 +144,15 @@ class _ShardedMarginCE(torch.autograd.Function):
             block[r, c] *= target_factor[a:b]
             if ctx.filtered:  # filtered logits are constants (0): no gradient reaches their dot products
                 block.view(-1).index_fill_(0, ctx.filtered[i], 0.0)
-            if want_weight and grad_weight.dtype != torch.float32:  # bf16 rows: project in fp32, round once
-                block_grad = torch.empty((c1 - c0, weight_rows.shape[1]), dtype=torch.float32,
-                                         device=block.device)
-                _backward_gemms(block, emb_op, weight_op[c0:c1], grad_emb, block_grad)
+            block_grad = None
+            if want_weight:  # fp32 rows: written in place; bf16 rows: formed and projected in fp32, rounded once
+                block_grad = grad_weight[c0:c1] if grad_weight.dtype == torch.float32 else torch.empty(
+                    (c1 - c0, weight_rows.shape[1]), dtype=torch.float32, device=block.device)
+            _backward_gemms(block, emb_op, weight_op[c0:c1], grad_emb, block_grad)
+            if block_grad is not None:
                 _project_out_rows(block_grad, weight_rows[c0:c1].float(), ctx.inv_norm[c0:c1])
-                grad_weight[c0:c1].copy_(block_grad)
-                continue
-            _backward_gemms(block, emb_op, weight_op[c0:c1], grad_emb,
-                            grad_weight[c0:c1] if want_weight else None)
-            if want_weight:
-                _project_out_rows(grad_weight[c0:c1], weight_rows[c0:c1], ctx.inv_norm[c0:c1])
+                if grad_weight.dtype != torch.float32:
+                    grad_weight[c0:c1].copy_(block_grad)
         return grad_emb, grad_weight, None, None, None, None, None, None, None
 
 
