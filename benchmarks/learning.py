@@ -29,6 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 # The 300-iteration quickstart (milestones 220 / 280): a run stopped early is a prefix of the full run.
 QUICKSTART = REPO / "launch" / "configs" / "quickstart_long.yaml"
@@ -69,7 +71,6 @@ FROM_DEFAULTS = {"defaults", "defaults_bf16"}
 # Arms whose schedule depends on the run length: they cannot be stopped early and extended later.
 FULL_LENGTH_ONLY = {"schedule_polynomial"}
 
-FULL_LENGTH = 300  # quickstart_long.yaml's train.max_steps
 VALIDATION = re.compile(r"validation at iteration (\d+)")
 ACCURACY = re.compile(r"Accuracy-Flip: ([0-9.]+|nan)")
 
@@ -122,8 +123,10 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict[int, float]:
     done = _logged(runs, arm, seed) if args.reuse or args.report_only else {}
     if max(done, default=0) >= args.max_steps or args.report_only:
         return {k: v for k, v in done.items() if k <= args.max_steps}
-    if arm in FULL_LENGTH_ONLY and args.max_steps != FULL_LENGTH:
-        raise SystemExit(f"arm {arm} only runs at --max-steps {FULL_LENGTH} (its schedule depends on the run length)")
+    full_length = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))["train"]["max_steps"]
+    if arm in FULL_LENGTH_ONLY and args.max_steps != full_length:
+        raise SystemExit(f"arm {arm} only runs at --max-steps {full_length} ({Path(args.config).name}'s "
+                         "train.max_steps: its schedule depends on the run length)")
     cmd = command(arm, seed, args.max_steps, output, Path(args.cache_dir), Path(args.config))
     if args.reuse and (output / "checkpoints").is_dir():
         cmd.append("--train.resume=latest")

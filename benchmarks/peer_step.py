@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
-import multiprocessing as mp
-import os
 import sys
 import time
 import warnings
@@ -49,7 +48,7 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from train_step import _free_port, build_parts_for  # noqa: E402  (the megaface side is train_step.py's)
+from train_step import build_parts_for, run_on_ranks  # noqa: E402  (the megaface side is train_step.py's)
 
 # megaface name -> arcface_torch's same network (docs/insightface_mapping.md): its get_model("mbf") is megaface's
 # mobilefacenet_wide (scale=2); megaface's mobilefacenet is its MobileFaceNet class at scale=1, no get_model name
@@ -200,24 +199,11 @@ def _run_network(state: Any, network: str, case: dict[str, Any]) -> dict[str, An
     return {"totals": totals, "last_loss": {n: losses[n][-1] for n in names}}
 
 
-def _worker(rank: int, world: int, port: int, case: dict[str, Any], queue: Any) -> None:
-    torch.set_num_threads(case["threads"])
+def _run_network_quiet(state: Any, network: str, case: dict[str, Any]) -> dict[str, Any]:
+    """`_run_network` with the peer's per-step deprecation warnings silenced (run on each rank)."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations in torch's DDP/c10d, every step
     warnings.filterwarnings("ignore", message=".*find_unused_parameters=true.*")  # train_v2 sets both
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megaface.distributed import init_distributed, shutdown
-
-    state = init_distributed(backend="gloo", timeout_s=3600)
-    try:
-        for network in case["networks"]:
-            try:
-                queue.put((network, rank, _run_network(state, network, case)))
-            except Exception as err:  # reported by the parent, which names the network
-                queue.put((network, rank, {"error": f"{type(err).__name__}: {err}"}))
-                raise
-    finally:
-        shutdown()
+    return _run_network(state, network, case)
 
 
 def summarize(network: str, case: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,25 +225,9 @@ def summarize(network: str, case: dict[str, Any], ranks: list[dict[str, Any]]) -
 
 def run_ranks(case: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """One summary per network, as soon as every rank reports it."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    world = case["world_size"]
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, case, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for network in case["networks"]:
-        got: dict[int, dict[str, Any]] = {}
-        while len(got) < world:
-            name, rank, result = queue.get()
-            got[rank] = result
-        errors = [r["error"] for r in got.values() if "error" in r]
-        yield {"network": network, "error": errors[0]} if errors else summarize(network, case,
-                                                                                [got[r] for r in range(world)])
-        if errors:
-            break
-    for p in procs:
-        p.join()
+    run_item = functools.partial(_run_network_quiet, case=case)
+    for network, ranks, error in run_on_ranks(case["networks"], case["world_size"], case["threads"], run_item):
+        yield {"network": network, "error": error} if error else summarize(network, case, ranks)
 
 
 def backbone_cpu(case: dict[str, Any]) -> Iterator[dict[str, Any]]:

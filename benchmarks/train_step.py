@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -44,7 +45,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -238,23 +239,50 @@ def _measure(parts: Any, loader: Any, case: dict[str, Any], clock: Clock, legacy
             "loss_finite": all(math.isfinite(x) for x in losses), "last_loss": losses[-1]}
 
 
-def _worker(rank: int, world: int, port: int, cases: list[dict[str, Any]], data_root: str, queue: Any) -> None:
-    """All cases in one process pair: the (slow, on a loaded machine) imports and group set-up are paid once."""
-    torch.set_num_threads(cases[0]["threads"])
+def _rank_main(rank: int, world: int, port: int, threads: int, items: list[Any], run_item: Callable[[Any, Any], dict],
+               queue: Any) -> None:
+    """One rank: every item in one process group, so the (slow, on a loaded machine) imports and group set-up
+    are paid once; each item's result (or its error) goes to the parent."""
+    torch.set_num_threads(threads)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megaface.distributed import init_distributed, shutdown
 
     state = init_distributed(backend="gloo", timeout_s=3600)
     try:
-        for index, case in enumerate(cases):
+        for index, item in enumerate(items):
             try:
-                queue.put((index, rank, _run_rank(state, case, Path(data_root))))
-            except Exception as err:  # reported by the parent, which names the case
+                queue.put((index, rank, run_item(state, item)))
+            except Exception as err:  # reported by the parent, which names the item
                 queue.put((index, rank, {"error": f"{type(err).__name__}: {err}"}))
                 raise
     finally:
         shutdown()
+
+
+def run_on_ranks(items: list[Any], world: int, threads: int, run_item: Callable[[Any, Any], dict]
+                 ) -> Iterator[tuple[Any, list[dict[str, Any]] | None, str | None]]:
+    """Spawn `world` gloo ranks that run `run_item(state, item)` for every item in order (run_item must be a
+    module-level function or a partial of one); yields (item, per-rank results, None) as soon as every rank
+    reports an item, or (item, None, first error) and stops."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, threads, items, run_item, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for index, item in enumerate(items):
+        while len(results[index]) < world:
+            got_index, rank, result = queue.get()
+            results[got_index][rank] = result
+        errors = [r["error"] for r in results[index].values() if "error" in r]
+        yield item, (None if errors else [results[index][r] for r in range(world)]), errors[0] if errors else None
+        if errors:
+            break
+    for p in procs:
+        p.join()
 
 
 def _free_port() -> int:
@@ -265,24 +293,9 @@ def _free_port() -> int:
 
 def run_cases(cases: list[dict[str, Any]], data_root: str) -> Iterator[dict[str, Any]]:
     """One JSON-able summary per case, in order, as soon as both ranks report it."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port, world = _free_port(), cases[0]["world_size"]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, data_root, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
-    for index, case in enumerate(cases):
-        while len(results[index]) < world:
-            got_index, rank, result = queue.get()
-            results[got_index][rank] = result
-        errors = [r["error"] for r in results[index].values() if "error" in r]
-        yield {**_label(case), "error": errors[0]} if errors else _summary(case, [results[index][r]
-                                                                                 for r in range(world)])
-        if errors:
-            break
-    for p in procs:
-        p.join()
+    run_item = functools.partial(_run_rank, data_root=Path(data_root))
+    for case, ranks, error in run_on_ranks(cases, cases[0]["world_size"], cases[0]["threads"], run_item):
+        yield {**_label(case), "error": error} if error else _summary(case, ranks)
 
 
 def _label(case: dict[str, Any]) -> dict[str, Any]:
