@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megaface.config import ExperimentConfig, field_docs, load_config, parse_override
-from megaface.ds_config import load_ds_config, precision, resolve_ds_config
+from megaface.config import load_ds_config, precision, resolve_ds_config
 from megaface.train.cli import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,5 +147,7 @@ def test_print_config_shows_every_key_with_its_meaning(capsys: pytest.CaptureFix
     text = capsys.readouterr().out
     assert 'network: "mobilefacenet_tiny"  # Registry name' in text
     assert '"train_micro_batch_size_per_gpu": 16' in text
-    assert main(["--config", str(ROOT / "launch/configs/quickstart.yaml"), "--modle.network=x"]) == 2
+    from megaface.cli import main as cli_main
+
+    assert cli_main(["train", "--config", str(ROOT / "launch/configs/quickstart.yaml"), "--modle.network=x"]) == 2
     assert "did you mean 'model'" in capsys.readouterr().err

@@ -216,5 +216,8 @@ def test_cli_import_export_and_error_status(tmp_path, capsys):
     assert convert_main(["export-mxnet", str(tmp_path / "y1.safetensors"), "-o", str(tmp_path / "e" / "m"),
                          "--epoch", "1"]) == 0
     assert (tmp_path / "e" / "m-symbol.json").is_file() and (tmp_path / "e" / "m-0001.params").is_file()
-    assert convert_main(["import-mxnet", str(prefix), "--network", "iresnet50", "-o", str(tmp_path / "x.pt")]) == 1
+    from megaface.cli import main as megaface_main
+
+    assert megaface_main(["convert", "import-mxnet", str(prefix), "--network", "iresnet50", "-o",
+                          str(tmp_path / "x.pt")]) == 2
     assert "megaface convert import-mxnet: error:" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaface.convert import main as convert_main
+from megaface.cli import main as megaface_main
 from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def _tag(run_dir: Path, step: int) -> Path:
 
 def test_cli_inspect(run2, capsys):
     root, _ = run2
-    assert convert_main(["inspect", str(root / "run"), "--json"]) == 0
+    assert megaface_main(["convert", "inspect", str(root / "run"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["checkpoint"] == str(_tag(root / "run", STEPS))
     assert (report["iteration"], report["network"], report["zero_stage"], report["precision"]) == \
@@ -73,7 +73,7 @@ def test_cli_inspect(run2, capsys):
     assert report["num_classes"] == 24 and report["embedding_size"] == 128 and report["world_size"] == 2
     assert [(s["rank"], s["class_start"], s["num_local"]) for s in report["fc7"]["shards"]] == [(0, 0, 12), (1, 12, 12)]
     assert report["config"]["model"]["network"] == "mobilefacenet_tiny"
-    assert convert_main(["inspect", str(_tag(root / "run", SAVE_AT))]) == 0
+    assert megaface_main(["convert", "inspect", str(_tag(root / "run", SAVE_AT))]) == 0
     text = capsys.readouterr().out
     assert "iteration        3" in text and "rank 1    classes [12, 24)" in text
 
@@ -88,7 +88,7 @@ def test_cli_consolidate_matches_deepspeed(run2, tmp_path, capsys):
 
     root, _ = run2
     out = tmp_path / "backbone.pt"
-    assert convert_main(["consolidate", str(root / "run" / "checkpoints"), "-o", str(out)]) == 0
+    assert megaface_main(["convert", "consolidate", str(root / "run" / "checkpoints"), "-o", str(out)]) == 0
     state = torch.load(out, weights_only=True)
     with contextlib.redirect_stdout(io.StringIO()):
         reference = get_fp32_state_dict_from_zero_checkpoint(str(_tag(root / "run", STEPS)), tag="ds")
@@ -103,12 +103,12 @@ def test_cli_fc7_merge_and_reshard(run2, tmp_path, capsys):
 
     root, _ = run2
     tag = _tag(root / "run", STEPS)
-    assert convert_main(["fc7", str(tag), "--merge", "-o", str(tmp_path / "fc7.pt")]) == 0
+    assert megaface_main(["convert", "fc7", str(tag), "--merge", "-o", str(tmp_path / "fc7.pt")]) == 0
     merged = torch.load(tmp_path / "fc7.pt", weights_only=True)
     shards, _ = load_checkpoint_shards(tag)
     assert merged["weight"].shape == (24, 128) and merged["momentum"].shape == (24, 128)
     assert torch.equal(merged["weight"], torch.cat([s["weight"] for s in shards]))
-    assert convert_main(["fc7", str(tag), "--reshard", "3", "-o", str(tmp_path / "w3")]) == 0
+    assert megaface_main(["convert", "fc7", str(tag), "--reshard", "3", "-o", str(tmp_path / "w3")]) == 0
     resharded, _ = load_checkpoint_shards(tmp_path / "w3")
     assert [s["num_local"] for s in resharded] == [8, 8, 8]
     assert torch.equal(torch.cat([s["momentum"] for s in resharded]), merged["momentum"])
@@ -118,26 +118,26 @@ def test_cli_errors_name_the_file_and_leave_no_output(run2, tmp_path, capsys):
     import shutil
 
     root, _ = run2
-    assert convert_main(["inspect", str(tmp_path / "nowhere")]) == 1
+    assert megaface_main(["convert", "inspect", str(tmp_path / "nowhere")]) == 2
     assert "nowhere' does not exist" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(_tag(root / "run", STEPS), broken)
     victim = broken / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:1000])
     out_dir = tmp_path / "out"
-    assert convert_main(["consolidate", str(broken), "-o", str(out_dir / "b.safetensors")]) == 1
+    assert megaface_main(["convert", "consolidate", str(broken), "-o", str(out_dir / "b.safetensors")]) == 2
     err = capsys.readouterr().err
     assert str(victim) in err and "truncated" in err
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
     (broken / "fc7" / "shard_00001_of_00002.pt").unlink()
-    assert convert_main(["inspect", str(broken)]) == 1  # still reports, and names the problem
+    assert megaface_main(["convert", "inspect", str(broken)]) == 1  # still reports, and names the problem
     captured = capsys.readouterr().out
     assert "iteration        4" in captured and "PROBLEM" in captured and "shard_00001_of_00002.pt" in captured
-    assert convert_main(["fc7", str(broken), "--reshard", "3", "-o", str(out_dir / "w3")]) == 1
+    assert megaface_main(["convert", "fc7", str(broken), "--reshard", "3", "-o", str(out_dir / "w3")]) == 2
     assert "shard_00001_of_00002.pt" in capsys.readouterr().err
     assert not (out_dir / "w3").exists() and not out_dir.exists() or list(out_dir.iterdir()) == []
-    assert convert_main(["consolidate", str(_tag(root / "run", STEPS)), "-o", str(out_dir / "b.pt"),
-                         "--network", "iresnet18"]) == 1
+    assert megaface_main(["convert", "consolidate", str(_tag(root / "run", STEPS)), "-o", str(out_dir / "b.pt"),
+                         "--network", "iresnet18"]) == 2
     assert "holds a 'mobilefacenet_tiny' backbone, not 'iresnet18'" in capsys.readouterr().err
 
 

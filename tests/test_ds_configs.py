@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megaface.config import load_config
-from megaface.ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
+from megaface.config import load_ds_config, precision, resolve_ds_config, zero_stage
 from megaface.distributed.ds_shm import skip_shm_build
 from tests.dist_utils import run_distributed
 

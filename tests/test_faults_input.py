@@ -16,7 +16,7 @@ from megaface import cli
 from megaface.config import load_config
 from megaface.data import CorruptImageError, DataError, PackWriter, TrainLoader, encode_jpeg, open_pack
 from megaface.data.recordio import RecordWriter, pack_payload
-from megaface.ds_config import load_ds_config, resolve_ds_config
+from megaface.config import load_ds_config, resolve_ds_config
 from megaface.eval.validation import check_validation_packs
 
 _BASE = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0}
@@ -200,7 +200,7 @@ def test_every_numeric_field_has_a_documented_range() -> None:
     import typing
 
     from megaface.config import ExperimentConfig, field_docs
-    from megaface.config_ranges import RANGES
+    from megaface.config.ranges import RANGES
 
     def numeric_fields(cls: type, prefix: str) -> list[str]:
         out = []

@@ -20,7 +20,7 @@ from typing import Callable
 import pytest
 
 from megaface.checkpoint import find_checkpoint, read_meta
-from megaface.convert.cli import main as convert_main
+from megaface.cli import main as megaface_main
 from megaface.distributed import DistState
 from tests.test_faults import _rank_pids, _torchrun
 from tests.test_train import tiny_args
@@ -70,7 +70,7 @@ def _train(args: list[str], hook: Callable[[], None] | None = None) -> tuple[int
 
 def _inspect(path: Path, *flags: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     capsys.readouterr()
-    code = convert_main(["inspect", str(path), *flags])
+    code = megaface_main(["convert", "inspect", str(path), *flags])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 

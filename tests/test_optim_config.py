@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megaface.config import load_config
-from megaface.ds_config import check_optimizer_single_source, load_ds_config, resolve_ds_config
+from megaface.config import check_optimizer_single_source, load_ds_config, resolve_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "launch" / "configs"

@@ -7,7 +7,6 @@ import pytest
 
 from megaface.cli import main as megaface_main
 from megaface.data import decode_image, encode_jpeg, load_bin, open_pack
-from megaface.data.cli import main
 
 
 def _folder(root, counts=(("id_b", 2), ("id_a", 3), ("id_c", 1)), size=112):
@@ -28,7 +27,7 @@ def _no_leftovers(parent):
 
 def test_pack_rec_round_trip(tmp_path, capsys):
     files = _folder(tmp_path / "faces")
-    assert main(["rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 0
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 0
     assert "images=6 classes=3" in capsys.readouterr().out
     pack = open_pack(tmp_path / "pack")
     assert pack.has_header and len(pack) == 6 and pack.num_classes == 3 and pack.image_size == (112, 112)
@@ -37,9 +36,9 @@ def test_pack_rec_round_trip(tmp_path, capsys):
     assert [pack[i] for i in range(len(pack))] == expected  # every byte, every label
     assert _no_leftovers(tmp_path)
     # refuses to overwrite without --force
-    assert main(["rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 1
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 2
     assert "exists" in capsys.readouterr().err
-    assert main(["rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack"), "--force"]) == 0
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack"), "--force"]) == 0
 
 
 def test_pack_rec_via_top_level_cli(tmp_path):
@@ -52,7 +51,7 @@ def test_pack_rec_corrupt_image_leaves_nothing(tmp_path, capsys):
     _folder(tmp_path / "faces")
     bad = tmp_path / "faces" / "id_b" / "img1.jpg"
     bad.write_bytes(bad.read_bytes()[:100])
-    assert main(["rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 1
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 2
     assert "id_b/img1.jpg" in capsys.readouterr().err
     assert not (tmp_path / "pack").exists() and _no_leftovers(tmp_path)
 
@@ -60,13 +59,13 @@ def test_pack_rec_corrupt_image_leaves_nothing(tmp_path, capsys):
 def test_pack_rec_empty_identity_and_mixed_sizes(tmp_path, capsys):
     _folder(tmp_path / "faces")
     (tmp_path / "faces" / "id_empty").mkdir()
-    assert main(["rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 1
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 2
     assert "id_empty: identity folder holds no images" in capsys.readouterr().err
     assert not (tmp_path / "pack").exists()
     _folder(tmp_path / "mixed", counts=(("a", 1),))
     _folder(tmp_path / "mixed2", counts=(("b", 1),), size=96)
     (tmp_path / "mixed2" / "b").rename(tmp_path / "mixed" / "b")
-    assert main(["rec", "--images", str(tmp_path / "mixed"), "--output", str(tmp_path / "pack")]) == 1
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "mixed"), "--output", str(tmp_path / "pack")]) == 2
     assert "96x96" in capsys.readouterr().err and not (tmp_path / "pack").exists() and _no_leftovers(tmp_path)
 
 
@@ -81,7 +80,7 @@ def test_pack_bin_round_trip(tmp_path, capsys):
         "id_b/img0.jpg id_b/img1.jpg same\n"
     )
     out = tmp_path / "val" / "mine.bin"
-    assert main(["bin", "--pairs", str(pairs), "--images", str(tmp_path / "faces"), "--output", str(out)]) == 0
+    assert megaface_main(["pack", "bin", "--pairs", str(pairs), "--images", str(tmp_path / "faces"), "--output", str(out)]) == 0
     images, issame = load_bin(out)
     order = [("id_a", 0), ("id_a", 1), ("id_a", 2), ("id_b", 0), ("id_b", 0), ("id_b", 1)]
     assert images == [files[k] for k in order] and issame == [True, False, True]
@@ -93,10 +92,10 @@ def test_pack_bin_bad_pairs(tmp_path, capsys):
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("id_a/img0.jpg id_a/img1.jpg 1\nid_a/img0.jpg maybe\n")
     args = ["bin", "--pairs", str(pairs), "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "v.bin")]
-    assert main(args) == 1
+    assert megaface_main(["pack", *args]) == 2
     assert "pairs.txt:2: expected 'path_a path_b 1|0'" in capsys.readouterr().err
     pairs.write_text("id_a/img0.jpg id_z/img9.jpg 0\n")
-    assert main(args) == 1
+    assert megaface_main(["pack", *args]) == 2
     assert "id_z/img9.jpg not found" in capsys.readouterr().err
     assert not (tmp_path / "v.bin").exists() and _no_leftovers(tmp_path)
 
@@ -105,12 +104,12 @@ def test_pack_synthetic(tmp_path, capsys):
     out = tmp_path / "syn"
     args = ["synthetic", "--output", str(out), "--identities", "4", "--images-per-identity", "3",
             "--val-pairs", "10", "--seed", "7"]
-    assert main(args) == 0
+    assert megaface_main(["pack", *args]) == 0
     pack = open_pack(out)
     assert len(pack) == 12 and pack.num_classes == 4 and pack.labels().tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     images, issame = load_bin(out / "val.bin")
     assert len(images) == 20 and sum(issame) == 5
     assert decode_image(pack[0][1]).shape == (112, 112, 3)
-    assert main(args) == 1 and "exists" in capsys.readouterr().err
+    assert megaface_main(["pack", *args]) == 2 and "exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["synthetic"])  # --output is required
+        megaface_main(["pack", "synthetic"])  # --output is required

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from megaface import logging_utils
+from megaface.train import logger as logging_utils
 from megaface.distributed import DistState
-from megaface.logging_utils import TrainLogger
+from megaface.train.logger import TrainLogger
 
 
 class FakeTerminal(io.StringIO):

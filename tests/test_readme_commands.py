@@ -1,5 +1,5 @@
 """The README's two one-line commands: their shape, CI running the test line verbatim, and the quickstart
-script (launch/quickstart.sh) with its summary (megaface.run_summary), on tiny settings."""
+script (launch/quickstart.sh) with its summary (megaface.train.summary), on tiny settings."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 
 from megaface.checkpoint import save_backbone_file
 from megaface.data.synthetic import synthetic_dir
-from megaface.run_summary import main as summary_main
-from megaface.run_summary import pack_path, summarize
+from megaface.cli import main as cli_main
+from megaface.train.summary import main as summary_main
+from megaface.train.summary import pack_path, summarize
 from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +74,9 @@ def test_summary_prefers_a_configured_bin() -> None:
 
 
 def test_summary_without_a_validated_model_says_why(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert summary_main([str(tmp_path)]) == 2
+    assert cli_main(["summary", str(tmp_path)]) == 2
     err = capsys.readouterr().err
+    assert err.startswith("megaface summary: error: ") and len(err.strip().splitlines()) == 1
     assert str(tmp_path) in err and "validation.interval=0" in err
 
 

@@ -42,7 +42,8 @@ def wrapped(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], 
 
 def train_worker(state: DistState, argv: list[str]) -> dict[str, Any]:
     """Rank body: run the CLI in this process; return its exit code and the per-iteration losses."""
-    from megaface import logging_utils, train
+    from megaface import train
+    from megaface.train import logger as logging_utils
 
     losses: list[float] = []
 
@@ -93,7 +94,7 @@ def _steps_worker(state: DistState, micro: int, gas: int, clip: float) -> dict[s
     from torch import nn
 
     from megaface.config import load_config
-    from megaface.ds_config import resolve_ds_config
+    from megaface.config import resolve_ds_config
     from megaface.train.build import build_parts
     from megaface.head import PartialFC
     from megaface.train.step import train_step

@@ -15,7 +15,6 @@ Everything is written aside and renamed into place at the end: a failed run leav
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -124,27 +123,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
-    try:
-        if args.kind == "rec":
-            summary = pack_folder(args.images, args.output, verify=not args.no_verify, overwrite=args.force)
-        elif args.kind == "bin":
-            if Path(args.output).exists() and not args.force:
-                raise FileExistsError(f"output {args.output} exists; pass --force to replace it")
-            summary = pack_pairs(args.pairs, args.images, args.output, verify=not args.no_verify)
-        elif args.kind == "ofrecord":
-            from megaface.data.ofrecord_pack import pack_ofrecord
+    if args.kind == "rec":
+        summary = pack_folder(args.images, args.output, verify=not args.no_verify, overwrite=args.force)
+    elif args.kind == "bin":
+        if Path(args.output).exists() and not args.force:
+            raise FileExistsError(f"output {args.output} exists; pass --force to replace it")
+        summary = pack_pairs(args.pairs, args.images, args.output, verify=not args.no_verify)
+    elif args.kind == "ofrecord":
+        from megaface.data.ofrecord_pack import pack_ofrecord
 
-            summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force)
-        else:
-            from megaface.data.synthetic import write_synthetic
+        summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force)
+    else:
+        from megaface.data.synthetic import write_synthetic
 
-            out, bin_path = write_synthetic(args.output, args.identities, args.images_per_identity,
-                                            args.val_pairs, args.seed, overwrite=args.force)
-            summary = {"output": str(out), "val_bin": str(bin_path), "identities": args.identities,
-                       "images": args.identities * args.images_per_identity, "val_pairs": args.val_pairs}
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"megaface pack: error: {err}", file=sys.stderr)
-        return 1
+        out, bin_path = write_synthetic(args.output, args.identities, args.images_per_identity,
+                                        args.val_pairs, args.seed, overwrite=args.force)
+        summary = {"output": str(out), "val_bin": str(bin_path), "identities": args.identities,
+                   "images": args.identities * args.images_per_identity, "val_pairs": args.val_pairs}
     summary["seconds"] = round(time.perf_counter() - start, 2)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0

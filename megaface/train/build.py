@@ -22,8 +22,8 @@ from torch import nn
 from megaface.config import ExperimentConfig
 from megaface.distributed import DistState, comm
 from megaface.distributed.ds_shm import skip_shm_build
-from megaface.ds_config import precision as ds_precision
-from megaface.ds_config import check_optimizer_single_source, resolve_ds_config, zero_stage
+from megaface.config import precision as ds_precision
+from megaface.config import check_optimizer_single_source, resolve_ds_config, zero_stage
 from megaface.train.optim import backbone_optimizer
 from megaface.train.optim import fc7_optimizer as build_fc7_optimizer
 from megaface.train.schedule import resolve_milestones, resolve_warmup

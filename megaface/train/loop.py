@@ -15,7 +15,7 @@ from megaface.distributed import comm, shutdown
 from megaface.train.build import CastInputs, Run, build_run, init_process_group
 from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
-from megaface.logging_utils import TrainLogger
+from megaface.train.logger import TrainLogger
 from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
 from megaface.train.run_lock import RunLock
 
@@ -112,7 +112,7 @@ def _resume(run: Run, log: Callable[[str], None]) -> None:
             raise
         log(f"resume: no checkpoint under {run.output_dir} yet, starting from scratch")
         return
-    from megaface.ds_config import zero_stage
+    from megaface.config import zero_stage
 
     trainer = load_checkpoint(run.parts, tag_dir, run.expected(), zero_stage(run.ds), run.parts.precision, log)
     run.start_iteration = int(trainer["iteration"])

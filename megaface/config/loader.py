@@ -6,7 +6,7 @@ or rejected. Relative paths written in a YAML file resolve against that file's d
 from any working directory); relative paths given on the command line resolve against the working directory.
 
 Values that DeepSpeed also reads (micro batch, gradient accumulation, precision, gradient clipping) are NOT
-fields here: the DeepSpeed JSON is their single source of truth (see `megaface.ds_config`).
+fields here: the DeepSpeed JSON is their single source of truth (see `megaface.config.ds_json`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from megaface import vocab
-from megaface.config_ranges import check_ranges, range_docs
-from megaface.config_sections import (DataConfig, ExperimentConfig, HeadConfig, ModelConfig, OptimConfig, _to_plain,
+from megaface.config.ranges import check_ranges, range_docs
+from megaface.config.sections import (DataConfig, ExperimentConfig, HeadConfig, ModelConfig, OptimConfig, _to_plain,
                                       SyntheticConfig, TrainConfig, ValidationConfig)
 
 __all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "OptimConfig", "SyntheticConfig",
@@ -143,7 +143,7 @@ _CHOICES = {
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Ranges (megaface.config_ranges) and cross-field checks; raises ValueError naming key, constraint, fix."""
+    """Ranges (megaface.config.ranges) and cross-field checks; raises ValueError naming key, constraint, fix."""
     check_ranges(cfg)
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -181,7 +181,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _validate_optim(o: OptimConfig) -> None:
-    """Cross-field checks of the optim section (single values: megaface.config_ranges)."""
+    """Cross-field checks of the optim section (single values: megaface.config.ranges)."""
     if o.warmup_steps and o.warmup_epochs:
         raise ValueError("set optim.warmup_steps (iterations) or optim.warmup_epochs, not both")
     if o.schedule == "polynomial" and (o.milestones or o.milestone_epochs):

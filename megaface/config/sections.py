@@ -1,5 +1,5 @@
-"""The experiment config's sections: frozen dataclasses with a docstring per field (see `megaface.config`
-for loading, overrides and validation; `megaface.config_ranges` for the range of every number)."""
+"""The experiment config's sections: frozen dataclasses with a docstring per field (see `megaface.config.loader`
+for loading, overrides and validation; `megaface.config.ranges` for the range of every number)."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ class OptimConfig:
 
     This section is the single source of truth for the optimizer: a DeepSpeed JSON with an "optimizer"
     section is accepted only when that section agrees (type, lr, betas, eps, weight_decay, momentum); see
-    `megaface.ds_config.check_optimizer_single_source`. Weight decay follows arcface_torch: one
+    `megaface.config.ds_json.check_optimizer_single_source`. Weight decay follows arcface_torch: one
     weight_decay for every parameter of the backbone and of FC7 (norms, biases, pos_embed included; its
     ViT's no_weight_decay() list is never consulted by its train_v2).
     """

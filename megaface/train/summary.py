@@ -1,6 +1,6 @@
 """What a finished training run produced, in a few lines: the best Accuracy-Flip, the model file, what next.
 
-    python -m megaface.run_summary runs/quickstart [--seconds 212]
+    python -m megaface.train.summary runs/quickstart [--seconds 212]
 
 Reads the `best_<pack>.pt.json` sidecars that the trainer writes next to each best backbone
 (`validation.save_best`): their meta holds the pack name, the iteration, the Accuracy-Flip and the run's
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,18 +68,9 @@ def summarize(output_dir: str | Path, seconds: float | None = None) -> list[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megaface.run_summary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="megaface summary", description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="the run's --output directory")
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the run, for the first line")
     args = parser.parse_args(argv)
-    try:
-        lines = summarize(args.output_dir, args.seconds)
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        print(f"run_summary: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
+    print("\n".join(summarize(args.output_dir, args.seconds)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
