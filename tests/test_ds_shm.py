@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,16 +46,20 @@ def test_env_keeps_deepspeeds_builder(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_deepspeed_comm_starts_without_a_compiler(tmp_path: Path) -> None:
-    """PATH holds only the interpreter (no c++/g++/cc) and the extension cache is empty: DeepSpeed's comm
-    backend still starts, because the shm op is never built."""
-    bin_dir = tmp_path / "bin"
+    """PATH holds no compiler (no c++/g++/cc) and the extension cache is empty: DeepSpeed's comm backend still
+    starts, because the shm op is never built.
+
+    The interpreter is run by its own path, not through a link elsewhere: a venv's python reached through a
+    symlink in another directory no longer finds its pyvenv.cfg and runs the base interpreter without torch.
+    """
+    bin_dir = tmp_path / "bin"  # the whole PATH: empty, so no compiler can be found
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    assert not any(shutil.which(tool, path=str(bin_dir)) for tool in ("c++", "g++", "cc", "gcc"))
     env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX", "MEGAFACE_DS_SHM")}
     env.update(PATH=str(bin_dir), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(ROOT),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    done = subprocess.run([str(bin_dir / "python"), "-c", PROBE, "skip"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-c", PROBE, "skip"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "shm op: None" in done.stdout, done.stdout[-3000:]

@@ -11,11 +11,25 @@ Modules:
 Everything a caller needs is importable from `megaface.config`.
 """
 
-from megaface.config.ds_json import (DEFAULT_DS_CONFIG, check_optimizer_single_source, load_ds_config, precision,
-                                     resolve_ds_config, zero_stage)
+from megaface.config.ds_json import (
+                                     DEFAULT_DS_CONFIG,
+                                     check_optimizer_single_source,
+                                     load_ds_config,
+                                     precision,
+                                     resolve_ds_config,
+                                     zero_stage,
+)
 from megaface.config.loader import field_docs, load_config, parse_override, validate
-from megaface.config.sections import (DataConfig, ExperimentConfig, HeadConfig, ModelConfig, OptimConfig,
-                                      SyntheticConfig, TrainConfig, ValidationConfig)
+from megaface.config.sections import (
+                                     DataConfig,
+                                     ExperimentConfig,
+                                     HeadConfig,
+                                     ModelConfig,
+                                     OptimConfig,
+                                     SyntheticConfig,
+                                     TrainConfig,
+                                     ValidationConfig,
+)
 
 __all__ = ["DEFAULT_DS_CONFIG", "DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "OptimConfig",
            "SyntheticConfig", "TrainConfig", "ValidationConfig", "check_optimizer_single_source", "field_docs",

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megaface.config.loader import parse_override
 from megaface.config.ds_schema import check_ds_config
+from megaface.config.loader import parse_override
 
 # Used when no JSON is given: ZeRO 0, fp32, no clipping (every value explicit, see gradient_clipping below).
 DEFAULT_DS_CONFIG: dict[str, Any] = {

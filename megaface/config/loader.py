@@ -23,8 +23,17 @@ import yaml
 
 from megaface import vocab
 from megaface.config.ranges import check_ranges, range_docs
-from megaface.config.sections import (DataConfig, ExperimentConfig, HeadConfig, ModelConfig, OptimConfig, _to_plain,
-                                      SyntheticConfig, TrainConfig, ValidationConfig)
+from megaface.config.sections import (
+    DataConfig,
+    ExperimentConfig,
+    HeadConfig,
+    ModelConfig,
+    OptimConfig,
+    SyntheticConfig,
+    TrainConfig,
+    ValidationConfig,
+    _to_plain,
+)
 
 __all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "OptimConfig", "SyntheticConfig",
            "TrainConfig", "ValidationConfig", "field_docs", "load_config", "parse_override", "validate"]
@@ -53,6 +62,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
+    if origin is typing.Literal:  # a choice set from megaface.vocab
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            value = "on" if value else "off"
+        if value not in args:
+            near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"{where}={value!r} is not one of {list(args)}{hint_text}")
+        return value
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -128,27 +145,10 @@ def _resolve_paths(value: Any, base: Path | None) -> Any:
     return str(path)
 
 
-_CHOICES = {
-    ("head", "parallel"): vocab.HEAD_PARALLEL,
-    ("head", "compute_dtype"): ("auto", "fp32", "bf16", "fp16"),
-    ("head", "momentum_dtype"): ("fp32", "bf16"),
-    ("data", "source"): vocab.DATA_SOURCES,
-    ("data", "normalize"): vocab.NORMALIZE_MODES,
-    ("train", "progress"): vocab.PROGRESS_MODES,
-    ("optim", "name"): ("sgd", "adamw"),
-    ("optim", "schedule"): ("step", "polynomial"),
-    ("head", "margin_fallback"): ("shifted", "none"),
-    ("model", "init"): ("per_group", "arcface_torch"),
-}
-
-
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Ranges (megaface.config.ranges) and cross-field checks; raises ValueError naming key, constraint, fix."""
     check_ranges(cfg)
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ValueError(f"{section}.{key}={value!r} is not one of {list(choices)}")
+    _check_choices(cfg, "")
     t, o, h = cfg.train, cfg.optim, cfg.head
     if (t.max_steps is None) == (t.epochs is None):
         raise ValueError(f"set exactly one of train.max_steps and train.epochs (got max_steps={t.max_steps}, "
@@ -178,6 +178,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ValueError(f"data.{name}={value} applies to data.source=ofrecord only (data.source is "
                              f"{d.source!r}); drop it")
     return cfg
+
+
+def _check_choices(section: Any, where: str) -> None:
+    """Every field typed with a megaface.vocab Literal holds one of its values (also for configs built in code)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            _check_choices(value, f"{where}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            _coerce(value, hints[f.name], f"{where}{f.name}")
 
 
 def _validate_optim(o: OptimConfig) -> None:

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from megaface import vocab
+
 
 def _path(default: Any = None, doc: str = "") -> Any:
     """A field holding a filesystem path (resolved against the YAML file's directory)."""
@@ -45,7 +47,7 @@ class ModelConfig:
     (DeepSpeed's flat parameter buffers need them contiguous) and the results are the same up to float
     rounding. On CPU it cut MobileFaceNet forward + backward CPU time by ~22% and left IResNet-50 unchanged
     (benchmarks/README.md); false feeds NCHW."""
-    init: str = "per_group"
+    init: vocab.ModelInit = "per_group"
     """Conv/linear init: per_group = He fan_out counted per group (the networks' own); arcface_torch = fan_out
     ignoring groups, as its kaiming_normal_ does (depthwise kernels ~sqrt(channels) times smaller, so behind
     BatchNorm they take ~channels times larger effective steps)."""
@@ -65,7 +67,7 @@ class HeadConfig:
     num_sample: int | None = None
     """Partial FC by count, as the seed's --num_sample: classes taking part per step over all ranks (8568 for
     85,744 classes = rate 0.1); sets sample_rate = num_sample / num_classes. None = use sample_rate."""
-    parallel: str = "model"
+    parallel: vocab.HeadParallel = "model"
     """"model": FC7 rows sharded over ranks, own optimizer; "data": replicated FC7 inside the DeepSpeed engine."""
     straight_through: bool = False
     """Margin gradient as InsightFace PyTorch (no-grad arccos) instead of the true derivative."""
@@ -73,16 +75,16 @@ class HeadConfig:
     """Number of identities; None = taken from the training data. Set it to check the data against it."""
     lr_scale: float = 1.0
     """FC7 learning rate = this x the schedule's lr (model-parallel head only)."""
-    compute_dtype: str = "auto"
+    compute_dtype: vocab.ComputeDtype = "auto"
     """Operand dtype of the head's three GEMMs: auto (the DeepSpeed JSON's precision), fp32, bf16 or fp16.
     Low precision keeps fp32 accumulation, fp32 softmax statistics / margin / loss and fp32 master weights."""
-    momentum_dtype: str = "fp32"
+    momentum_dtype: vocab.MomentumDtype = "fp32"
     """FC7 momentum storage (model-parallel head): fp32, or bf16 to hold 3 KB instead of 4 KB per class
     (D=512), i.e. about 1.33x the classes per GB; the update itself is computed in fp32."""
     interclass_filtering_threshold: float = 0.0
     """Non-target cosines above this are treated as label noise and set to 0 before margin and scale (in the
     softmax as exp(0), no gradient), as arcface_torch does for its WebFace12M "conflict" runs; 0 disables it."""
-    margin_fallback: str = "shifted"
+    margin_fallback: vocab.MarginFallback = "shifted"
     """Target logit past m1*theta + m2 = pi: shifted (continuous, decreasing cosine) or none (plain cosine)."""
     init_std: float = 0.01
     """FC7 rows start as N(0, init_std) (InsightFace's 0.01). Only the rows' norm, hence their step size, depends
@@ -110,7 +112,7 @@ class SyntheticConfig:
 class DataConfig:
     """Training data."""
 
-    source: str = "synthetic"
+    source: vocab.DataSource = "synthetic"
     """One of synthetic, recordio, folder, ofrecord."""
     path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property; ofrecord: part-* files) "
                                    "or image folder root.")
@@ -125,7 +127,7 @@ class DataConfig:
     """Decoding worker threads/processes per rank."""
     flip: bool = True
     """Random horizontal flip."""
-    normalize: str = "arcface_torch"
+    normalize: vocab.NormalizeMode = "arcface_torch"
     """Pixel normalisation: arcface_torch = (x/255-0.5)/0.5, oneflow = (x-127.5)/128 (the seed's)."""
     seed: int = 0
     """Shuffle / flip seed."""
@@ -144,7 +146,7 @@ class OptimConfig:
     ViT's no_weight_decay() list is never consulted by its train_v2).
     """
 
-    name: str = "sgd"
+    name: vocab.OptimizerName = "sgd"
     """sgd (momentum, coupled weight decay) or adamw (decoupled weight decay; arcface_torch's ViT recipes)."""
     lr: float = 0.1
     """Base learning rate (at a global batch of any size: scale it yourself)."""
@@ -156,7 +158,7 @@ class OptimConfig:
     """AdamW (beta1, beta2): torch.optim.AdamW's defaults, which arcface_torch uses."""
     eps: float = 1e-8
     """AdamW epsilon (added to sqrt of the bias-corrected second moment)."""
-    schedule: str = "step"
+    schedule: vocab.ScheduleName = "step"
     """step (warm-up then x gamma at milestones) or polynomial (arcface_torch's PolynomialLRWarmup)."""
     power: float = 1.0
     """polynomial: lr = lr0 * (1 - (i - warmup) / (total - warmup)) ** power; 1.0 is what arcface_torch's
@@ -193,7 +195,7 @@ class TrainConfig:
     """Iterations in the windowed average throughput."""
     tensorboard: bool = True
     """Write tensorboard scalars under OUTPUT/tensorboard (rank 0)."""
-    progress: str = "auto"
+    progress: vocab.ProgressMode = "auto"
     """Progress bar: auto (only when stdout is a terminal), on, off."""
     seed: int = 0
     """Seed for weights and head sampling (data order has data.seed)."""
