@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megaface.config import ExperimentConfig, field_docs, load_config, parse_override
-from megaface.config import load_ds_config, precision, resolve_ds_config
+from megaface.config import check_optimizer_single_source, load_ds_config, precision, resolve_ds_config
 from megaface.train.cli import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +126,11 @@ def test_ds_overrides_fp16_on_cpu_and_clipping(tmp_path: Path) -> None:
     resolve_ds_config(ds, world_size=1, device_type="cuda")  # fine on a GPU
     with pytest.raises(ValueError, match="gradient_clipping"):
         resolve_ds_config(load_ds_config(_ds(tmp_path, gradient_clipping=None)), 1, "cpu")
-    with pytest.raises(ValueError, match="optimizer"):
-        resolve_ds_config(load_ds_config(_ds(tmp_path, optimizer={"type": "Adam"})), 1, "cpu")
+    with pytest.raises(ValueError, match="'optimizer' section disagrees"):  # the one check of that section
+        check_optimizer_single_source(load_config(None, ["--train.max_steps=1"]),
+                                      load_ds_config(_ds(tmp_path, optimizer={"type": "Adam"})))
+    with pytest.raises(ValueError, match="'scheduler' section"):
+        resolve_ds_config(load_ds_config(_ds(tmp_path, scheduler={"type": "WarmupLR"})), 1, "cpu")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_ds_config(tmp_path / "nope.json")
 

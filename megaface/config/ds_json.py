@@ -123,10 +123,9 @@ def resolve_ds_config(ds: dict[str, Any], world_size: int, device_type: str) -> 
         raise ValueError("fp16 was requested (DeepSpeed config fp16.enabled=true) but this job runs on CPU, "
                          "where fp16 training is not supported: use a bf16 or fp32 config "
                          "(e.g. ds_configs/zero0_bf16.json) or run on a GPU")
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ValueError(f"the DeepSpeed config has an '{key}' section; megaface builds the optimizer and "
-                             f"the lr schedule from the experiment config's optim section: remove '{key}'")
+    if "scheduler" in ds:  # (an "optimizer" section was checked and removed by check_optimizer_single_source)
+        raise ValueError("the DeepSpeed config has a 'scheduler' section; megaface builds the lr schedule from the "
+                         "experiment config's optim section (optim.schedule): remove 'scheduler'")
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage={stage} must be 0, 1, 2 or 3")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megaface import vocab
+from megaface.data import synthetic
 
 
 def _path(default: Any = None, doc: str = "") -> Any:
@@ -98,13 +99,13 @@ class HeadConfig:
 class SyntheticConfig:
     """Built-in synthetic identities (data.source = synthetic)."""
 
-    identities: int = 200
+    identities: int = synthetic.DEFAULT_IDENTITIES
     """Training identities."""
-    images_per_identity: int = 20
+    images_per_identity: int = synthetic.DEFAULT_IMAGES_PER_IDENTITY
     """Images per training identity."""
-    val_pairs: int = 1000
+    val_pairs: int = synthetic.DEFAULT_VAL_PAIRS
     """Verification pairs on held-out identities (written as a .bin next to the pack)."""
-    seed: int = 0
+    seed: int = synthetic.DEFAULT_SEED
     """Generator seed (the same seed gives the same files)."""
 
 

@@ -18,6 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
+from megaface.data import synthetic
 from megaface.data.bin_pack import save_bin
 from megaface.data.datasets import FolderDataset
 from megaface.data.decode import CorruptImageError, decode_image
@@ -101,10 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True, help="the .bin to write (pickle of (bins, issame_list))")
     syn = sub.add_parser("synthetic", help="synthetic identities -> pack + held-out val.bin")
     syn.add_argument("--output", required=True)
-    syn.add_argument("--identities", type=int, default=1000)
-    syn.add_argument("--images-per-identity", type=int, default=20)
-    syn.add_argument("--val-pairs", type=int, default=3000)
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--identities", type=int, default=synthetic.DEFAULT_IDENTITIES)
+    syn.add_argument("--images-per-identity", type=int, default=synthetic.DEFAULT_IMAGES_PER_IDENTITY)
+    syn.add_argument("--val-pairs", type=int, default=synthetic.DEFAULT_VAL_PAIRS)
+    syn.add_argument("--seed", type=int, default=synthetic.DEFAULT_SEED)
     ofr = sub.add_parser("ofrecord", help="RecordIO pack, image folder or .bin -> OFRecord part files",
                          description="A RecordIO pack directory or an image folder gives training parts "
                          "(encoded + label); a .bin gives verification parts (encoded + issame).")
