@@ -81,7 +81,9 @@ def test_every_field_has_a_docstring() -> None:
 
 
 def test_shipped_recipes_load() -> None:
-    for yaml_file in sorted((ROOT / "launch" / "configs").glob("*.yaml")):
+    recipes = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
+    assert len(recipes) >= 10, recipes
+    for yaml_file in recipes:
         cfg = load_config(yaml_file)
         if cfg.train.ds_config:
             assert Path(cfg.train.ds_config).is_file(), yaml_file
@@ -136,7 +138,9 @@ def test_ds_overrides_fp16_on_cpu_and_clipping(tmp_path: Path) -> None:
 
 
 def test_shipped_ds_configs_resolve() -> None:
-    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+    jsons = sorted((ROOT / "ds_configs").glob("*.json"))
+    assert len(jsons) >= 10, jsons
+    for path in jsons:
         ds = load_ds_config(path)
         if precision(ds) != "fp16":
             resolve_ds_config(ds, world_size=2, device_type="cpu")

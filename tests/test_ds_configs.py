@@ -157,6 +157,10 @@ RECIPE_JSONS = sorted({Path(c).resolve() for c in (load_config(y).train.ds_confi
                         if c})
 
 
+def test_recipe_jsons_were_found() -> None:
+    assert len(RECIPE_JSONS) >= 3, RECIPE_JSONS  # an empty parametrize would pass by running nothing
+
+
 @pytest.mark.parametrize("path", RECIPE_JSONS, ids=[p.name for p in RECIPE_JSONS])
 def test_recipe_jsons_validate(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every JSON a launch/configs recipe names (including copies kept next to a recipe) passes both checks."""

@@ -84,14 +84,19 @@ def check_training(proc: subprocess.CompletedProcess, world_size: int) -> list[f
     return losses
 
 
-# The 2-rank jobs below share one global batch sequence; the first one to finish is the reference.
-_losses_2_ranks: list[list[float]] = []
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> list[float]:
+    """The explicit reference every 2-rank launcher is held to: plain `torchrun --nproc_per_node 2`.
+
+    The 2-rank jobs below see the same global batch sequence, so each must reproduce these losses."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    proc = run_job(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "megaface",
+                    "train", *tiny_args(out, synthetic_cache)])
+    return check_training(proc, world_size=2)
 
 
-def check_same_losses(losses: list[float]) -> None:
-    if _losses_2_ranks:
-        assert losses == pytest.approx(_losses_2_ranks[0], rel=1e-5), (losses, _losses_2_ranks[0])
-    _losses_2_ranks.append(losses)
+def check_same_losses(losses: list[float], reference: list[float]) -> None:
+    assert losses == pytest.approx(reference, rel=1e-5), (losses, reference)
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
@@ -102,23 +107,23 @@ def test_single_process(tmp_path: Path, synthetic_cache: Path) -> None:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
-def test_deepspeed_hostfile(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_deepspeed_hostfile(tmp_path: Path, synthetic_cache: Path, reference_losses: list[float]) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     # the form users type: deepspeed appends --local_rank=N before `train`, and LOCAL_RANK to the env
     proc = run_job(["deepspeed", "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
                     "--master_port", str(free_port()), "--module", "megaface", "train",
                     *tiny_args(tmp_path / "out", synthetic_cache)])
-    check_same_losses(check_training(proc, world_size=2))
+    check_same_losses(check_training(proc, world_size=2), reference_losses)
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
-def test_torchrun_through_launch_script(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_torchrun_through_launch_script(tmp_path: Path, synthetic_cache: Path, reference_losses: list[float]) -> None:
     """launch/train.sh with LAUNCHER=torchrun: the script's command line, run for real."""
     env = job_env(LAUNCHER="torchrun", GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), CONFIG=str(QUICKSTART))
     args = tiny_args(tmp_path / "out", synthetic_cache)[2:]  # the script passes --config itself
     proc = run_job(["bash", str(LAUNCH / "train.sh"), *args], env)
-    check_same_losses(check_training(proc, world_size=2))
+    check_same_losses(check_training(proc, world_size=2), reference_losses)
 
 
 def _mpi_missing() -> str | None:
@@ -133,12 +138,12 @@ def _mpi_missing() -> str | None:
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 @pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
-def test_mpirun(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_mpirun(tmp_path: Path, synthetic_cache: Path, reference_losses: list[float]) -> None:
     # Loopback only: shared memory between the two ranks, and OpenMPI's own wire-up on lo.
     cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "--mca", "btl", "self,vader",
            "--mca", "oob_tcp_if_include", "lo", sys.executable, "-m", "megaface", "train",
            *tiny_args(tmp_path / "out", synthetic_cache)]
-    check_same_losses(check_training(run_job(cmd), world_size=2))
+    check_same_losses(check_training(run_job(cmd), world_size=2), reference_losses)
 
 
 # ---- launch scripts: fast checks, no training ----------------------------------------------------------
@@ -151,7 +156,9 @@ def dry_run(script: str, args: list[str] = (), **env: str) -> str:
 
 
 def test_scripts_parse() -> None:
-    for script in sorted(LAUNCH.glob("*.sh")):
+    scripts = sorted(LAUNCH.glob("*.sh"))
+    assert len(scripts) >= 10, scripts
+    for script in scripts:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
         assert os.access(script, os.X_OK), f"{script.name} is not executable"
@@ -209,7 +216,9 @@ def test_launch_script_errors(env: dict[str, str], message: str) -> None:
 def test_recipes_load() -> None:
     """Every YAML recipe loads with the trainer's schema and names an existing DeepSpeed JSON."""
     expected_classes = {"faces_emore": 85742, "ms1mv3": 93431, "glint360k": 360232}
-    for path in sorted((LAUNCH / "configs").glob("*.yaml")):
+    recipes = sorted((LAUNCH / "configs").glob("*.yaml"))
+    assert len(recipes) >= 10, recipes
+    for path in recipes:
         cfg = load_config(path)
         assert cfg.train.ds_config and Path(cfg.train.ds_config).is_file(), path.name
         for prefix, classes in expected_classes.items():
@@ -267,7 +276,7 @@ def run_two_nodes(cmds: list[list[str]], envs: list[dict[str, str]]) -> subproce
 
 @pytest.mark.slow
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
-def test_deepspeed_two_nodes_without_ssh(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_deepspeed_two_nodes_without_ssh(tmp_path: Path, synthetic_cache: Path, reference_losses: list[float]) -> None:
     """docs/multinode.md's no-ssh form: one `deepspeed --no_ssh --node_rank i` per node (two 'nodes' here)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
@@ -276,27 +285,27 @@ def test_deepspeed_two_nodes_without_ssh(tmp_path: Path, synthetic_cache: Path) 
              "127.0.0.1", "--master_port", port, "--no_local_rank", "--module", "megaface", "train",
              *tiny_args(tmp_path / "out", synthetic_cache)] for i in (0, 1)]
     proc = run_two_nodes(cmds, [job_env(), job_env()])
-    check_same_losses(check_training(proc, world_size=2))
+    check_same_losses(check_training(proc, world_size=2), reference_losses)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
-def test_torchrun_two_nodes_through_launch_script(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_torchrun_two_nodes_through_launch_script(tmp_path: Path, synthetic_cache: Path, reference_losses: list[float]) -> None:
     """LAUNCHER=torchrun NODES=2 NODE_RANK=i: the script started once per node (two 'nodes' here)."""
     port = str(free_port())
     envs = [job_env(LAUNCHER="torchrun", NODES="2", NODE_RANK=str(i), GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=port, CONFIG=str(QUICKSTART)) for i in (0, 1)]
     cmd = ["bash", str(LAUNCH / "train.sh"), *tiny_args(tmp_path / "out", synthetic_cache)[2:]]
-    check_same_losses(check_training(run_two_nodes([cmd, cmd], envs), world_size=2))
+    check_same_losses(check_training(run_two_nodes([cmd, cmd], envs), world_size=2), reference_losses)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 @pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
-def test_mpirun_through_launch_script_with_hostfile(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_mpirun_through_launch_script_with_hostfile(tmp_path: Path, synthetic_cache: Path, reference_losses: list[float]) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     env = job_env(LAUNCHER="mpirun", HOSTFILE=str(hostfile), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()),
                   CONFIG=str(QUICKSTART), LAUNCHER_ARGS="--mca btl self,vader --mca oob_tcp_if_include lo")
     proc = run_job(["bash", str(LAUNCH / "train.sh"), *tiny_args(tmp_path / "out", synthetic_cache)[2:]], env)
-    check_same_losses(check_training(proc, world_size=2))
+    check_same_losses(check_training(proc, world_size=2), reference_losses)
