@@ -41,20 +41,6 @@ class DataParallelFace(nn.Module):
         return self.backbone(images)
 
 
-class CastInputs(nn.Module):
-    """Feed the backbone inputs in its parameter dtype (bf16/fp16 engines) and return fp32 embeddings.
-
-    Used for validation, where float32 images meet a bf16 module."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.module.parameters()).dtype
-        return self.module(images.to(dtype)).float()
-
-
 @dataclass
 class TrainParts:
     """What the train step needs. `fc7_optimizer` is None when the head lives inside the engine."""
