@@ -40,7 +40,7 @@ def _collectives(state) -> dict[str, torch.Tensor]:
     gathered = comm.all_gather(x, state.group)
     weights = torch.arange(gathered.numel(), dtype=torch.float64).view_as(gathered)
     (gathered * weights).sum().backward()
-    summed = comm.all_reduce_sum(x.detach() * 1.0, state.group)
+    summed = comm.all_reduce_(x.detach().clone(), "sum", state.group)
     uneven = comm.gather_rows(torch.full((r + 1, 2), float(r)), state.group)
     return {
         "gathered": gathered.detach(),

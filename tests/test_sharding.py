@@ -2,7 +2,7 @@
 
 import pytest
 
-from megaface.head.sharding import class_range, class_ranges, owner_of
+from megaface.head.sharding import class_range, class_ranges
 
 
 @pytest.mark.parametrize("num_classes,world_size", [(10, 1), (10, 2), (10, 3), (1000, 3), (85742, 8), (7, 7)])
@@ -20,13 +20,6 @@ def test_uneven_split_example():
     assert class_ranges(10, 3) == [(0, 4), (4, 3), (7, 3)]
 
 
-@pytest.mark.parametrize("num_classes,world_size", [(10, 3), (1000, 3), (12, 4), (5, 5)])
-def test_owner_of_matches_ranges(num_classes, world_size):
-    for rank, (start, count) in enumerate(class_ranges(num_classes, world_size)):
-        for class_id in range(start, start + count):
-            assert owner_of(class_id, num_classes, world_size) == rank
-
-
 def test_bad_arguments_raise_value_errors_naming_the_value():
     with pytest.raises(ValueError, match="num_classes=2 is smaller than world_size=3"):
         class_range(2, 3, 0)
@@ -34,5 +27,3 @@ def test_bad_arguments_raise_value_errors_naming_the_value():
         class_range(10, 3, 3)
     with pytest.raises(ValueError, match="world_size=0"):
         class_range(10, 0, 0)
-    with pytest.raises(ValueError, match="class_id=10"):
-        owner_of(10, 10, 3)
