@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("megaface.eval.cli", "main_embed", "embeddings for an image folder, a RecordIO pack or a .bin"),
     "pack": ("megaface.data.cli", "main", "write RecordIO training packs, .bin verification packs, synthetic data"),
     "convert": ("megaface.convert", "main", "inspect, consolidate, reshard, ONNX and InsightFace interop"),
+    "models": ("megaface.models.cli", "main", "the networks model.network accepts; parameters and multiply-adds"),
     "summary": ("megaface.train.summary", "main", "what a finished run produced: best accuracy, model, next command"),
 }
 NESTED_COMMANDS = ("convert",)  # their errors name the subcommand too: `megaface convert inspect: error: ...`
