@@ -174,9 +174,9 @@ def _embed_source(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str],
         paths, labels = list_image_folder(args.images)
         return _LazyFiles(paths), labels, [str(p) for p in paths], None
     if args.pack:
-        from megaface.data import open_pack
+        from megaface.data import build_dataset
 
-        pack = open_pack(args.pack)
+        pack = build_dataset("recordio", args.pack)  # a pack directory, OFRecord parts or a shards.json
         return _PackImages(pack), np.asarray(pack.labels(), np.int64), \
             [f"{args.pack}:{i}" for i in range(len(pack))], None
     from megaface.eval.validation import read_bin
