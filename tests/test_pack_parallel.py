@@ -160,7 +160,8 @@ def test_a_failed_pack_keeps_its_complete_chunks_and_resumes_to_the_same_bytes(t
     late = images / "id006" / "5.jpg"  # the last image: in the last chunk
     good = late.read_bytes()
     late.write_bytes(good[:50])
-    with pytest.raises(ValueError, match=r"5.jpg: .*the 20 images packed before it are kept .* --resume"):
+    # 22 images on 2 workers: chunks of min(4, ceil(22 / (4 * 2))) = 3, so 7 chunks (21 images) are complete
+    with pytest.raises(ValueError, match=r"5.jpg: .*the 21 images packed before it are kept .* --resume"):
         pack_images(from_folder(images), tmp_path / "out", workers=2, chunk_size=4, progress="off")
     partial = partial_dir(tmp_path / "out")
     assert not (tmp_path / "out").exists() and (partial / JOURNAL_NAME).is_file()
@@ -171,10 +172,10 @@ def test_a_failed_pack_keeps_its_complete_chunks_and_resumes_to_the_same_bytes(t
     with open(partial / "train.rec", "ab") as f:
         f.write(b"\x0a\x23\xd7\xce half a record")
     with open(partial / "train.idx", "ab") as f:
-        f.write(b"21\t99")
+        f.write(b"22\t99")
     summary = pack_images(from_folder(images), tmp_path / "out", workers=1, chunk_size=7, resume=True,
                           progress="off")
-    assert summary["resumed_from"] == 20 and pack_bytes(tmp_path / "out") == expected and not partial.exists()
+    assert summary["resumed_from"] == 21 and pack_bytes(tmp_path / "out") == expected and not partial.exists()
 
 
 def test_resume_refuses_another_input(tmp_path: Path) -> None:

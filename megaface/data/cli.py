@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "ofrecord":
         from megaface.data.ofrecord_pack import pack_ofrecord
 
-        summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force)
+        summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force,
+                                progress="auto")
     else:
         from megaface.data.synthetic import write_synthetic
 

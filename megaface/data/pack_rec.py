@@ -34,7 +34,8 @@ from megaface.utils.progress import Progress
 from megaface.vocab import ProgressMode
 
 DEFAULT_CHUNK = 2000
-"""Images per chunk: the unit of work of a worker and of the resume journal."""
+"""Images per chunk at most: the unit of work of a worker and of the resume journal (smaller for small jobs,
+so that every worker gets chunks)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,9 @@ class _Chunk:
     source: str
 
 
-def encode_chunk(chunk: _Chunk) -> list[bytes]:
-    """Worker: the physical RecordIO bytes of each image record of `chunk`, in order."""
+def encode_chunk(chunk: _Chunk) -> tuple[bytes, list[int]]:
+    """Worker: the physical RecordIO bytes of the image records of `chunk`, joined in order, and their sizes
+    (one bytes object per chunk: pickling thousands of small ones would cost the parent more)."""
     out = []
     for path, label, key in zip(chunk.paths, chunk.labels, chunk.keys, strict=True):
         try:
@@ -80,7 +82,7 @@ def encode_chunk(chunk: _Chunk) -> list[bytes]:
             if chunk.quality is not None:
                 data = encode_jpeg(image, chunk.quality)
         out.append(encode_record(pack_payload(float(label), data, id=key)))
-    return out
+    return b"".join(out), [len(r) for r in out]
 
 
 def _checked(data: bytes, path: str, size: tuple[int, int]) -> np.ndarray:
@@ -122,7 +124,7 @@ class _Layout:
         return [(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True)]
 
 
-def _results(chunks: Iterator[_Chunk], workers: int) -> Iterator[list[bytes]]:
+def _results(chunks: Iterator[_Chunk], workers: int) -> Iterator[tuple[bytes, list[int]]]:
     """encode_chunk over `chunks`, in order; at most 2 chunks per worker in flight (bounded memory)."""
     if workers == 1:
         yield from map(encode_chunk, chunks)
@@ -242,6 +244,8 @@ def _write_chunks(images: ImageList, layout: _Layout, options: PackOptions, size
                   journal: Journal, workers: int, chunk_size: int, bar: Progress) -> None:
     names = _file_names(options.shards)
     sizes = dict(journal.sizes)
+    if workers > 1:  # small jobs: small chunks, so that every worker gets some
+        chunk_size = max(1, min(chunk_size, -(-(len(images) - journal.done) // (4 * workers))))
     files = [(open(journal.directory / rec, "ab"), open(journal.directory / idx, "ab")) for rec, idx in names]
     total = len(images)
 
@@ -254,21 +258,26 @@ def _write_chunks(images: ImageList, layout: _Layout, options: PackOptions, size
 
     try:
         done = journal.done
-        for records in _results(chunks(), workers):
-            for i, record in enumerate(records, done):
-                k = int(layout.shard_of[i])
+        for blob, lengths in _results(chunks(), workers):
+            ends = np.cumsum(lengths)
+            shard_of = layout.shard_of[done:done + len(lengths)]
+            for k in np.unique(shard_of).tolist():  # a chunk's images are contiguous within each shard
+                a, b = np.searchsorted(shard_of, k, side="left"), np.searchsorted(shard_of, k, side="right")
+                start = int(ends[a - 1]) if a else 0
                 (rec_name, idx_name), (rec, idx) = names[k], files[k]
-                line = f"{int(layout.keys[i])}\t{sizes[rec_name]}\n".encode()
-                rec.write(record)
-                idx.write(line)
-                sizes[rec_name] += len(record)
-                sizes[idx_name] += len(line)
+                offsets = (sizes[rec_name] - start + np.concatenate([[start], ends[a:b - 1]])).tolist()
+                lines = "".join(f"{key}\t{off}\n" for key, off in
+                                zip(layout.keys[done + a:done + b].tolist(), offsets, strict=True)).encode()
+                rec.write(blob[start:int(ends[b - 1])])
+                idx.write(lines)
+                sizes[rec_name] += int(ends[b - 1]) - start
+                sizes[idx_name] += len(lines)
             for rec, idx in files:
                 rec.flush()
                 idx.flush()
-            done += len(records)
+            done += len(lengths)
             journal.commit(done, sizes)
-            bar.update(len(records))
+            bar.update(len(lengths))
     finally:
         for rec, idx in files:
             rec.close()
