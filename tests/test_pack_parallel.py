@@ -97,8 +97,8 @@ def test_an_im2rec_list_packs_like_its_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.environ.get("MEGAFACE_IM2REC"),
-                    reason="set MEGAFACE_IM2REC to MXNet's tools/im2rec.py (python 3, from an mxnet install) to "
-                           "check a list made by im2rec itself")
+                    reason="set MEGAFACE_IM2REC to mxnet/tools/im2rec.py of an mxnet install (and "
+                           "MEGAFACE_IM2REC_PYTHON to that install's python) to check a list made by im2rec itself")
 def test_a_list_made_by_mxnet_im2rec(tmp_path: Path) -> None:
     images = make_folder(tmp_path / "faces")
     prefix = tmp_path / "train"

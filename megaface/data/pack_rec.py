@@ -112,10 +112,14 @@ class _Layout:
         bounds.append(num_classes)
         self.class_bounds = bounds
         self.image_bounds = [0] + [int(ends[b - 1]) for b in bounds[1:]]
-        self.shard_of = np.searchsorted(np.asarray(self.image_bounds[1:]), np.arange(len(labels)), side="right")
-        self.local_labels = labels - np.asarray(bounds)[self.shard_of]
-        self.keys = np.arange(len(labels)) - np.asarray(self.image_bounds)[self.shard_of] + 1
-        self.counts = counts
+        self.labels, self.counts = labels, counts
+
+    def place(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, shard-local label, key) of images [start, stop); per chunk, not for all 42M at once."""
+        index = np.arange(start, stop)
+        shard = np.searchsorted(np.asarray(self.image_bounds[1:]), index, side="right")
+        local = self.labels[start:stop] - np.asarray(self.class_bounds)[shard]
+        return shard, local, index - np.asarray(self.image_bounds)[shard] + 1
 
     def identity_ranges(self, k: int) -> list[tuple[int, int]]:
         """[img_start, img_end) keys of each class of shard k."""
@@ -252,22 +256,22 @@ def _write_chunks(images: ImageList, layout: _Layout, options: PackOptions, size
     def chunks() -> Iterator[_Chunk]:
         for start in range(journal.done, total, chunk_size):
             stop = min(start + chunk_size, total)
-            yield _Chunk(images.paths[start:stop], layout.local_labels[start:stop].tolist(),
-                         layout.keys[start:stop].tolist(), size, options.verify, options.quality,
-                         images.source)
+            _, local, keys = layout.place(start, stop)
+            yield _Chunk(images.paths[start:stop], local.tolist(), keys.tolist(), size, options.verify,
+                         options.quality, images.source)
 
     try:
         done = journal.done
         for blob, lengths in _results(chunks(), workers):
             ends = np.cumsum(lengths)
-            shard_of = layout.shard_of[done:done + len(lengths)]
+            shard_of, _, keys = layout.place(done, done + len(lengths))
             for k in np.unique(shard_of).tolist():  # a chunk's images are contiguous within each shard
                 a, b = np.searchsorted(shard_of, k, side="left"), np.searchsorted(shard_of, k, side="right")
                 start = int(ends[a - 1]) if a else 0
                 (rec_name, idx_name), (rec, idx) = names[k], files[k]
                 offsets = (sizes[rec_name] - start + np.concatenate([[start], ends[a:b - 1]])).tolist()
                 lines = "".join(f"{key}\t{off}\n" for key, off in
-                                zip(layout.keys[done + a:done + b].tolist(), offsets, strict=True)).encode()
+                                zip(keys[a:b].tolist(), offsets, strict=True)).encode()
                 rec.write(blob[start:int(ends[b - 1])])
                 idx.write(lines)
                 sizes[rec_name] += int(ends[b - 1]) - start
