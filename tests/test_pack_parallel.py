@@ -146,6 +146,38 @@ def test_shards_read_as_one_dataset(tmp_path: Path) -> None:
     assert all(s.has_header for s in shards)
 
 
+def test_the_train_loader_reads_shards_like_the_single_pack(tmp_path: Path) -> None:
+    from megaface.data import TrainLoader
+
+    images = make_folder(tmp_path / "faces")
+    pack_images(from_folder(images), tmp_path / "single", workers=1, progress="off")
+    pack_images(from_folder(images), tmp_path / "sharded", PackOptions(shards=3), workers=1, progress="off")
+    single, sharded = open_pack(tmp_path / "single"), build_dataset("recordio", tmp_path / "sharded" / "shards.json")
+    batches = [list(TrainLoader(ds, 4, seed=3, workers=0, flip=False)) for ds in (single, sharded)]
+    assert len(batches[0]) == 5 and all(torch_equal(a, b) for a, b in zip(*batches, strict=True))
+
+
+def torch_equal(a: tuple, b: tuple) -> bool:
+    return all(bool((x == y).all()) for x, y in zip(a, b, strict=True))
+
+
+def test_a_sharded_pack_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    images = make_folder(tmp_path / "faces")
+    pack_images(from_folder(images), tmp_path / "whole", PackOptions(shards=3), workers=1, progress="off")
+    names = ["shards.json"] + [f"shard-0000{k}/{n}" for k in range(3) for n in FILES]
+    expected = pack_bytes(tmp_path / "whole", tuple(names))
+    bad = images / "id004" / "4.jpg"  # image 13 of 22: in the second shard
+    good = bad.read_bytes()
+    bad.write_bytes(b"broken")
+    with pytest.raises(ValueError, match="images packed before it are kept"):
+        pack_images(from_folder(images), tmp_path / "out", PackOptions(shards=3), workers=1, chunk_size=2,
+                    progress="off")
+    bad.write_bytes(good)
+    summary = pack_images(from_folder(images), tmp_path / "out", PackOptions(shards=3), workers=2, resume=True,
+                          progress="off")
+    assert summary["resumed_from"] == 12 and pack_bytes(tmp_path / "out", tuple(names)) == expected
+
+
 def test_shards_and_workers_are_checked(tmp_path: Path) -> None:
     images = make_folder(tmp_path / "faces", classes=2)
     with pytest.raises(ValueError, match="--shards 3: must be between 1 and the 2 classes"):
