@@ -3,10 +3,13 @@ count and chunk size, im2rec .lst input, shards read as one dataset, and a kille
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -99,7 +102,7 @@ def test_an_im2rec_list_packs_like_its_folder(tmp_path: Path) -> None:
 @pytest.mark.skipif(not os.environ.get("MEGAFACE_IM2REC"),
                     reason="set MEGAFACE_IM2REC to mxnet/tools/im2rec.py of an mxnet install (and "
                            "MEGAFACE_IM2REC_PYTHON to that install's python) to check a list made by im2rec itself")
-def test_a_list_made_by_mxnet_im2rec(tmp_path: Path) -> None:
+def test_a_list_made_by_mxnet_im2rec_packs_into_what_mxnet_reads(tmp_path: Path) -> None:
     images = make_folder(tmp_path / "faces")
     prefix = tmp_path / "train"
     subprocess.run([os.environ.get("MEGAFACE_IM2REC_PYTHON", sys.executable), os.environ["MEGAFACE_IM2REC"],
@@ -109,6 +112,25 @@ def test_a_list_made_by_mxnet_im2rec(tmp_path: Path) -> None:
     pack_images(from_lst(lst, images), tmp_path / "from_lst", workers=2, progress="off")
     a, b = open_pack(tmp_path / "from_lst"), FolderDataset(images)
     assert sorted(a[i] for i in range(len(a))) == sorted(b[i] for i in range(len(b)))
+    # and MXNet reads the pack as InsightFace's loader does: header record, then images by key
+    read = textwrap.dedent("""
+        import hashlib, json, sys
+        import mxnet as mx
+        rec = mx.recordio.MXIndexedRecordIO(sys.argv[1] + "/train.idx", sys.argv[1] + "/train.rec", "r")
+        header, _ = mx.recordio.unpack(rec.read_idx(0))
+        first, end = int(header.label[0]), int(header.label[1])
+        out = []
+        for key in range(1, first):
+            h, image = mx.recordio.unpack(rec.read_idx(key))
+            out.append([float(h.label), hashlib.sha1(image).hexdigest()])
+        print(json.dumps({"identities": end - first, "images": out}))
+    """)
+    result = subprocess.run([os.environ.get("MEGAFACE_IM2REC_PYTHON", sys.executable), "-c", read,
+                             str(tmp_path / "from_lst")], check=True, capture_output=True, text=True, timeout=120)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["identities"] == a.num_classes
+    assert seen["images"] == [[float(label), hashlib.sha1(image).hexdigest()] for label, image in
+                              (a[i] for i in range(len(a)))]
 
 
 def test_bad_lists_are_refused_with_the_line(tmp_path: Path) -> None:
