@@ -245,6 +245,16 @@ def test_resume_refuses_another_input(tmp_path: Path) -> None:
     assert len(open_pack(tmp_path / "out")) == 21
 
 
+def test_force_replaces_the_whole_output(tmp_path: Path) -> None:
+    images = make_folder(tmp_path / "faces", classes=3)
+    pack_images(from_folder(images), tmp_path / "out", PackOptions(shards=2), workers=1, progress="off")
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --force"):
+        pack_images(from_folder(images), tmp_path / "out", workers=1, progress="off")
+    pack_images(from_folder(images), tmp_path / "out", workers=1, overwrite=True, progress="off")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)  # no shard left from before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces", "out"]
+
+
 def _pack_cmd(images: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megaface", "pack", "rec", "--images", str(images), "--output", str(output),
             *extra]

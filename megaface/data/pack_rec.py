@@ -29,7 +29,7 @@ from megaface.data.image_list import ImageList
 from megaface.data.pack_journal import Journal, fingerprint, partial_dir
 from megaface.data.recordio import encode_record, pack_payload
 from megaface.data.sharded import MANIFEST_NAME, manifest_text, shard_name
-from megaface.fileio import output_error
+from megaface.fileio import output_error, replace_dir
 from megaface.utils.progress import Progress
 from megaface.vocab import ProgressMode
 
@@ -175,7 +175,7 @@ def pack_images(images: ImageList, output: str | os.PathLike, options: PackOptio
         written = _finish(journal, layout, size, options.shards)
     except BaseException as err:  # noqa: BLE001  (always re-raised; a kill or Ctrl-C keeps the partial pack)
         raise _failed(err, journal, output) from None
-    _place(journal.directory, output)
+    replace_dir(journal.directory, output)
     return {"images": len(images), "classes": images.num_classes, "image_size": list(size), "shards": options.shards,
             "workers": workers, "resumed_from": resumed_from, "bytes": written, "output": str(output)}
 
@@ -329,18 +329,3 @@ def _failed(err: BaseException, journal: Journal, output: Path) -> BaseException
     kept = type(err)(f"{err}; the {journal.done} images packed before it are kept in {tmp}: fix the cause and "
                      "rerun with --resume (or --force to start over)")
     return kept
-
-
-def _place(tmp: Path, output: Path) -> None:
-    """The finished pack becomes `output`; an existing one (--force) is swapped out, then removed."""
-    if output.is_dir() and not any(output.iterdir()):
-        output.rmdir()
-    if not output.exists():
-        os.rename(tmp, output)
-        return
-    old = output.with_name(f".{output.name}.old")
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    output.rename(old)
-    os.rename(tmp, output)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
