@@ -66,6 +66,19 @@ def test_same_bytes_as_the_single_process_writer(tmp_path: Path, workers: int, c
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_the_folder_listing_is_folder_datasets(tmp_path: Path) -> None:
+    from megaface.data.image_list import PathTable
+
+    images = make_folder(tmp_path / "faces")
+    (images / "id001" / "notes.txt").write_text("not an image")
+    (images / "id002" / "B.JPG").write_bytes((images / "id002" / "0.jpg").read_bytes())
+    listed, reference = from_folder(images), FolderDataset(images)
+    assert listed.paths[:] == [str(p) for p in reference.paths] and len(listed) == 23
+    assert list(listed.labels) == list(reference.labels()) and listed.num_classes == reference.num_classes
+    odd = PathTable(["a/\udcff.jpg", "b.jpg"])  # a file name that is not UTF-8 survives
+    assert odd[0] == "a/\udcff.jpg" and odd[-1] == "b.jpg" and odd[0:2] == ["a/\udcff.jpg", "b.jpg"]
+
+
 def test_reencoded_pack_holds_the_jpeg_of_each_decoded_image(tmp_path: Path) -> None:
     from megaface.data import decode_image
 

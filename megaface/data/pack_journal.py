@@ -15,7 +15,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
+
+import numpy as np
+
+from megaface.data.image_list import PathTable
 
 JOURNAL_NAME = "pack.journal"
 
@@ -25,11 +29,12 @@ def partial_dir(output: Path) -> Path:
     return output.with_name(f".{output.name}.partial")
 
 
-def fingerprint(paths: list[str], labels: Any, settings: dict) -> str:
-    """sha256 over the image list (order, path, label) and the byte-changing settings."""
+def fingerprint(paths: PathTable, labels: np.ndarray, settings: dict) -> str:
+    """sha256 over the image list (order, paths, labels) and the byte-changing settings."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for path, label in zip(paths, labels, strict=True):
-        h.update(f"{int(label)}\t{path}\n".encode("utf-8", "surrogateescape"))
+    for part in (*paths.raw(), np.ascontiguousarray(labels, dtype="<i8").tobytes()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
     return h.hexdigest()
 
 
