@@ -63,3 +63,7 @@ MARGIN_FALLBACKS: tuple[str, ...] = get_args(MarginFallback)
 ModelInit = Literal["per_group", "arcface_torch"]
 """Convolution init: fan-in per group (megaface) or over the whole weight (arcface_torch)."""
 MODEL_INITS: tuple[str, ...] = get_args(ModelInit)
+
+CropMode = Literal["pad", "resize"]
+"""data.augment.crop_mode: keep the crop in place and zero the rest (AdaFace), or resize it to the image."""
+CROP_MODES: tuple[str, ...] = get_args(CropMode)

@@ -9,6 +9,7 @@ from typing import Any
 
 from megaface import vocab
 from megaface.data import synthetic
+from megaface.data.augment import Augment
 
 
 def _path(default: Any = None, doc: str = "") -> Any:
@@ -128,6 +129,8 @@ class DataConfig:
     """Decoding worker threads/processes per rank."""
     flip: bool = True
     """Random horizontal flip."""
+    augment: Augment = field(default_factory=Augment)
+    """Augmentations on the training device, each off by default (megaface.data.augment)."""
     normalize: vocab.NormalizeMode = "arcface_torch"
     """Pixel normalisation: arcface_torch = (x/255-0.5)/0.5, oneflow = (x-127.5)/128 (the seed's)."""
     seed: int = 0

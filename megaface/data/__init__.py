@@ -9,6 +9,7 @@
     synthetic.py      synthetic face-like identities, deterministic from a seed, and their one set of defaults
     datasets.py       training datasets by source (`build_dataset`)
     loader.py         TrainLoader: each rank's share of the global batch, exact resume
+    augment.py        the input path on the device: uint8 batches, one ahead; augmentations and normalisation
     cli.py            `megaface pack`
 """
 

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from megaface.config import ExperimentConfig
+from megaface.config import ExperimentConfig, check_optimizer_single_source, resolve_ds_config, zero_stage
+from megaface.config import precision as ds_precision
 from megaface.distributed import DistState, comm
 from megaface.distributed.ds_shm import skip_shm_build
-from megaface.config import precision as ds_precision
-from megaface.config import check_optimizer_single_source, resolve_ds_config, zero_stage
 from megaface.train.optim import backbone_optimizer
 from megaface.train.optim import fc7_optimizer as build_fc7_optimizer
 from megaface.train.schedule import resolve_milestones, resolve_warmup
@@ -54,6 +53,8 @@ class TrainParts:
     precision: str
     input_dtype: torch.dtype
     input_format: torch.memory_format = torch.contiguous_format
+    normalize: str = "arcface_torch"
+    """Pixel normalisation of a RawBatch prepared on the device (data.normalize)."""
 
 
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
@@ -89,7 +90,7 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
                       fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype,
-                      torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+                      torch.channels_last if cfg.model.channels_last else torch.contiguous_format, cfg.data.normalize)
 
 
 def fc7_max_norm(clip_grad_norm: float | None, ds: dict[str, Any]) -> float:
@@ -223,9 +224,11 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     from megaface.models import build_model
 
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
+    # uint8 batches to the device, one batch ahead; flip, augmentations and normalisation run there
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
-                         skip_corrupt=cfg.data.skip_corrupt)
+                         skip_corrupt=cfg.data.skip_corrupt, on_device=True, augment=cfg.data.augment,
+                         pin_memory=state.device.type == "cuda", device=state.device)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
                         **cfg.model.build_options())
     if cfg.model.init != "per_group":
