@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,35 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
                       fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype,
                       torch.channels_last if cfg.model.channels_last else torch.contiguous_format, cfg.data.normalize)
+
+
+def cpu_has_bf16_units(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (x86 AVX512-BF16 or AMX; Arm BF16)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read(1 << 20)
+        except OSError:  # not Linux: no way to tell, so keep what the JSON asks for
+            return True
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return True
+
+
+def auto_head_dtype(compute_dtype: str, precision: str, device: torch.device,
+                    log: Callable[[str], Any] = print, cpuinfo: str | None = None) -> str:
+    """head.compute_dtype=auto on a CPU without bf16 units under a bf16 JSON -> fp32, said in one line.
+
+    There bf16 matrix products are emulated and about 3x slower than fp32 (benchmarks/README.md), while the
+    head's statistics, margin and loss are fp32 either way; everywhere else auto follows the JSON."""
+    if compute_dtype == "auto" and precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units(cpuinfo):
+        log("head: compute_dtype auto -> fp32 (this CPU has no bf16 matrix units: no avx512_bf16/amx_bf16 "
+            "flag; set head.compute_dtype=bf16 to force bf16)")
+        return "fp32"
+    return compute_dtype
 
 
 def fc7_max_norm(clip_grad_norm: float | None, ds: dict[str, Any]) -> float:
@@ -224,6 +254,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     from megaface.models import build_model
 
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
+    head_dtype = auto_head_dtype(cfg.head.compute_dtype, precision, state.device, log)
     # uint8 batches to the device, one batch ahead; flip, augmentations and normalisation run there
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
@@ -242,7 +273,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale,
                      sample_rate=sample_rate_of(h.sample_rate, h.num_sample, num_classes),
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
-                     seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
+                     seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(head_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
                      accumulation_steps=gas, margin_fallback=h.margin_fallback, init_std=h.init_std)
     parts = build_parts(cfg, ds, state, model, head, precision)
