@@ -10,7 +10,7 @@ each case builds its own engine) and each (network, precision, variant) prints o
 rank), samples per CPU-second (summed over ranks: the measure that survives a loaded machine), and each
 phase's share of the step, timed exclusively (a collective inside backward counts as communication only):
   data            next(batch) from megaface's TrainLoader over a cached synthetic RecordIO pack (uint8, the
-                  training default; normalisation happens in the step, under backbone_fwd's "other")
+                  training default; its normalisation runs in the step and counts as "other")
   backbone_fwd    the engine's forward
   head_fwd        PartialFC forward: all-gather, sampled FC7 logits + margin, distributed softmax CE
   backward        engine.backward: backbone and head backward (the head's reduce-scatter is communication)
