@@ -49,6 +49,9 @@ class ModelConfig:
     (DeepSpeed's flat parameter buffers need them contiguous) and the results are the same up to float
     rounding. On CPU it cut MobileFaceNet forward + backward CPU time by ~22% and left IResNet-50 unchanged
     (benchmarks/README.md); false feeds NCHW."""
+    compile: bool = False
+    """torch.compile the backbone inside the DeepSpeed engine (ZeRO 0-2; checkpoints keep their keys). On CPU
+    inductor writes C++ and needs a compiler (g++); the first steps pay the compilation."""
     init: vocab.ModelInit = "per_group"
     """Conv/linear init: per_group = He fan_out counted per group (the networks' own); arcface_torch = fan_out
     ignoring groups, as its kaiming_normal_ does (depthwise kernels ~sqrt(channels) times smaller, so behind

@@ -10,6 +10,7 @@ backbone (a `DataParallelFace` container) and DeepSpeed averages its gradients l
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     optimizer = backbone_optimizer(module.parameters(), cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
                                            dist_init_required=False)
+    if cfg.model.compile:
+        check_compile(zero_stage(ds), state.device)
+        engine.compile()  # compiles engine.module in place: state_dict keys, checkpoints and validation unchanged
     fc7_optimizer = None
     if cfg.head.parallel == "model":
         head.to(state.device)
@@ -92,6 +96,19 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
                       fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype,
                       torch.channels_last if cfg.model.channels_last else torch.contiguous_format, cfg.data.normalize)
+
+
+def check_compile(stage: int, device: torch.device) -> None:
+    """model.compile=true needs ZeRO 0-2 and, on CPU, a C++ compiler for inductor's generated code."""
+    import shutil
+
+    if stage == 3:
+        raise ValueError("model.compile=true is supported with ZeRO stages 0-2 (the DeepSpeed JSON has stage 3): "
+                         "use a stage 0-2 JSON or set model.compile=false")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++")
+                                        if c):
+        raise ValueError("model.compile=true on CPU needs a C++ compiler (torch.compile's inductor writes C++): "
+                         "install one (apt-get install g++) or set model.compile=false")
 
 
 def cpu_has_bf16_units(cpuinfo: str | None = None) -> bool:
