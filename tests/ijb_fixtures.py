@@ -36,11 +36,13 @@ def loose_crop(face: np.ndarray, similarity: np.ndarray, rng: np.random.Generato
 
 
 def write_ijb(root: Path, identities: int = 6, templates_per_id: int = 3, seed: int = 0,
-              target: str = "IJBC") -> dict:
+              target: str = "IJBC", variants: int | None = None) -> dict:
     """An IJB-shaped folder: loose_crop/<n>.jpg and meta/ with the three files eval_ijbc.py reads.
 
     Templates hold 1-2 media of 1-2 frames each; detector scores 0.5-1.0; landmarks with 1 px noise.
     Pairs: every template pair (genuine and impostor). Returns counts for the test's assertions.
+    `variants`: draw each identity's faces from only this many synthetic images (each placed anew), so that
+    even an untrained network separates identities and the ROC has steep steps; None: every face distinct.
     """
     rng = np.random.default_rng(seed)
     (root / "loose_crop").mkdir(parents=True)
@@ -55,7 +57,8 @@ def write_ijb(root: Path, identities: int = 6, templates_per_id: int = 3, seed: 
                 media += 1
                 for _ in range(rng.integers(1, 3)):
                     name = f"{len(tid_mid) + 1}.jpg"
-                    face = generate([ident], [len(tid_mid)], seed=seed)[0]
+                    index = len(tid_mid) if variants is None else int(rng.integers(variants))
+                    face = generate([ident], [index], seed=seed)[0]
                     image, points = loose_crop(face, random_similarity(rng, 256), rng, landmark_noise=1.0)
                     (root / "loose_crop" / name).write_bytes(encode_jpeg(image, quality=90))
                     score = rng.uniform(0.5, 1.0)

@@ -62,13 +62,13 @@ def _loose_set(root: Path, n: int = 4) -> tuple[list[str], list[np.ndarray], lis
 
 def test_align_cli_folder_from_ijb_layout(tmp_path: Path) -> None:
     names, images, points = _loose_set(tmp_path)
-    lines = [" ".join([n, *(f"{v:.4f}" for v in p.reshape(-1)), "0.9"]) for n, p in zip(names, points)]
+    lines = [" ".join([n, *(f"{v:.4f}" for v in p.reshape(-1)), "0.9"]) for n, p in zip(names, points, strict=True)]
     (tmp_path / "lmk.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "aligned"
     assert cli.main(["align", "--images", str(tmp_path / "img"), "--landmarks", str(tmp_path / "lmk.txt"),
                      "--output", str(out), "--progress", "off"]) == 0
     records = read_landmarks(tmp_path / "lmk.txt")
-    for name, image, record in zip(names, images, records):
+    for name, image, record in zip(names, images, records, strict=True):
         crop = cv2.cvtColor(cv2.imread(str(out / name)), cv2.COLOR_BGR2RGB)
         np.testing.assert_array_equal(crop, align_face(image, record.landmarks))
     assert cli.main(["align", "--images", str(tmp_path / "img"), "--landmarks", str(tmp_path / "lmk.txt"),
@@ -78,7 +78,7 @@ def test_align_cli_folder_from_ijb_layout(tmp_path: Path) -> None:
 def test_align_cli_pack_from_lst(tmp_path: Path) -> None:
     names, images, points = _loose_set(tmp_path)
     lines = [f"{i}\t{i // 2}\t{n}\t" + " ".join(f"{v:.4f}" for v in p.reshape(-1))
-             for i, (n, p) in enumerate(zip(names, points))]
+             for i, (n, p) in enumerate(zip(names, points, strict=True))]
     (tmp_path / "train.lst").write_text("\n".join(lines) + "\n")
     out = tmp_path / "pack"
     assert cli.main(["align", "--images", str(tmp_path / "img"), "--landmarks", str(tmp_path / "train.lst"),

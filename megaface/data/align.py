@@ -138,6 +138,7 @@ class AlignedFaces(Sequence[np.ndarray]):
 
     def __init__(self, root: str | os.PathLike, records: list[FaceRecord], progress: Progress | None = None):
         self.root, self.records, self.progress = Path(root), records, progress
+        self._furthest = -1  # progress counts a face once, though embedding reads the first one twice
 
     def __len__(self) -> int:
         return len(self.records)
@@ -156,7 +157,8 @@ class AlignedFaces(Sequence[np.ndarray]):
             crop = align_face(image, record.landmarks)
         except ValueError as err:
             raise ValueError(f"{path} (line {i + 1} of the landmark file): {err}") from None
-        if self.progress is not None:
+        if self.progress is not None and i > self._furthest:
+            self._furthest = i
             self.progress.update()
         return crop
 
