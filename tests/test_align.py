@@ -16,6 +16,7 @@ from megaface.data.align import ARCFACE_TEMPLATE, align_face, read_landmarks, si
 from megaface.data.decode import decode_image, encode_jpeg
 from megaface.data.synthetic import generate
 from tests.ijb_fixtures import loose_crop, random_similarity
+from tests.test_progress_console import run_under_pty
 
 INSIGHTFACE = os.environ.get("MEGAFACE_INSIGHTFACE")  # a checkout of deepinsight/insightface
 
@@ -88,6 +89,17 @@ def test_align_cli_pack_from_lst(tmp_path: Path) -> None:
     record = read_landmarks(tmp_path / "train.lst")[3]
     expected = encode_jpeg(align_face(images[3], record.landmarks), quality=95)  # the pack stores JPEG q95
     assert pack[3][1] == expected and decode_image(pack[3][1]).shape == (112, 112, 3)
+
+
+def test_align_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    names, _, points = _loose_set(tmp_path, n=2)
+    lines = [" ".join([n, *(f"{v:.4f}" for v in p.reshape(-1)), "0.9"]) for n, p in zip(names, points, strict=True)]
+    (tmp_path / "lmk.txt").write_text("\n".join(lines) + "\n")
+    rc, out = run_under_pty([sys.executable, "-m", "megaface", "align", "--images", str(tmp_path / "img"),
+                             "--landmarks", str(tmp_path / "lmk.txt"), "--output", str(tmp_path / "out")],
+                            env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert rc == 0, out
+    assert "\r" in out and "align:" in out and "2/2" in out, out  # tqdm's bar, redrawn in place
 
 
 def test_align_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

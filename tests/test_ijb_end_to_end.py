@@ -23,10 +23,12 @@ import torch
 from sklearn.metrics import roc_curve
 
 from megaface import cli
+from megaface.eval import cli as eval_cli
 from megaface.data.align import align_face, read_ijb_landmarks
 from megaface.data.decode import decode_image, normalize_batch
 from megaface.eval import ijb
 from megaface.models import build_model
+from tests.dist_utils import run_distributed
 from tests.ijb_fixtures import write_ijb
 
 ARCFACE_TORCH = os.environ.get("MEGAFACE_ARCFACE_TORCH")
@@ -44,16 +46,16 @@ def _megaface_run(root: Path, identities: int, templates_per_id: int, variants: 
     (root / "backbone.pt.json").write_text(json.dumps({"network": NETWORK, "embedding_size": 512}))
     argv = ["eval-ijb", "--checkpoint", str(ckpt), "--ijb-dir", str(root / "IJBC"), "--target", "IJBC",
             "--batch-size", "16", "--json", str(root / "ijb.json"), "--roc", str(root / "roc.png"),
-            "--save-features", str(root / "feats.npy"), "--progress", "off"]
-    out = io.StringIO()
+            "--save-features", str(root / "feats.npy")]
+    out, err = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the CPU is shared
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             assert cli.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    return {"root": root, "ckpt": ckpt, "stdout": out.getvalue(), "counts": counts}
+    return {"root": root, "ckpt": ckpt, "stdout": out.getvalue(), "stderr": err.getvalue(), "counts": counts}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,8 @@ def test_eval_ijb_from_loose_crops(run: dict) -> None:
     assert report["pooling"] == "arcface_torch" and report["num_templates"] == counts["templates"]
     assert report["num_pairs"] == counts["pairs"] and (root / "roc.png").stat().st_size > 0
     assert re.search(r"^TAR(\s+\|?\s*\d+\.\d\d){6}$", run["stdout"], re.M), run["stdout"]
+    n = counts["images"]  # not a terminal: one plain progress line at the end, no bar
+    assert f"eval-ijb IJBC: {n}/{n} faces" in run["stderr"] and "\r" not in run["stderr"], run["stderr"]
 
     # the saved features: each row is emb(aligned crop) + emb(its mirror image), computed here directly
     feats = np.load(root / "feats.npy")
@@ -92,6 +96,26 @@ def test_eval_ijb_from_loose_crops(run: dict) -> None:
     # scoring the saved features again gives the same numbers
     again = ijb.evaluate_ijb(feats, root / "IJBC" / "meta", "IJBC", root / "feats.paths.txt", "arcface_torch")
     assert again["tar_at_far"] == report["tar_at_far"]
+
+
+def _ijb_on_rank(state: object, argv: list[str]) -> str:
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        eval_cli.main_ijb(argv)
+    return out.getvalue()
+
+
+def test_eval_ijb_on_two_ranks_equals_one(run: dict, tmp_path: Path) -> None:
+    """Each rank aligns and embeds its share; rank 0 gathers, scores and writes; the result is the 1-rank one."""
+    root = run["root"]
+    argv = ["--checkpoint", str(run["ckpt"]), "--ijb-dir", str(root / "IJBC"), "--batch-size", "4",
+            "--save-features", str(tmp_path / "feats.npy"), "--progress", "off"]
+    outputs = run_distributed(_ijb_on_rank, 2, argv, timeout=300)
+    assert outputs[1] == ""  # only rank 0 reports
+    tar = [line for line in outputs[0].splitlines() if line.startswith("TAR")]
+    assert tar == [line for line in run["stdout"].splitlines() if line.startswith("TAR")], outputs[0]
+    np.testing.assert_allclose(np.load(tmp_path / "feats.npy"), np.load(root / "feats.npy"), rtol=1e-4, atol=1e-4)
 
 
 def test_eval_ijb_bad_layouts(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
