@@ -112,6 +112,9 @@ def test_align_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     assert cli.main([*args, "--landmarks", str(tmp_path / "missing.txt")]) == 2
     assert "nope.jpg (line 1 of the landmark file) does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
+    (tmp_path / "twice.txt").write_text(2 * (f"{names[0]} " + " ".join(["1"] * 10) + " 0.9\n"))
+    assert cli.main([*args, "--landmarks", str(tmp_path / "twice.txt")]) == 2
+    assert "line 2: image 'a/0.png' is listed twice" in capsys.readouterr().err
     (tmp_path / "bad.lst").write_text(f"0\tx\t{names[0]}\t" + " ".join(["1"] * 10) + "\n")
     assert cli.main([*args, "--landmarks", str(tmp_path / "bad.lst")]) == 2
     assert "bad.lst:1" in capsys.readouterr().err

@@ -23,9 +23,9 @@ import torch
 from sklearn.metrics import roc_curve
 
 from megaface import cli
-from megaface.eval import cli as eval_cli
 from megaface.data.align import align_face, read_ijb_landmarks
 from megaface.data.decode import decode_image, normalize_batch
+from megaface.eval import cli as eval_cli
 from megaface.eval import ijb
 from megaface.models import build_model
 from tests.dist_utils import run_distributed

@@ -174,6 +174,15 @@ def _encode(crop_rgb: np.ndarray, name: str) -> bytes:
 
 def write_folder(faces: AlignedFaces, output: Path, overwrite: bool) -> None:
     """Each crop at `output/<name>` (same relative path; JPEG q95 for .jpg names); appears when complete."""
+    seen: set[str] = set()
+    for n, record in enumerate(faces.records, 1):
+        parts = Path(record.name).parts
+        if Path(record.name).is_absolute() or ".." in parts:
+            raise ValueError(f"line {n}: image name {record.name!r} leaves the output folder; names must be "
+                             "relative paths below --images")
+        if record.name in seen:
+            raise ValueError(f"line {n}: image {record.name!r} is listed twice; one crop per file name")
+        seen.add(record.name)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(output)
     try:
