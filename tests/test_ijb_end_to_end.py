@@ -142,7 +142,10 @@ def _reference_ready() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_reference_ready() is not None, reason=str(_reference_ready()))
+REFERENCE_MISSING = _reference_ready()
+
+
+@pytest.mark.skipif(REFERENCE_MISSING is not None, reason=str(REFERENCE_MISSING))
 def test_tar_at_far_equals_arcface_torch_eval_ijbc(larger_run: dict) -> None:
     run = larger_run
     root = run["root"]
