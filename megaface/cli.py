@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval-ident": ("megaface.eval.cli", "main_ident", "MegaFace-style 1:N identification (rank-1, CMC)"),
     "embed": ("megaface.eval.cli", "main_embed", "embeddings for an image folder, a RecordIO pack or a .bin"),
     "pack": ("megaface.data.cli", "main", "write RecordIO training packs, .bin verification packs, synthetic data"),
+    "align": ("megaface.data.align", "main", "5-point landmarks -> aligned 112x112 ArcFace crops (folder or pack)"),
     "convert": ("megaface.convert", "main", "inspect, consolidate, reshard, ONNX and InsightFace interop"),
     "models": ("megaface.models.cli", "main", "the networks model.network accepts; parameters and multiply-adds"),
     "summary": ("megaface.train.summary", "main", "what a finished run produced: best accuracy, model, next command"),

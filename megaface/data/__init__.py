@@ -6,6 +6,7 @@
     ofrecord.py       OneFlow OFRecord directories: read, index, encode
     ofrecord_pack.py  `megaface pack ofrecord`
     decode.py         JPEG/PNG decoding and pixel normalisation
+    align.py          5-point landmarks -> 112x112 ArcFace crops; `megaface align`
     synthetic.py      synthetic face-like identities, deterministic from a seed, and their one set of defaults
     datasets.py       training datasets by source (`build_dataset`)
     loader.py         TrainLoader: each rank's share of the global batch, exact resume

@@ -54,9 +54,38 @@ def test_templates_and_tar_match_naive(tmp_path):
     labels = np.array([l for _, _, l in pairs])
     fpr, tpr, _ = roc_curve(labels, scores)
     for far in ijb.FAR_TARGETS:
-        assert result["tar_at_far"][f"{far:.0e}"] == pytest.approx(tpr[np.argmin(np.abs(fpr - far))])
+        distance = np.abs(fpr - far)  # among the nearest points (a vertical ROC step), the highest TAR
+        assert result["tar_at_far"][f"{far:.0e}"] == pytest.approx(tpr[distance == distance.min()].max())
     assert result["num_templates"] == 36 and result["num_pairs"] == len(pairs)
     assert 0.5 < result["auc"] <= 1.0
+
+
+def test_arcface_torch_pooling_matches_naive(tmp_path):
+    """Image norm kept, times the detector score; media mean, template sum, L2 (eval_ijbc.py's N1 D1)."""
+    feats, lines, pairs = _ijb_case(tmp_path, seed=2)
+    scores = np.random.default_rng(3).uniform(0.3, 1.0, len(lines)).astype(np.float32)
+    (tmp_path / "ijbc_name_5pts_score.txt").write_text(
+        "".join(f"{l.split()[0]} {' '.join(['1'] * 10)} {s}\n" for l, s in zip(lines, scores)))
+    result = ijb.evaluate_ijb(feats, tmp_path, "IJBC", pooling="arcface_torch")
+    by_template: dict[int, dict[int, list]] = {}
+    for f, s, line in zip(feats, scores, lines):
+        _, t, m = line.split()
+        by_template.setdefault(int(t), {}).setdefault(int(m), []).append(f * s)
+    naive = {t: np.sum([np.mean(fs, 0) for fs in medias.values()], 0) for t, medias in by_template.items()}
+    naive = {t: v / np.linalg.norm(v) for t, v in naive.items()}
+    fpr, tpr, _ = roc_curve([l for _, _, l in pairs], [naive[a] @ naive[b] for a, b, _ in pairs])
+    for far in ijb.FAR_TARGETS:
+        distance = np.abs(fpr - far)
+        assert result["tar_at_far"][f"{far:.0e}"] == pytest.approx(tpr[distance == distance.min()].max())
+    templates = np.array([int(l.split()[1]) for l in lines])
+    medias = np.array([int(l.split()[2]) for l in lines])
+    ids, weighted = ijb.template_features(feats, templates, medias, "arcface_torch", scores)
+    np.testing.assert_allclose(weighted, np.stack([naive[t] for t in ids]), rtol=1e-5, atol=1e-6)
+    _, unit = ijb.template_features(feats, templates, medias, "unit")
+    assert np.abs(unit - weighted).max() > 1e-2  # the score weighting changes the templates
+    (tmp_path / "ijbc_name_5pts_score.txt").write_text("other.jpg " + " ".join(["1"] * 11) + "\n")
+    with pytest.raises(ValueError, match="lists 1 images"):
+        ijb.evaluate_ijb(feats, tmp_path, "IJBC", pooling="arcface_torch")
 
 
 def test_ijb_cli_with_path_alignment(tmp_path):
