@@ -3,7 +3,9 @@
 - `free_port`, `run_distributed`: run a function on W gloo ranks in forked processes (forking reuses the test
   process's imports, so a 2-rank case starts in about a second) and collect each rank's return value;
 - `ROOT`, `QUICKSTART`, `tiny_args`, `train_worker`, `wrapped`: a few-second `megaface train` in-process;
-- `_torchrun`, `_rank_pids`: a real torchrun job in its own session, and its rank processes.
+- `_torchrun`, `_rank_pids`: a real torchrun job in its own session, and its rank processes;
+- `run_under_pty`: a command under a pseudo-terminal, as a person at a terminal runs it.
+Reference implementations of other projects' code and file fixtures live in tests/support/.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import pty
+import select
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -153,3 +158,27 @@ def _torchrun(args: list[str], log: Path) -> subprocess.Popen:
 def _rank_pids(launcher: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def run_under_pty(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[int, str]:
+    """Run `argv` with stdin/stdout/stderr on a fresh pty (size 0x0, as script(1) gives); -> (rc, output)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                            env={**os.environ, **(env or {})})
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    rc = proc.wait(timeout=10)
+    return rc, b"".join(chunks).decode("utf-8", "replace")

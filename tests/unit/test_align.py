@@ -15,8 +15,8 @@ from megaface.data import open_pack
 from megaface.data.align import ARCFACE_TEMPLATE, align_face, read_landmarks, similarity_matrix
 from megaface.data.decode import decode_image, encode_jpeg
 from megaface.data.synthetic import generate
-from tests.ijb_fixtures import loose_crop, random_similarity
-from tests.test_progress_console import run_under_pty
+from tests.conftest import run_under_pty
+from tests.support.ijb_fixtures import loose_crop, random_similarity
 
 INSIGHTFACE = os.environ.get("MEGAFACE_INSIGHTFACE")  # a checkout of deepinsight/insightface
 
@@ -97,7 +97,7 @@ def test_align_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     (tmp_path / "lmk.txt").write_text("\n".join(lines) + "\n")
     rc, out = run_under_pty([sys.executable, "-m", "megaface", "align", "--images", str(tmp_path / "img"),
                              "--landmarks", str(tmp_path / "lmk.txt"), "--output", str(tmp_path / "out")],
-                            env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                            env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert rc == 0, out
     assert "\r" in out and "align:" in out and "2/2" in out, out  # tqdm's bar, redrawn in place
 

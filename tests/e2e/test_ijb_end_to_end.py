@@ -1,6 +1,6 @@
 """`megaface eval-ijb --checkpoint --ijb-dir`: an IJB-shaped folder of loose synthetic crops, end to end.
 
-The reference test runs arcface_torch's own eval_ijbc.py (tests/ijb_reference.py says what it patches) with the
+The reference test runs arcface_torch's own eval_ijbc.py (tests/support/ijb_reference.py says what it patches) with the
 same weights on the same folder and requires megaface's printed TAR@FAR digits to equal its table's. It needs
 MEGAFACE_ARCFACE_TORCH (recognition/arcface_torch of an InsightFace checkout) and an interpreter with pandas,
 scikit-image, prettytable and matplotlib besides megaface's dependencies: MEGAFACE_IJB_PYTHON (default: this one).
@@ -28,12 +28,12 @@ from megaface.data.decode import decode_image, normalize_batch
 from megaface.eval import cli as eval_cli
 from megaface.eval import ijb
 from megaface.models import build_model
-from tests.dist_utils import run_distributed
-from tests.ijb_fixtures import write_ijb
+from tests.conftest import run_distributed
+from tests.support.ijb_fixtures import write_ijb
 
 ARCFACE_TORCH = os.environ.get("MEGAFACE_ARCFACE_TORCH")
 REFERENCE_PYTHON = os.environ.get("MEGAFACE_IJB_PYTHON", sys.executable)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NETWORK = "mobilefacenet_tiny"
 
 
@@ -150,7 +150,7 @@ def test_tar_at_far_equals_arcface_torch_eval_ijbc(larger_run: dict) -> None:
     run = larger_run
     root = run["root"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([REFERENCE_PYTHON, str(REPO / "tests" / "ijb_reference.py"), ARCFACE_TORCH,
+    done = subprocess.run([REFERENCE_PYTHON, str(REPO / "tests" / "support" / "ijb_reference.py"), ARCFACE_TORCH,
                            str(root / "IJBC"), "IJBC", str(run["ckpt"]), NETWORK, str(root / "ref"), "16"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

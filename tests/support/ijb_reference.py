@@ -1,6 +1,6 @@
 """Run arcface_torch's own eval_ijbc.py, unmodified, on a CPU with a megaface backbone standing in for its network.
 
-    python tests/ijb_reference.py ARCFACE_TORCH_DIR IJB_DIR TARGET CHECKPOINT NETWORK RESULT_DIR BATCH_SIZE
+    python tests/support/ijb_reference.py ARCFACE_TORCH_DIR IJB_DIR TARGET CHECKPOINT NETWORK RESULT_DIR BATCH_SIZE
 
 The script runs end to end: its own reading of the meta files, cv2.imread, its scikit-image alignment, flip,
 pixel normalisation, detector-score weighting, media/template pooling, pair scores, and its TAR@FAR table

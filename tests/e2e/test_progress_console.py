@@ -4,43 +4,16 @@ nothing on the ranks that are not the main one."""
 from __future__ import annotations
 
 import io
-import os
-import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from megaface.utils.progress import Progress, progress_line
+from tests.conftest import run_under_pty
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_under_pty(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[int, str]:
-    """Run `argv` with stdin/stdout/stderr on a fresh pty (size 0x0, as script(1) gives); -> (rc, output)."""
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, close_fds=True,
-                            env={**os.environ, **(env or {})})
-    os.close(follower)
-    chunks, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.5)
-        if ready:
-            try:
-                data = os.read(leader, 65536)
-            except OSError:  # EIO: the child closed its side
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif proc.poll() is not None:
-            break
-    os.close(leader)
-    rc = proc.wait(timeout=10)
-    return rc, b"".join(chunks).decode("utf-8", "replace")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 SCRIPT = """
