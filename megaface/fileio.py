@@ -158,3 +158,19 @@ def move_into_place(tmp: Path, target: Path) -> None:
     for item in tmp.iterdir():
         os.replace(item, target / item.name)
     tmp.rmdir()
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished directory `tmp` to `target`; an existing `target` is renamed aside first and removed
+    after, so a reader sees the old directory or the new one, never a mix of their entries."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():  # left by an interrupted earlier replacement
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    target.rename(old)
+    os.rename(tmp, target)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()

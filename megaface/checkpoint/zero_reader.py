@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from megaface.checkpoint.layout import load_torch_file
+from megaface.utils.progress import Progress
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -78,15 +79,19 @@ def _model_states(ds_dir: Path, stage: int, rank: int = 0) -> dict[str, Any]:
     return state
 
 
-def _load_partitions(ds_dir: Path, key: str, world_size: int) -> list[list[torch.Tensor]]:
+def _load_partitions(ds_dir: Path, key: str, world_size: int, progress: str | None = None
+                     ) -> list[list[torch.Tensor]]:
     """Per rank, the list (one per param group) of flat fp32 partitions stored under `key`."""
     files = _optim_files(ds_dir, world_size)
     parts = []
-    for path in files:
-        osd = load_torch_file(path, "DeepSpeed optimizer partitions", weights_only=False)["optimizer_state_dict"]
-        if key not in osd:
-            raise ValueError(f"{path}: no '{key}' (found {sorted(osd)}); not the ZeRO stage its siblings say")
-        parts.append([t.detach().float() for t in osd[key]])
+    # reading the partitions is the long part (a rank's file holds its share of the optimizer state)
+    with Progress(progress or "", len(files), "files", enabled=progress is not None) as bar:
+        for path in files:
+            osd = load_torch_file(path, "DeepSpeed optimizer partitions", weights_only=False)["optimizer_state_dict"]
+            if key not in osd:
+                raise ValueError(f"{path}: no '{key}' (found {sorted(osd)}); not the ZeRO stage its siblings say")
+            parts.append([t.detach().float() for t in osd[key]])
+            bar.update(1)
     return parts
 
 
@@ -162,9 +167,11 @@ def _frozen(model_states: list[dict[str, Any]], stage: int) -> dict[str, torch.T
     return out
 
 
-def read_fp32_state_dict(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_fp32_state_dict(ds_dir: str | Path, progress: str | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, info) of the module saved in `ds_dir`: params in fp32 (from the fp32 master copy when one
     exists), buffers as saved, keys and order as `module.state_dict()`. info: zero_stage, world_size, ...
+    `progress`: label of a console progress display over the partition files (None: none).
     """
     ds_dir = Path(ds_dir)
     stage = detect_zero_stage(ds_dir)
@@ -175,7 +182,7 @@ def read_fp32_state_dict(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor], d
         params = _params_zero0(first, buffers, ds_dir)
     else:
         key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
-        parts = _load_partitions(ds_dir, key, world_size)
+        parts = _load_partitions(ds_dir, key, world_size, progress)
         reader = _params_zero3 if stage == 3 else _params_zero12
         params = reader(list(first["param_shapes"]), parts, ds_dir)
         all_states = [first] + [_model_states(ds_dir, 3, r) for r in range(1, world_size)] if stage == 3 \

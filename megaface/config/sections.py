@@ -119,8 +119,8 @@ class DataConfig:
 
     source: vocab.DataSource = "synthetic"
     """One of synthetic, recordio, folder, ofrecord."""
-    path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property; ofrecord: part-* files) "
-                                   "or image folder root.")
+    path: str | None = _path(None, "Pack directory (recordio: train.rec/.idx/property, or the shards.json of "
+                                   "`megaface pack rec --shards K`; ofrecord: part-* files) or image folder root.")
     part_num: int | None = None
     """ofrecord: read part files 0 .. part_num-1 (the seed's --train_data_part_num); unset = all of them."""
     part_name_suffix_length: int | None = None

@@ -41,16 +41,16 @@ def check_architecture(state: dict[str, torch.Tensor], network: str, embedding_s
                          "checkpoint of another architecture")
 
 
-def consolidate_state_dict(path: str | os.PathLike, network: str | None = None
+def consolidate_state_dict(path: str | os.PathLike, network: str | None = None, progress: str | None = None
                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(fp32 backbone state_dict, backbone meta) of the checkpoint at `path` (output/checkpoints/tag dir).
 
     `network` overrides the name in meta.json (must be given when the meta has none); the weights are
-    checked against that network's architecture.
+    checked against that network's architecture. `progress`: label of a console progress display.
     """
     tag_dir = resolve_checkpoint(path)
     meta = read_meta(tag_dir)
-    raw, info = read_fp32_state_dict(tag_dir / DS_DIR)
+    raw, info = read_fp32_state_dict(tag_dir / DS_DIR, progress)
     state = strip_prefixes(raw)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     name = resolve_network(meta, network, tag_dir / META_FILE)
@@ -79,5 +79,5 @@ def consolidate(path: str | os.PathLike, output: str | os.PathLike, network: str
     output = Path(output)
     if output.suffix not in (".pt", ".pth", ".safetensors"):
         raise ValueError(f"output {output} must end in .pt, .pth or .safetensors")
-    state, meta = consolidate_state_dict(path, network)
+    state, meta = consolidate_state_dict(path, network, progress="consolidate")
     return save_backbone_file(output, state, meta)

@@ -16,6 +16,7 @@ from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, load_checkpoint_shard
                                             split_merged)
 from megaface.checkpoint.integrity import FILES_KEY, digests, list_files
 from megaface.fileio import atomic_output_dir, atomic_output_file
+from megaface.utils.progress import Progress
 
 
 def _check_meta(meta: dict[str, Any], merged: dict[str, Any], tag_dir: Path) -> None:
@@ -76,14 +77,21 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
     shards = split_merged(merged, world_size)  # before any file is written: errors leave nothing behind
     meta = {**meta, "class_ranges": [[s["class_start"], s["num_local"]] for s in shards],
             "fc7_world_size": int(world_size), "fc7_resharded_from": int(merged["source_world_size"])}
-    with atomic_output_dir(output) as tmp:
-        for item in tag_dir.iterdir():
-            if item.name in (FC7_DIR, META_FILE):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    # file by file (the DeepSpeed partitions are the bulk of the bytes), so that progress can be shown
+    copies = sorted(p.relative_to(tag_dir) for item in tag_dir.iterdir() if item.name not in (FC7_DIR, META_FILE)
+                    for p in ([item, *item.rglob("*")] if item.is_dir() else [item]))
+    with atomic_output_dir(output) as tmp, Progress("fc7 reshard", len(copies) + len(shards), "files") as bar:
+        for rel in copies:
+            if (tag_dir / rel).is_dir():
+                (tmp / rel).mkdir()
+                shutil.copystat(tag_dir / rel, tmp / rel)
+            else:
+                shutil.copy2(tag_dir / rel, tmp / rel)
+            bar.update(1)
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
             torch.save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
+            bar.update(1)
         if FILES_KEY in meta:  # the copy's own digests (the shard files are new)
             meta[FILES_KEY] = digests(tmp, list_files(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -2,6 +2,10 @@
 
     recordio.py       MXNet RecordIO, byte for byte
     packs.py          training packs (train.rec + train.idx + property): `open_pack`, `PackWriter`
+    sharded.py        K packs read as one dataset through a shards.json manifest (`ShardedPack`)
+    image_list.py     what `pack rec` packs: an image folder or an im2rec .lst, as paths and labels
+    pack_rec.py       `megaface pack rec`: parallel worker processes, deterministic bytes, shards
+    pack_journal.py   the resume journal of a partial `pack rec`
     bin_pack.py       verification packs (lfw.bin, ...)
     ofrecord.py       OneFlow OFRecord directories: read, index, encode
     ofrecord_pack.py  `megaface pack ofrecord`

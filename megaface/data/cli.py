@@ -1,6 +1,7 @@
 """``megaface pack``: write RecordIO training packs, .bin verification packs and synthetic data.
 
   megaface pack rec --images ROOT --output DIR          root/<identity>/*.jpg -> DIR/train.rec/.idx/property
+  megaface pack rec --list X.lst [--images ROOT] --output DIR [--workers N] [--shards K] [--resume]
   megaface pack bin --pairs PAIRS --images ROOT --output X.bin
   megaface pack synthetic --output DIR --identities N --images-per-identity K --val-pairs P --seed S
   megaface pack ofrecord --input PACK_DIR|ROOT|X.bin --output DIR --parts N [--suffix-length 5]
@@ -9,7 +10,8 @@ Pairs list (``pack bin``): one pair per line, ``path_a path_b same`` separated b
 1/0 (also true/false, same/diff). Paths are relative to ``--images`` (or absolute) and may not contain
 whitespace. Blank lines and lines starting with ``#`` are ignored. Image bytes are stored as they are.
 
-Everything is written aside and renamed into place at the end: a failed run leaves no partial output.
+Everything is written aside and renamed into place at the end: a failed run leaves no partial output (a `pack
+rec` that had completed chunks keeps them in .<output>.partial for --resume).
 """
 
 from __future__ import annotations
@@ -20,32 +22,33 @@ from pathlib import Path
 
 from megaface.data import synthetic
 from megaface.data.bin_pack import save_bin
-from megaface.data.datasets import FolderDataset
 from megaface.data.decode import CorruptImageError, decode_image
-from megaface.data.packs import PackWriter
+from megaface.data.pack_rec import DEFAULT_CHUNK
+
+REC_HELP = """Pack an image folder root/<identity>/*.jpg or an MXNet im2rec .lst into an InsightFace pack.
+
+Worker processes read, decode (verify) and, with --quality, re-encode the images; the parent writes them in
+list order, so the bytes are the same for any --workers. An interrupted run (killed, out of disk) leaves
+.<output>.partial next to the output: rerun the same command with --resume to continue from its last complete
+chunk, with the same result as an uninterrupted run; --force starts over. --shards K writes K packs of whole
+classes (shard-00000/, ...) and shards.json, which data.path and `megaface embed --pack` read as one dataset.
+A .lst is sorted by label (stable) to group the classes; its labels must be 0..C-1.
+"""
 
 _TRUE, _FALSE = {"1", "true", "same", "yes"}, {"0", "false", "diff", "different", "no"}
 
 
-def pack_folder(images: str | Path, output: str | Path, verify: bool = True, overwrite: bool = False) -> dict:
-    """Image folder -> InsightFace pack; returns a summary. Images are stored byte for byte."""
-    ds = FolderDataset(images)
-    size = None
-    with PackWriter(output, overwrite=overwrite) as writer:
-        for i in range(len(ds)):
-            label, data = ds[i]
-            if verify or size is None:
-                try:
-                    shape = decode_image(data).shape[:2]
-                except CorruptImageError as err:
-                    raise CorruptImageError(f"{ds.where(i)}: {err}; remove or replace the file") from None
-                if size is not None and shape != size:
-                    raise ValueError(f"{ds.where(i)}: image is {shape[0]}x{shape[1]}, the first image was "
-                                     f"{size[0]}x{size[1]}; a pack holds aligned images of one size")
-                size = shape
-                writer.image_size = size
-            writer.add(label, data)
-    return {"images": len(ds), "classes": ds.num_classes, "image_size": list(size), "output": str(output)}
+def pack_rec(args: argparse.Namespace) -> dict:
+    """`megaface pack rec`: a folder or an im2rec .lst -> pack (megaface.data.pack_rec)."""
+    from megaface.data import image_list
+    from megaface.data.pack_rec import PackOptions, pack_images
+
+    if args.list is None and args.images is None:
+        raise ValueError("pack rec needs --images ROOT (root/<identity>/*.jpg) or --list FILE.lst (im2rec list)")
+    images = image_list.from_lst(args.list, args.images) if args.list else image_list.from_folder(args.images)
+    options = PackOptions(verify=not args.no_verify, quality=args.quality, shards=args.shards)
+    return pack_images(images, args.output, options, workers=args.workers, resume=args.resume,
+                       overwrite=args.force, chunk_size=args.chunk_size)
 
 
 def read_pairs(path: str | Path, root: str | Path) -> tuple[list[Path], list[bool]]:
@@ -90,9 +93,22 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megaface pack", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="kind", required=True)
-    rec = sub.add_parser("rec", help="image folder root/<identity>/*.jpg -> train.rec/.idx/property")
-    rec.add_argument("--images", required=True, help="root/<identity>/*.jpg (identities = sorted folder names)")
+    rec = sub.add_parser("rec", help="image folder root/<identity>/*.jpg or im2rec .lst -> train.rec/.idx/property",
+                         description=REC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rec.add_argument("--images", help="root/<identity>/*.jpg (identities = sorted folder names); with --list, "
+                     "the root the list's paths are relative to (default: the list's folder)")
+    rec.add_argument("--list", help="MXNet im2rec .lst: index<TAB>label<TAB>path per line")
     rec.add_argument("--output", required=True, help="directory for train.rec, train.idx, property")
+    rec.add_argument("--workers", type=int, default=None,
+                     help="worker processes that read, verify and encode (default: the cores this process may use)")
+    rec.add_argument("--shards", type=int, default=1,
+                     help="K > 1: K packs of whole classes and a shards.json that data.path can name")
+    rec.add_argument("--resume", action="store_true",
+                     help="continue an interrupted pack of this output from its last complete chunk")
+    rec.add_argument("--quality", type=int, default=None,
+                     help="re-encode every image as JPEG at this quality (default: store the files as they are)")
+    rec.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                     help="images per work unit and per resume point (does not change the output)")
     b = sub.add_parser("bin", help="pairs list -> .bin verification pack",
                        description="Pairs list: one pair per line, 'path_a path_b 1|0' (1 = same identity; "
                        "true/false and same/diff also accepted), whitespace separated, paths relative to "
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "preview":
         raise ValueError("run the preview as `megaface pack preview ...` (it reads the experiment config)")
     if args.kind == "rec":
-        summary = pack_folder(args.images, args.output, verify=not args.no_verify, overwrite=args.force)
+        summary = pack_rec(args)
     elif args.kind == "bin":
         if Path(args.output).exists() and not args.force:
             raise FileExistsError(f"output {args.output} exists; pass --force to replace it")
@@ -137,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "ofrecord":
         from megaface.data.ofrecord_pack import pack_ofrecord
 
-        summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force)
+        summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force,
+                                progress="auto")
     else:
         from megaface.data.synthetic import write_synthetic
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from megaface.data import synthetic
 from megaface.data.packs import RecordPack, open_pack
+from megaface.data.sharded import ShardedPack, manifest_path
 from megaface.data.synthetic import SyntheticDataset, ensure_synthetic
 from megaface.vocab import DATA_SOURCES, IMAGE_SUFFIXES
 
@@ -64,7 +65,8 @@ class _SyntheticWithWhere(SyntheticDataset):
 def build_dataset(source: str, path: str | os.PathLike | None = None, **options):
     """Dataset by source name.
 
-    - ``"recordio"``: an InsightFace pack directory (``train.rec``/``.idx``/``property``); option ``prefix``.
+    - ``"recordio"``: an InsightFace pack directory (``train.rec``/``.idx``/``property``); option ``prefix``;
+      or a sharded pack's ``shards.json`` (or its directory), read as one dataset.
     - ``"folder"``: ``root/<identity>/*.jpg``.
     - ``"ofrecord"``: a directory of OneFlow ``part-*`` files; options ``num_classes`` (None: scan the
       labels), ``part_num``, ``part_name_suffix_length``, ``share`` and ``gather`` (see `OFRecordDataset`).
@@ -87,6 +89,8 @@ def build_dataset(source: str, path: str | os.PathLike | None = None, **options)
     if source == "recordio":
         if path is None:
             raise ValueError("build_dataset('recordio') needs the pack directory (holding train.rec/.idx/property)")
+        if manifest_path(path) is not None:  # `megaface pack rec --shards K`: K packs read as one
+            return ShardedPack(path)
         return open_pack(path, **options)
     if source == "ofrecord":
         from megaface.data.ofrecord import OFRecordDataset

@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 from megaface.data.ofrecord import encode_record, frame, part_name
 from megaface.fileio import atomic_output_dir
+from megaface.utils.progress import Progress
+from megaface.vocab import ProgressMode
 
 
 def write_parts(output: str | os.PathLike, count: int, records: Iterator[bytes], parts: int = 1,
@@ -54,7 +56,12 @@ def write_parts(output: str | os.PathLike, count: int, records: Iterator[bytes],
     return [output / part_name(p, suffix_length) for p in range(parts)]
 
 
-def _training_source(path: Path) -> tuple[object, str]:
+def _counted(bar: Progress, record: bytes) -> bytes:
+    bar.update(1)
+    return record
+
+
+def _training_source(path: Path) -> tuple[Any, str]:
     from megaface.data.datasets import FolderDataset
     from megaface.data.packs import open_pack
 
@@ -64,16 +71,19 @@ def _training_source(path: Path) -> tuple[object, str]:
 
 
 def pack_ofrecord(source: str | os.PathLike, output: str | os.PathLike, parts: int = 1,
-                  suffix_length: int | None = 5, overwrite: bool = False,
-                  progress: Callable[[int], None] | None = None) -> dict:
-    """RecordIO pack dir, image folder or .bin -> OFRecord directory. Returns a summary."""
+                  suffix_length: int | None = 5, overwrite: bool = False, progress: ProgressMode = "off") -> dict:
+    """RecordIO pack dir, image folder or .bin -> OFRecord directory. Returns a summary.
+
+    `progress`: console progress (auto: a bar on a terminal, plain lines otherwise; off: none)."""
     from megaface.data.bin_pack import load_bin
 
     source = Path(source)
     if source.is_file():
         images, issame = load_bin(source)
-        records = (encode_record({"encoded": image, "issame": int(issame[i // 2])}) for i, image in enumerate(images))
-        write_parts(output, len(images), records, parts, suffix_length, overwrite)
+        with Progress("pack", len(images), "images", mode=progress) as bar:
+            records = (_counted(bar, encode_record({"encoded": image, "issame": int(issame[i // 2])}))
+                       for i, image in enumerate(images))
+            write_parts(output, len(images), records, parts, suffix_length, overwrite)
         return {"kind": "verification", "pairs": len(issame), "images": len(images), "parts": parts,
                 "output": str(output)}
     if not source.is_dir():
@@ -84,10 +94,9 @@ def pack_ofrecord(source: str | os.PathLike, output: str | os.PathLike, parts: i
     def records() -> Iterator[bytes]:
         for i in range(len(dataset)):
             label, image = dataset[i]
-            if progress is not None:
-                progress(i)
-            yield encode_record({"encoded": image, "label": int(label)})
+            yield _counted(bar, encode_record({"encoded": image, "label": int(label)}))
 
-    write_parts(output, len(dataset), records(), parts, suffix_length, overwrite)
+    with Progress("pack", len(dataset), "images", mode=progress) as bar:
+        write_parts(output, len(dataset), records(), parts, suffix_length, overwrite)
     return {"kind": "training", "source": kind, "images": len(dataset), "classes": int(dataset.num_classes),
             "parts": parts, "output": str(output)}

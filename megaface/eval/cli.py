@@ -110,7 +110,8 @@ def main_eval(argv: Sequence[str]) -> int:
                                   "normalize": normalize, "world_size": state.world_size, "packs": {}}
         curves = {}
         for name, images, issame in packs:
-            emb, emb_flip = embed_images(model, images, state, args.batch_size, normalize, flip=True)
+            emb, emb_flip = embed_images(model, images, state, args.batch_size, normalize, flip=True,
+                                         progress=f"eval {name}")
             if not state.is_main:
                 continue
             result = evaluate(emb, emb_flip, issame, args.folds)
@@ -174,9 +175,9 @@ def _embed_source(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str],
         paths, labels = list_image_folder(args.images)
         return _LazyFiles(paths), labels, [str(p) for p in paths], None
     if args.pack:
-        from megaface.data import open_pack
+        from megaface.data import build_dataset
 
-        pack = open_pack(args.pack)
+        pack = build_dataset("recordio", args.pack)  # a pack directory, OFRecord parts or a shards.json
         return _PackImages(pack), np.asarray(pack.labels(), np.int64), \
             [f"{args.pack}:{i}" for i in range(len(pack))], None
     from megaface.eval.validation import read_bin
@@ -220,7 +221,8 @@ def main_embed(argv: Sequence[str]) -> int:
     images, labels, paths, issame = _embed_source(args)
     state, model, normalize, _, owns_group = _start(args)
     try:
-        emb, emb_flip = embed_images(model, images, state, args.batch_size, normalize, flip=args.flip_fuse)
+        emb, emb_flip = embed_images(model, images, state, args.batch_size, normalize, flip=args.flip_fuse,
+                                     progress="embed")
         if state.is_main:
             _save_embedding(output, (emb + emb_flip) if args.flip_fuse else emb, labels, paths, issame)
             print(f"wrote {output} {tuple(emb.shape)} (+ labels, paths)", flush=True)

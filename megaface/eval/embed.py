@@ -18,7 +18,7 @@ size alone, no communication), padding its last batches with blank images whose 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ import torch
 from megaface.data.decode import decode_image, normalize_batch
 from megaface.distributed import DistState
 from megaface.distributed.comm import gather_rows
+from megaface.utils.progress import Progress
 from megaface.vocab import NORMALIZE_MODES
 
 
@@ -96,12 +97,13 @@ def _batch(images_local: Sequence[Any] | np.ndarray, lo: int, hi: int) -> np.nda
 
 @torch.no_grad()
 def embed_share(model: torch.nn.Module, images_local: Sequence[Any] | np.ndarray, num_batches: int,
-                batch_size: int, normalize: str, flip: bool, image_shape: tuple[int, ...], state: DistState
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                batch_size: int, normalize: str, flip: bool, image_shape: tuple[int, ...], state: DistState,
+                on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Embed this rank's share in exactly `num_batches` batches (x2 with flip).
 
     `images_local`: decoded uint8 [n, H, W, 3], or a sequence of encoded images / HWC arrays decoded per
     batch. Batches past the end of the share hold one blank image whose output is discarded.
+    `on_batch(real)` is called after each batch with its number of real images (progress display).
     Returns float32 tensors [n, D] on the model's device.
     """
     device, dtype = _model_device_dtype(model, state)
@@ -119,17 +121,22 @@ def embed_share(model: torch.nn.Module, images_local: Sequence[Any] | np.ndarray
         outs.append(model(x)[:real].float())
         if flip:
             outs_flip.append(model(torch.flip(x, dims=[3]))[:real].float())
+        if on_batch is not None:
+            on_batch(real)
     emb = torch.cat(outs)
     return emb, (torch.cat(outs_flip) if flip else None)
 
 
 def embed_images(model: torch.nn.Module, images: Sequence[Any], state: DistState, batch_size: int = 64,
-                 normalize: str = "arcface_torch", flip: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                 normalize: str = "arcface_torch", flip: bool = True, progress: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Embeddings of `images` (and of their horizontal flips) as float32 numpy [N, D], on every rank.
 
     All ranks must call this with the same images (encoded bytes, 1-D encoded uint8 arrays or uint8 HWC RGB
     arrays; any sequence with len and indexing). The model runs in eval mode under no_grad and gets its
     previous mode back afterwards. Only this rank's share of `images` is read, one batch at a time.
+    `progress`: the label of a progress display on the main rank (a bar on a terminal, lines when piped);
+    None shows none. Rank 0's share times the world size stands for the count over all ranks.
     """
     check_normalize(normalize)
     if batch_size < 1:
@@ -144,8 +151,11 @@ def embed_images(model: torch.nn.Module, images: Sequence[Any], state: DistState
     was_training = model.training
     model.eval()
     try:
-        emb, emb_flip = embed_share(model, _Share(images, start, stop), num_batches, batch_size, normalize,
-                                    flip, image_shape, state)
+        with Progress(progress or "embed", total, "images", enabled=progress is not None and state.is_main) as bar:
+            emb, emb_flip = embed_share(model, _Share(images, start, stop), num_batches, batch_size, normalize,
+                                        flip, image_shape, state,
+                                        on_batch=lambda real: bar.update(min(real * state.world_size,
+                                                                             total - bar.done)))
     finally:
         model.train(was_training)
     emb_all = gather_rows(emb.contiguous(), state.group).cpu().numpy()

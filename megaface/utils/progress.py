@@ -60,7 +60,6 @@ class Progress:
         self.initial = self.done = initial
         self.enabled = enabled and mode != "off"
         self.started = self.last_line = time.perf_counter()
-        self.lines = 0
         self.bar: Any = None
         if self.enabled and (mode == "on" or _isatty(self.stream)):
             self.bar = _make_bar(what, total, unit, initial, self.stream)
@@ -100,7 +99,6 @@ class Progress:
     def _print(self, final: bool) -> None:
         seconds = time.perf_counter() - self.started
         line = progress_line(self.what, self.done, self.total, self.unit, seconds, final, self.initial)
-        self.lines += 1
         print(line, file=self.stream, flush=True)
 
     def __enter__(self) -> Progress:

@@ -49,11 +49,21 @@ def test_pack_rec_via_top_level_cli(tmp_path):
 
 def test_pack_rec_corrupt_image_leaves_nothing(tmp_path, capsys):
     _folder(tmp_path / "faces")
+    early = tmp_path / "faces" / "id_a" / "img0.jpg"  # the first image: nothing is complete before it
+    good = early.read_bytes()
+    early.write_bytes(good[:100])
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 2
+    assert "id_a/img0.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "pack").exists() and _no_leftovers(tmp_path)
+    # with complete chunks before the bad image, those are kept for --resume (the output still does not appear)
+    early.write_bytes(good)
     bad = tmp_path / "faces" / "id_b" / "img1.jpg"
     bad.write_bytes(bad.read_bytes()[:100])
-    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack")]) == 2
-    assert "id_b/img1.jpg" in capsys.readouterr().err
-    assert not (tmp_path / "pack").exists() and _no_leftovers(tmp_path)
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "faces"), "--output", str(tmp_path / "pack"),
+                          "--workers", "1", "--chunk-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "id_b/img1.jpg" in err and "the 4 images packed before it are kept in" in err and "--resume" in err
+    assert not (tmp_path / "pack").exists() and (tmp_path / ".pack.partial").is_dir()
 
 
 def test_pack_rec_empty_identity_and_mixed_sizes(tmp_path, capsys):
@@ -65,7 +75,9 @@ def test_pack_rec_empty_identity_and_mixed_sizes(tmp_path, capsys):
     _folder(tmp_path / "mixed", counts=(("a", 1),))
     _folder(tmp_path / "mixed2", counts=(("b", 1),), size=96)
     (tmp_path / "mixed2" / "b").rename(tmp_path / "mixed" / "b")
-    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "mixed"), "--output", str(tmp_path / "pack")]) == 2
+    # one worker, one chunk: nothing is complete before the odd image, so nothing is kept for --resume
+    assert megaface_main(["pack", "rec", "--images", str(tmp_path / "mixed"), "--output", str(tmp_path / "pack"),
+                          "--workers", "1"]) == 2
     assert "96x96" in capsys.readouterr().err and not (tmp_path / "pack").exists() and _no_leftovers(tmp_path)
 
 
