@@ -23,7 +23,7 @@ from megaface.convert.mxnet import import_mxnet
 from megaface.convert.oneflow import export_oneflow, import_oneflow
 from megaface.data import build_dataset, load_bin, open_pack
 from megaface.eval.validation import read_bin
-from tests.test_interop_mxnet import FIXTURES, MIN_COSINE, cosines, megaface_embeddings
+from tests.test_interop_mxnet import FIXTURES, MIN_COSINE, MODELS, cosines, megaface_embeddings, params_or_skip
 
 SNAPSHOT = FIXTURES / "oneflow" / "y1_snapshot"
 MANIFEST = json.loads((FIXTURES / "pack" / "manifest.json").read_text())
@@ -57,6 +57,21 @@ def test_import_converter_snapshot_matches_mxnet(tmp_path):
     ours, via_mxnet = _state(tmp_path / "of.safetensors"), _state(tmp_path / "mx.safetensors")
     assert ours.keys() == via_mxnet.keys()
     assert all(torch.equal(ours[k], via_mxnet[k]) for k in ours)  # the converter copies bytes: lossless
+
+
+@pytest.mark.parametrize("name", ["r18", "r34", "r50", "r100"])
+def test_import_resnet_converter_snapshots_match_mxnet(tmp_path, name):
+    """tools/model_convert/resnet100/mxnet_2_oneflow_model.py on the fresnets (snapshots not committed)."""
+    prefix = params_or_skip(name)
+    snapshot = FIXTURES / "oneflow" / f"{name}_snapshot"
+    if not snapshot.is_dir():
+        pytest.skip(f"{snapshot} is not committed (too large); tests/fixtures/interop/make.sh regenerates it")
+    import_oneflow(snapshot, tmp_path / "of.safetensors", MODELS[name])
+    reference = np.load(FIXTURES / name / "embeddings.npy")
+    assert cosines(megaface_embeddings(tmp_path / "of.safetensors"), reference).min() >= MIN_COSINE
+    import_mxnet(prefix, tmp_path / "mx.safetensors", MODELS[name])
+    ours, via_mxnet = _state(tmp_path / "of.safetensors"), _state(tmp_path / "mx.safetensors")
+    assert all(torch.equal(ours[k], via_mxnet[k]) for k in via_mxnet)
 
 
 def test_a_damaged_fc1_gamma_is_an_error(tmp_path):
