@@ -1,5 +1,7 @@
 """import-mxnet on files MXNet 1.9.1 wrote with InsightFace's own symbol code, against MXNet's own forward.
 
+Opt-in: MEGAFACE_MXNET_PYTHON (a Python with mxnet 1.9.1) runs megaface's export-mxnet output in MXNet.
+
 Fixtures: tests/fixtures/interop (tests/fixtures/interop/make.sh rebuilds them; it needs MXNet, the tests do
 not). y1's weights are committed; r18/r34/r50/r100 weights (45-250 MB) are not, and their cases skip until
 make.sh has regenerated them. Every symbol JSON and every reference embedding is committed.
@@ -7,8 +9,10 @@ make.sh has regenerated them. Every symbol JSON and every reference embedding is
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ import pytest
 import torch
 
 from megaface.checkpoint import load_backbone
-from megaface.convert.mxnet import import_mxnet
+from megaface.convert.mxnet import export_mxnet, import_mxnet
 from megaface.convert.mxnet_ops import OP_DEFAULTS, REQUIRED, node_attrs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
@@ -154,3 +158,34 @@ def test_required_attribute_missing_is_an_error(tmp_path):
     prefix = _edited_y1(tmp_path, "conv_1_conv2d", "kernel")
     with pytest.raises(ValueError, match=r"node 'conv_1_conv2d': Convolution has no 'kernel', which MXNet requires"):
         import_mxnet(prefix, tmp_path / "b.safetensors", "mobilefacenet")
+
+
+_MXNET_FORWARD = """
+import sys, numpy as np, mxnet as mx
+prefix, images, out = sys.argv[1:4]
+sym, arg, aux = mx.model.load_checkpoint(prefix, 0)
+mod = mx.mod.Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
+x = np.load(images).astype(np.float32)
+mod.bind(data_shapes=[("data", x.shape)], for_training=False)
+mod.set_params(arg, aux)
+mod.forward(mx.io.DataBatch([mx.nd.array(x)]), is_train=False)
+np.save(out, mod.get_outputs()[0].asnumpy())
+"""
+
+
+@pytest.mark.parametrize("name", ["y1", "r18"])
+def test_export_mxnet_runs_in_mxnet(tmp_path, name):
+    """export-mxnet's symbol + params loaded and run by MXNet itself (opt-in: MEGAFACE_MXNET_PYTHON)."""
+    python = os.environ.get("MEGAFACE_MXNET_PYTHON")
+    if not python:
+        pytest.skip("set MEGAFACE_MXNET_PYTHON to a Python with mxnet 1.9.1 to run megaface's export in MXNet")
+    prefix = params_or_skip(name)
+    import_mxnet(prefix, tmp_path / "b.safetensors", MODELS[name])
+    export_mxnet(tmp_path / "b.safetensors", tmp_path / "exported" / "model")
+    script = tmp_path / "forward.py"
+    script.write_text(_MXNET_FORWARD)
+    subprocess.run([python, str(script), str(tmp_path / "exported" / "model"), str(FIXTURES / "images.npy"),
+                    str(tmp_path / "out.npy")], check=True, timeout=240)
+    in_mxnet = np.load(tmp_path / "out.npy")
+    assert cosines(in_mxnet, megaface_embeddings(tmp_path / "b.safetensors")).min() >= MIN_COSINE
+    assert cosines(in_mxnet, np.load(FIXTURES / name / "embeddings.npy")).min() >= MIN_COSINE
