@@ -22,6 +22,8 @@ from megaface.checkpoint import load_backbone
 from megaface.convert.mxnet import import_mxnet
 from megaface.convert.oneflow import export_oneflow, import_oneflow
 from megaface.data import build_dataset, load_bin, open_pack
+from megaface.data.ofrecord import decode_record, find_parts
+from megaface.data.ofrecord_pack import pack_ofrecord
 from megaface.eval.validation import read_bin
 from tests.test_interop_mxnet import FIXTURES, MIN_COSINE, MODELS, cosines, megaface_embeddings, params_or_skip
 
@@ -139,3 +141,28 @@ def test_verification_part_holds_the_bin():
     assert issame == MANIFEST["lfw"]["issame"]
     bin_images, bin_issame = load_bin(FIXTURES / "pack" / "lfw.bin")
     assert [sha(bytes(image)) for image in bin_images] == MANIFEST["lfw"]["sha256"] and bin_issame == issame
+
+
+def _records(directory: Path) -> list[dict]:
+    """Every record of an OFRecord directory as {feature: (kind, values)}: protobuf leaves the order of map
+    entries unspecified (oneflow_face's converter itself writes them in another order from run to run)."""
+    out = []
+    for path in find_parts(directory):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            size = int.from_bytes(data[pos:pos + 8], "little", signed=True)
+            record = decode_record(data[pos + 8:pos + 8 + size], f"{path}:{pos}")
+            pos += 8 + size
+            out.append({key: (feature.WhichOneof("kind"), list(getattr(feature, feature.WhichOneof("kind")).value))
+                        for key, feature in record.feature.items()})
+    return out
+
+
+def test_our_ofrecord_writer_writes_the_converters_records(tmp_path):
+    """`megaface pack ofrecord` (pack_ofrecord) on the same sources writes the records oneflow_face's dataset
+    converters wrote: same features, kinds (int32_list label/issame, bytes_list encoded) and values."""
+    pack_ofrecord(FIXTURES / "pack" / "lfw.bin", tmp_path / "lfw", parts=1, suffix_length=1)
+    assert _records(tmp_path / "lfw") == _records(FIXTURES / "ofrecord" / "lfw")
+    pack_ofrecord(FIXTURES / "pack", tmp_path / "train", parts=3)
+    theirs = sorted(_records(FIXTURES / "ofrecord" / "train"), key=repr)  # the converter shuffles: multisets
+    assert sorted(_records(tmp_path / "train"), key=repr) == theirs and len(theirs) == len(MANIFEST["train"])
