@@ -12,6 +12,7 @@ subcommand modules are imported only when used.
     insightface_graph.py   InsightFace's MXNet / OneFlow networks as a graph (layer names and topology)
     insightface_layers.py  parameters of those networks <-> megaface state_dicts
     mxnet.py               MXNet model-zoo files (`-symbol.json` + `.params`) <-> megaface backbones
+    mxnet_ops.py           MXNet operator attributes with MXNet's documented defaults (symbol JSON reading)
     mxnet_params.py        MXNet `.params` files in pure numpy
     oneflow.py             OneFlow snapshots <-> megaface backbones
 """

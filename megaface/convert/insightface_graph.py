@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from megaface.convert.mxnet_ops import OP_DEFAULTS
 from megaface.models.iresnet import BN_EPS as IRESNET_BN_EPS
 from megaface.models.iresnet import IRESNET_UNITS, STAGE_CHANNELS
 from megaface.models.mobilefacenet import (
@@ -28,7 +29,6 @@ from megaface.models.mobilefacenet import (
 # InsightFace's input normalisation inside the symbol: (x - 127.5) * 0.0078125 on RGB 0..255
 # (megaface's normalize mode "oneflow").
 INPUT_MEAN, INPUT_SCALE = 127.5, 0.0078125
-MXNET_BN_EPS_DEFAULT = 1e-3  # mx.sym.BatchNorm's default; fmobilefacenet's conv BatchNorms rely on it
 INPUT_SIZE = 112
 DROPOUT = 0.4  # fresnet "E": no weights, inactive at inference
 _PARAMS = {"Convolution": ("weight",), "BatchNorm": ("gamma", "beta"), "LeakyReLU": ("gamma",),
@@ -118,7 +118,7 @@ class Graph:
 
     def bn(self, x: int, name: str, key: str, eps: float, fix_gamma: bool = False, kind: str = "bn") -> int:
         attrs: dict[str, Any] = {"fix_gamma": fix_gamma, "momentum": 0.9}
-        if eps != MXNET_BN_EPS_DEFAULT:  # fmobilefacenet leaves MXNet's default implicit
+        if eps != OP_DEFAULTS["BatchNorm"]["eps"]:  # fmobilefacenet leaves MXNet's default implicit
             attrs["eps"] = eps
         return self.op("BatchNorm", x, attrs, name, key, kind, shape=(self.sizes[x][0],), eps=eps)
 

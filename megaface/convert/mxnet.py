@@ -1,10 +1,12 @@
 """InsightFace MXNet model-zoo files (`PREFIX-symbol.json` + `PREFIX-EPOCH.params`) <-> megaface backbones.
 
 No MXNet needed: the .params list is read by `mxnet_params`, the symbol JSON with the standard library.
+Every node's attributes are read through `mxnet_ops`: an attribute MXNet left out of the file is MXNet's
+documented default (fresnet's shortcut convolutions store no pad, fmobilefacenet's BatchNorms no eps).
 The symbol is checked against InsightFace's network definition (`insightface_graph`: every parametrised
-layer present with the same op, kernel, stride, padding, groups and width) and supplies what the params
-cannot: each BatchNorm's eps (default 1e-3 when the attribute is absent) and fix_gamma (default True: the
-stored gamma is ignored, as MXNet does), and the input normalisation inside the graph,
+layer present with the same op, kernel, stride, padding, dilation, groups, width, bias and activation) and
+supplies what the params cannot: each BatchNorm's eps and fix_gamma (when True the stored gamma is ignored,
+as MXNet does), and the input normalisation inside the graph,
 (x - 127.5) * 0.0078125 on RGB 0..255, which is megaface's normalize mode "oneflow".
 
     megaface convert import-mxnet model-r100-ii/model --epoch 0 --network iresnet100 -o r100.safetensors
@@ -23,7 +25,6 @@ import numpy as np
 from megaface.convert.insightface_graph import (
     INPUT_MEAN,
     INPUT_SCALE,
-    MXNET_BN_EPS_DEFAULT,
     build_graph,
     layer_table,
 )
@@ -33,11 +34,15 @@ from megaface.convert.insightface_layers import (
     from_megaface,
     to_megaface,
 )
+from megaface.convert.mxnet_ops import node_attrs, raw_attrs
 from megaface.convert.mxnet_params import read_params, write_params
 from megaface.fileio import atomic_output_file
 
-_CHECKED_ATTRS = {"Convolution": ("kernel", "stride", "pad", "num_group", "num_filter"),
-                  "FullyConnected": ("num_hidden",)}
+# attributes that fix a layer's arithmetic; each is compared after MXNet's defaults are filled in
+_CHECKED_ATTRS = {"Convolution": ("kernel", "stride", "pad", "dilate", "num_group", "num_filter", "no_bias"),
+                  "FullyConnected": ("num_hidden", "no_bias", "flatten"),
+                  "BatchNorm": ("axis",),
+                  "LeakyReLU": ("act_type",)}
 _FC7 = ("fc7_weight", "fc7_bias")
 
 
@@ -48,15 +53,12 @@ def model_files(prefix: str | os.PathLike, epoch: int) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class SymbolFacts:
-    """What an imported model needs from its symbol: per-layer op/attrs and the input normalisation."""
+    """What an imported model needs from its symbol: per layer its op and every attribute (absent ones at
+    MXNet's default, `mxnet_ops.node_attrs`), which of them the file stores, and the input normalisation."""
 
-    ops: dict[str, tuple[str, dict[str, str]]]
+    ops: dict[str, tuple[str, dict[str, Any]]]
+    stored: dict[str, frozenset[str]]
     normalize: str | None
-
-
-def _attrs(node: dict[str, Any]) -> dict[str, str]:
-    # MXNet >= 1.0 writes "attrs"; older symbols wrote "attr" or "param"
-    return {k: str(v) for k, v in (node.get("attrs") or node.get("attr") or node.get("param") or {}).items()}
 
 
 def read_symbol(path: Path) -> SymbolFacts:
@@ -64,17 +66,14 @@ def read_symbol(path: Path) -> SymbolFacts:
         raise FileNotFoundError(f"{path} does not exist (expected the MXNet symbol PREFIX-symbol.json)")
     try:
         nodes = json.loads(path.read_text(encoding="utf-8"))["nodes"]
-    except (ValueError, KeyError, TypeError) as err:
+        named = [(n["name"], n["op"], raw_attrs(n)) for n in nodes if n.get("op") != "null"]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not an MXNet symbol JSON ({type(err).__name__}: {str(err)[:120]})") from None
-    ops = {n["name"]: (n["op"], _attrs(n)) for n in nodes if n.get("op") != "null"}
-    scalars = [(op, float(attrs.get("scalar", "nan"))) for op, attrs in ops.values()
-               if op in ("_minus_scalar", "_mul_scalar")]
+    ops = {name: (op, node_attrs(op, raw, f"{path}: node {name!r}")) for name, op, raw in named}
+    stored = {name: frozenset(raw) for name, _, raw in named}
+    scalars = [(op, attrs["scalar"]) for op, attrs in ops.values() if op in ("_minus_scalar", "_mul_scalar")]
     normalize = "oneflow" if scalars[:2] == [("_minus_scalar", INPUT_MEAN), ("_mul_scalar", INPUT_SCALE)] else None
-    return SymbolFacts(ops, normalize)
-
-
-def _norm(value: str) -> str:
-    return value.replace(" ", "").replace("[", "(").replace("]", ")").replace("L", "")
+    return SymbolFacts(ops, stored, normalize)
 
 
 def _check_symbol(facts: SymbolFacts, network: str, embedding_size: int, path: Path) -> None:
@@ -89,12 +88,13 @@ def _check_symbol(facts: SymbolFacts, network: str, embedding_size: int, path: P
             what = "is missing" if found is None else f"is a {found[0]}"
             raise ValueError(f"{path}: layer {node['name']!r} {what}, expected {node['op']} of an InsightFace "
                              f"{network}; pass the right --network")
+        want = node_attrs(node["op"], raw_attrs(node), f"megaface's {network} {node['name']}")
         for attr in _CHECKED_ATTRS.get(node["op"], ()):
-            want = node["attrs"].get(attr, "1" if attr == "num_group" else None)
-            got = found[1].get(attr, "1" if attr == "num_group" else None)
-            if want is not None and (got is None or _norm(got) != _norm(want)):
-                raise ValueError(f"{path}: layer {node['name']!r} has {attr}={got}, megaface's {network} has "
-                                 f"{want}; this symbol is another network variant and cannot be imported exactly")
+            if found[1][attr] != want[attr]:
+                how = "" if attr in facts.stored[node["name"]] else " (absent: MXNet's default)"
+                raise ValueError(f"{path}: layer {node['name']!r} has {attr}={found[1][attr]}{how}, megaface's "
+                                 f"{network} has {want[attr]}; this symbol is another network variant and "
+                                 "cannot be imported exactly")
 
 
 def _bn_options(facts: SymbolFacts, network: str, embedding_size: int, path: Path) -> tuple[dict, frozenset]:
@@ -104,8 +104,8 @@ def _bn_options(facts: SymbolFacts, network: str, embedding_size: int, path: Pat
         if layer.kind not in ("bn", "embedding"):
             continue
         attrs = facts.ops[layer.name][1]
-        eps[layer.name] = float(attrs.get("eps", MXNET_BN_EPS_DEFAULT))
-        if attrs.get("fix_gamma", "True") in ("True", "true", "1"):  # MXNet's default is True
+        eps[layer.name] = attrs["eps"]
+        if attrs["fix_gamma"]:
             fixed.add(layer.name)
         if abs(eps[layer.name] - layer.eps) > 1e-12:
             differ.append(f"{layer.name} eps {eps[layer.name]:g} (megaface {layer.eps:g})")

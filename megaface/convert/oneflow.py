@@ -8,7 +8,13 @@ with the last '_' turned into '-' (`conv0-weight`, `stage1_unit1_bn1-moving_vari
                                 and `data_type: kFloat`; without it the shape comes from the network
 
 `<variable>-momentum` directories and `System-*` entries (the train-step counter) are optimizer state and
-are skipped; `fc7-weight` (+ `fc7-weight-momentum`) becomes an FC7 shard set (`fc7_import`).
+are skipped; `fc7-weight` (+ `fc7-weight-momentum`) becomes an FC7 shard set (`fc7_import`). `fc1-gamma`,
+which OneFlow's scale-less fc1 does not have but oneflow_face's MXNet converter (tools/model_convert at
+b144e82) copies from MXNet's fix_gamma fc1, is accepted and ignored.
+
+Export writes what OneFlow's `flow.checkpoint.save` writes for the oneflow_face networks: per variable `out`
+and a text `meta` (`shape { dim: ... }`, `data_type: kFloat`), PReLU slopes `[C, 1, 1]`, no `fc1-gamma`,
+then an empty `snapshot_done`. oneflow_face's OneFlow -> MXNet converter reads it (tested).
 
 Padding: the seed's networks use `padding="same"` for their 3x3 convolutions, which OneFlow resolves to
 SAME_LOWER (any odd total padding goes *before* the data). For a stride-2 3x3 convolution on the even sizes
@@ -109,6 +115,22 @@ def _fc7_matrix(fc7: dict[str, np.ndarray], embedding_size: int, root: Path) -> 
     return weight, None if momentum is None else momentum.reshape(weight.shape)
 
 
+def _drop_fixed_gamma(arrays: dict[str, np.ndarray], network: str, embedding_size: int, root: Path) -> str | None:
+    """Remove the embedding BatchNorm's `fc1-gamma` if present; returns a note. OneFlow's fc1 has no scale
+    (scale=False), but oneflow_face's MXNet converter copies MXNet's fc1_gamma, which MXNet itself ignores
+    (fix_gamma=True), into the snapshot: accepted and ignored, as the MXNet import ignores it."""
+    layer = next(layer for layer in layer_table(network, embedding_size) if layer.kind == "embedding")
+    name = f"{layer.name}{ONEFLOW.sep}gamma"
+    if name not in arrays:
+        return None
+    gamma = arrays.pop(name)
+    if gamma.size != embedding_size:
+        raise ValueError(f"{root / name}: {gamma.size} values, expected {embedding_size} (the fix_gamma scale of "
+                         f"{layer.name!r}, one per embedding dimension); the snapshot is damaged")
+    return (f"{name} ignored: the fix_gamma scale that oneflow_face's MXNet converter copies; OneFlow's "
+            f"{layer.name} has no scale and MXNet fixes it at 1")
+
+
 def import_oneflow(snapshot_dir: str | os.PathLike, output: str | os.PathLike, network: str,
                    fc7_output: str | os.PathLike | None = None, num_classes: int | None = None) -> str:
     """Convert a OneFlow snapshot into a megaface backbone file (+ FC7 shard set); returns the report text."""
@@ -117,7 +139,9 @@ def import_oneflow(snapshot_dir: str | os.PathLike, output: str | os.PathLike, n
     layer_table(network, 1)  # unknown network: fail before reading anything
     root = Path(snapshot_dir)
     arrays, fc7 = read_snapshot(root, network)
+    dropped = _drop_fixed_gamma(arrays, network, embedding_size_of(arrays, network, ONEFLOW, str(root)), root)
     state, embedding_size, notes = to_megaface(arrays, network, ONEFLOW, str(root))
+    notes += [dropped] if dropped else []
     meta = {"network": network, "embedding_size": embedding_size, "source": "oneflow", "source_file": str(root),
             "build_options": {}, "normalize": "oneflow"}
     out = save_backbone_file(output, state, meta)
