@@ -184,3 +184,11 @@ def test_arcface_torch_resumes_the_export(exported: Path) -> None:
     print(f"arcface_torch resumed from megaface's export: {next_loss:.6f} {following:.6f}")
     assert abs(next_loss - REFERENCE["next_loss"]) < 1e-4, (next_loss, REFERENCE["next_loss"])
     assert abs(following - REFERENCE["following_loss"]) < 1e-3, (following, REFERENCE["following_loss"])
+
+
+def test_exported_schedule_is_the_trainers() -> None:
+    from megaface.convert.arcface_torch_ckpt import polynomial_warmup_lr
+    from megaface.train.schedule import polynomial_lr
+
+    for done in range(0, 25):
+        assert polynomial_warmup_lr(done, 0.1, 3, 20, 2.0) == polynomial_lr(done, 0.1, 3, 20, 2.0)

@@ -29,12 +29,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from megaface.checkpoint.fc7_shards import MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name, \
@@ -193,7 +195,6 @@ def _save_ds_main(tmp: str, handoff: str) -> None:
     import yaml
     from megaface.distributed.ds_shm import skip_shm_build
     from megaface.models import build_model
-    from megaface.train.optim import backbone_optimizer
 
     from megaface.config import load_config
 
@@ -206,10 +207,13 @@ def _save_ds_main(tmp: str, handoff: str) -> None:
         skip_shm_build()
         model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.build_options())
         model.load_state_dict(given["backbone"])
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=backbone_optimizer(
-            model.parameters(), cfg.optim), config=dict(DS_CONFIG), dist_init_required=False)
+        # the trainer's backbone optimizer for optim.name=sgd (megaface.train.optim, which convert may not
+        # import): one torch SGD group, so DeepSpeed's saved state loads into it on resume
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                              weight_decay=cfg.optim.weight_decay)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=dict(DS_CONFIG),
+                                               dist_init_required=False)
         params = dict(engine.module.named_parameters())
-        sgd = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO-0 fp32: the torch SGD itself
         for name, buffer in given["momentum"].items():
             if name in params:  # arcface_torch's fixed final BN scale is a parameter there, a buffer here
                 sgd.state[params[name]]["momentum_buffer"] = buffer.float().clone()
@@ -227,7 +231,6 @@ def import_arcface_torch(ckpt_dir: str | os.PathLike, output: str | os.PathLike,
     from megaface.convert.insightface import import_insightface
     from megaface.fileio import atomic_output_dir
     from megaface.models import build_model
-    from megaface.train.checkpointing import rng_state
 
     if world_size < 1:
         raise ValueError(f"--world-size {world_size}: must be >= 1 (the ranks of the megaface run that resumes)")
@@ -259,7 +262,9 @@ def import_arcface_torch(ckpt_dir: str | os.PathLike, output: str | os.PathLike,
                                                 "global_step": iteration}}
     trainer = {"iteration": iteration, "skipped_steps": 0, "best": {},
                # arcface_torch's sampler position has no megaface counterpart: resume starts the loader's epoch
-               "loader": {"format": "arcface_torch", "epoch": int(first["epoch"])}, "rng": rng_state()}
+               "loader": {"format": "arcface_torch", "epoch": int(first["epoch"])},
+               # the keys megaface.train.checkpointing.set_rng_state restores
+               "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
     with atomic_output_dir(output) as tmp:
         meta["ds_config"] = _save_ds(tmp, cfg, backbone, momentum, iteration)
         (tmp / FC7_DIR).mkdir()
@@ -280,6 +285,16 @@ def import_arcface_torch(ckpt_dir: str | os.PathLike, output: str | os.PathLike,
             f"{' and FC7' if merged['momentum'] is not None else ''}{dropped_note}\n"
             f"resume it with: megaface train CONFIG --train.resume={output} --model.bn_eps={ARCFACE_BN_EPS} "
             "(its meta.json config holds the optim/schedule/head settings that continue arcface_torch's run)")
+
+
+def polynomial_warmup_lr(done: int, base_lr: float, warmup: int, total: int, power: float) -> float:
+    """The lr arcface_torch's PolynomialLRWarmup holds after `done` steps (its `_last_lr`). The same values as
+    megaface.train.schedule.polynomial_lr, which convert may not import; a test keeps the two equal."""
+    if done == 0:
+        return base_lr
+    if done <= warmup:
+        return base_lr * done / warmup
+    return base_lr * (1.0 - (min(done, total) - warmup) / (total - warmup)) ** power
 
 
 def _arcface_param_names(model: torch.nn.Module) -> list[str]:
@@ -324,7 +339,6 @@ def export_arcface_torch(checkpoint: str | os.PathLike, output: str | os.PathLik
     from megaface.convert.insightface import export_insightface
     from megaface.fileio import atomic_output_dir
     from megaface.models import build_model
-    from megaface.train.schedule import lr_at
 
     if world_size < 1:
         raise ValueError(f"--world-size {world_size}: must be >= 1 (the GPUs of the arcface_torch run)")
@@ -355,7 +369,7 @@ def export_arcface_torch(checkpoint: str | os.PathLike, output: str | os.PathLik
     trainer = torch.load(tag_dir / TRAINER_DIR / trainer_file_name(0), map_location="cpu", weights_only=False)
     epoch = int((trainer.get("loader") or {}).get("epoch", 0))
     names = _arcface_param_names(model)
-    lrs = [lr_at(iteration, "polynomial", base, o.warmup_steps, t.max_steps, power=o.power)
+    lrs = [polynomial_warmup_lr(iteration, base, o.warmup_steps, t.max_steps, o.power)
            for base in (o.lr, o.lr * cfg.head.lr_scale)]
     scheduler = {"warmup_iters": o.warmup_steps, "total_iters": t.max_steps, "power": o.power,
                  "base_lrs": [o.lr, o.lr * cfg.head.lr_scale], "last_epoch": iteration, "_step_count": iteration + 1,
