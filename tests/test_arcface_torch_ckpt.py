@@ -217,3 +217,40 @@ def test_export_for_three_ranks_splits_fc7_as_arcface_torch(imported: Imported, 
         fc7_theirs = theirs[0]["state_optimizer"]["param_groups"][1]["params"][0]
         fc7_ours = ours[0]["state_optimizer"]["param_groups"][1]["params"][0]
         assert torch.equal(rows(ours, fc7_ours), rows(theirs, fc7_theirs)), key
+
+
+def test_wrong_network_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not REFERENCE:
+        pytest.skip(f"{FIXTURE} is absent: run tests/fixtures/interop/make_arcface_torch.sh")
+    assert main(["import-arcface-torch", str(FIXTURE), "-o", str(tmp_path / "out"), "--network", "iresnet50"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "iresnet50" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_megaface_train_resumes_the_import(imported: Imported, tmp_path: Path) -> None:
+    """The `megaface train` command itself resumes the imported checkpoint (1 rank, synthetic data of the same
+    2001 classes) and trains on from arcface_torch's step 3."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(imported[1], run / "checkpoints" / "step_00000003")
+    meta = json.loads((imported[1] / "meta.json").read_text())
+    config = json.loads(json.dumps(meta["config"]))
+    config["data"].update(source="synthetic", cache_dir=str(tmp_path / "cache"), workers=0)
+    config["data"]["synthetic"].update(identities=2001, images_per_identity=1, val_pairs=0)
+    config["train"].update(output_dir=str(run), log_every=1, tensorboard=False)
+    config["validation"]["interval"] = 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "ds.json").write_text(json.dumps({**meta["ds_config"], "train_micro_batch_size_per_gpu": 8}))
+    result = subprocess.run([sys.executable, "-m", "megaface", "train", "--config", str(tmp_path / "config.yaml"),
+                             "--ds-config", str(tmp_path / "ds.json"), "--resume", "latest", "--max-steps", "5"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "at iteration 3" in result.stdout and "train: iter 4, loss" in result.stdout, result.stdout[-2000:]
+    assert (run / "checkpoints" / "step_00000005" / "meta.json").is_file()
