@@ -209,14 +209,13 @@ def test_export_for_three_ranks_splits_fc7_as_arcface_torch(imported: Imported, 
     ours = [torch.load(tmp_path / "w3" / f"checkpoint_gpu_{r}.pt", weights_only=True) for r in range(3)]
     theirs = [torch.load(FIXTURE / f"checkpoint_gpu_{r}.pt", weights_only=True) for r in range(2)]
     assert [o["state_dict_softmax_fc"]["weight"].shape[0] for o in ours] == [667, 667, 667]
+    def rows(files: list[dict], key: str) -> torch.Tensor:
+        if key == "weight":
+            return torch.cat([f["state_dict_softmax_fc"]["weight"] for f in files])
+        index = files[0]["state_optimizer"]["param_groups"][1]["params"][0]
+        return torch.cat([f["state_optimizer"]["state"][index]["momentum_buffer"] for f in files])
     for key in ("weight", "momentum"):
-        def rows(files: list[dict], index: int) -> torch.Tensor:
-            if key == "weight":
-                return torch.cat([f["state_dict_softmax_fc"]["weight"] for f in files])
-            return torch.cat([f["state_optimizer"]["state"][index]["momentum_buffer"] for f in files])
-        fc7_theirs = theirs[0]["state_optimizer"]["param_groups"][1]["params"][0]
-        fc7_ours = ours[0]["state_optimizer"]["param_groups"][1]["params"][0]
-        assert torch.equal(rows(ours, fc7_ours), rows(theirs, fc7_theirs)), key
+        assert torch.equal(rows(ours, key), rows(theirs, key)), key
 
 
 def test_wrong_network_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -250,7 +249,7 @@ def test_megaface_train_resumes_the_import(imported: Imported, tmp_path: Path) -
     (tmp_path / "ds.json").write_text(json.dumps({**meta["ds_config"], "train_micro_batch_size_per_gpu": 8}))
     result = subprocess.run([sys.executable, "-m", "megaface", "train", "--config", str(tmp_path / "config.yaml"),
                              "--ds-config", str(tmp_path / "ds.json"), "--resume", "latest", "--max-steps", "5"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "at iteration 3" in result.stdout and "train: iter 4, loss" in result.stdout, result.stdout[-2000:]
     assert (run / "checkpoints" / "step_00000005" / "meta.json").is_file()

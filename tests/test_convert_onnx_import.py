@@ -13,7 +13,7 @@ onnx = pytest.importorskip("onnx", reason="import-onnx needs the onnx extra (pip
 ort = pytest.importorskip("onnxruntime", reason="the reference forward is onnxruntime's (megaface[onnx])")
 
 from megaface.checkpoint import load_backbone  # noqa: E402
-from megaface.convert.cli import main  # noqa: E402
+from megaface.convert.cli import main  # noqa: E402  (after the importorskip)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interop" / "arcface_torch"
 MBF = FIXTURES / "mbf.onnx"

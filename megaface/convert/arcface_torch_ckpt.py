@@ -39,8 +39,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from megaface.checkpoint.fc7_shards import MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name, \
-    split_merged
+from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name,
+                                            split_merged)
 from megaface.head.sharding import class_range
 
 CKPT_NAME = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
@@ -127,7 +127,7 @@ def merged_fc7(states: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
 def schedule_config(scheduler: dict[str, Any], group: dict[str, Any]) -> list[str]:
     """megaface optim/train overrides reproducing PolynomialLRWarmup and the SGD hyper-parameters."""
     base = (scheduler.get("base_lrs") or [group.get("initial_lr", group["lr"])])[0]
-    out = [f"--optim.name=sgd", f"--optim.lr={base!r}", f"--optim.momentum={group['momentum']!r}",
+    out = ["--optim.name=sgd", f"--optim.lr={base!r}", f"--optim.momentum={group['momentum']!r}",
            f"--optim.weight_decay={group['weight_decay']!r}"]
     if "warmup_iters" in scheduler and "total_iters" in scheduler:
         out += ["--optim.schedule=polynomial", f"--optim.warmup_steps={int(scheduler['warmup_iters'])}",

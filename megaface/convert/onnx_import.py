@@ -60,6 +60,7 @@ class OnnxReport:
     embedding_size: int
     layers: int
     folded: int
+    bn_eps: float = INSIGHTFACE_BN_EPS
     notes: list[str] = field(default_factory=list)
     min_cosine: float | None = None
 
@@ -325,7 +326,7 @@ def import_onnx(path: str | os.PathLike, network: str, verify: bool = True) -> t
     for key, value in arrays.items():
         state[key] = torch.from_numpy(np.array(value, np.float32)).reshape(state[key].shape)
     model.load_state_dict(state)
-    report = OnnxReport(network, embedding_size, matched, folded)
+    report = OnnxReport(network, embedding_size, matched, folded, eps)
     if verify:
         report.min_cosine = onnxruntime_cosine(Path(path), model)
         if report.min_cosine is not None and report.min_cosine < MIN_COSINE:
@@ -344,6 +345,6 @@ def import_onnx_file(path: str | os.PathLike, output: str | os.PathLike, network
 
     state, report = import_onnx(path, network)
     meta = {"network": network, "embedding_size": report.embedding_size, "source": "onnx",
-            "source_file": str(path), "build_options": {"bn_eps": _bn_eps(_Graph(Path(path)))}}
+            "source_file": str(path), "build_options": {"bn_eps": report.bn_eps}}
     out = save_backbone_file(output, state, meta)
     return f"wrote megaface backbone {out}\n{report}"
