@@ -33,4 +33,4 @@ die() { echo "launch/quickstart.sh: $*" >&2; exit 2; }
 start=$SECONDS
 "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1 \
   --master_port "$MASTER_PORT" -m megaface train --config "$CONFIG" --output "$OUTPUT" "$@"
-"$PYTHON" -m megaface.run_summary "$OUTPUT" --seconds "$(( SECONDS - start ))"
+"$PYTHON" -m megaface summary "$OUTPUT" --seconds "$(( SECONDS - start ))"

@@ -1,16 +1,30 @@
-"""The `megaface` command line: one entry point, one module per subcommand.
+"""The `megaface` command line: one entry point, one module per subcommand, and the one place that prints
+errors and picks exit codes.
 
 Each subcommand lives in its own module exposing `main(argv: list[str]) -> int`; it is imported
-only when chosen, so `megaface pack --help` does not pay for DeepSpeed's import.
+only when chosen, so `megaface pack --help` does not pay for DeepSpeed's import. Subcommands raise; this
+module turns what they raise into one line on stderr and an exit status:
+
+    EXIT_USER_ERROR (2)   a value, path or file a user can fix (ValueError, FileNotFoundError, ...): the
+                          message carries the value, the constraint and the fix
+    EXIT_ENVIRONMENT (1)  the environment (disk, permissions, limits) or a damaged input file
+                          (`EXPECTED_ERRORS`, described by `describe_error`)
+Anything else is a bug in megaface and keeps its traceback. MEGAFACE_TRACEBACK=1 shows the traceback of
+every error.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import pickle
 import sys
 
-from megaface.cli_errors import EXPECTED_ERRORS, describe_error
+import yaml
+
+EXIT_USER_ERROR = 2
+EXIT_ENVIRONMENT = 1
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -20,8 +34,72 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval-ident": ("megaface.eval.cli", "main_ident", "MegaFace-style 1:N identification (rank-1, CMC)"),
     "embed": ("megaface.eval.cli", "main_embed", "embeddings for an image folder, a RecordIO pack or a .bin"),
     "pack": ("megaface.data.cli", "main", "write RecordIO training packs, .bin verification packs, synthetic data"),
+    "align": ("megaface.data.align", "main", "5-point landmarks -> aligned 112x112 ArcFace crops (folder or pack)"),
     "convert": ("megaface.convert", "main", "inspect, consolidate, reshard, ONNX and InsightFace interop"),
+    "models": ("megaface.models.cli", "main", "the networks model.network accepts; parameters and multiply-adds"),
+    "summary": ("megaface.train.summary", "main", "what a finished run produced: best accuracy, model, next command"),
 }
+NESTED_COMMANDS = ("convert",)
+# subcommands served by a module above their command's own layer: `pack preview` reads the experiment config
+ROUTES: dict[tuple[str, str], tuple[str, str]] = {("pack", "preview"): ("megaface.train.preview", "main")}  # their errors name the subcommand too: `megaface convert inspect: error: ...`
+
+
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (OSError, yaml.YAMLError, pickle.UnpicklingError, EOFError,
+                                                    UnicodeDecodeError, MemoryError)
+
+# errno -> (why, what to do)
+_OS_ADVICE: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device", "free space there or write the output elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within the quota or write the output elsewhere"),
+    errno.EFBIG: ("file too large for the file-size limit or the filesystem",
+                  "raise the limit (ulimit -f) or write to a filesystem that allows larger files"),
+    errno.EACCES: ("permission denied", "check the permissions of the file and its folder, or choose another path"),
+    errno.EPERM: ("operation not permitted", "check the permissions of the file and its folder"),
+    errno.EROFS: ("read-only filesystem", "write the output to a writable location"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.ENOTDIR: ("a component of the path is not a directory", "check the path"),
+    errno.EISDIR: ("is a directory", "give a file path"),
+    errno.EIO: ("input/output error", "the disk or network filesystem failed: check it and retry"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer data workers"),
+    errno.ENOMEM: ("out of memory", "use fewer workers or a smaller batch"),
+}
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _os_error(err: OSError) -> str:
+    why, todo = _OS_ADVICE.get(err.errno or -1, (err.strerror or str(err), "check the path and retry"))
+    name = errno.errorcode.get(err.errno or -1, "")
+    where = f" ({err.filename})" if err.filename is not None else ""
+    if err.filename2 is not None:
+        where = f" ({err.filename} -> {err.filename2})"
+    verb = "write" if err.errno in _WRITE_ERRNOS else "find" if err.errno == errno.ENOENT else "access"
+    return f"cannot {verb}{where}: {why}{f' [{name}]' if name else ''}; {todo}"
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" ({mark.name}, line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"cannot parse YAML{where}: {problem}; fix the syntax there (indentation, ':' after keys, quotes)"
+
+
+def describe_error(err: BaseException) -> str:
+    """`<what> (<file>): <why>; <what to do>` on one line."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return _os_error(err)
+    if isinstance(err, yaml.YAMLError):
+        return _yaml_error(err)
+    if isinstance(err, (pickle.UnpicklingError, EOFError)):
+        return (f"cannot unpickle a file: {err or 'it ends early'}; the file (a .bin pack or checkpoint) is "
+                "truncated or not what it claims to be: copy or regenerate it")
+    if isinstance(err, UnicodeDecodeError):
+        return f"cannot decode text: {err}; the file is not UTF-8 text (wrong file given?)"
+    if isinstance(err, MemoryError):
+        return "out of memory; use fewer workers, a smaller batch or a machine with more memory"
+    return " ".join(str(err).split())  # an OSError raised by megaface with its own message
 
 
 def _usage() -> str:
@@ -65,27 +143,41 @@ def main(argv: list[str] | None = None) -> int:
         near = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         print(f"megaface: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     module_name, func_name, _ = COMMANDS[name]
+    func_args = rest
+    if rest and (name, rest[0]) in ROUTES:
+        (module_name, func_name), func_args = ROUTES[(name, rest[0])], rest[1:]
     func = getattr(importlib.import_module(module_name), func_name)
     try:
-        return int(func(rest) or 0)
+        return int(func(func_args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         # Errors a user can cause carry their own explanation (value, constraint, fix): print it alone.
-        # MEGAFACE_TRACEBACK=1 shows where it came from.
         if os.environ.get("MEGAFACE_TRACEBACK"):
             raise
         if isinstance(err, OSError) and err.errno is not None:  # raised by the OS, not by megaface
-            print(f"megaface {name}: error: {describe_error(err)}", file=sys.stderr)
-            return 1
-        print(f"megaface {name}: error: {err}", file=sys.stderr)
-        return 2
+            _print_error(name, rest, describe_error(err))
+            return EXIT_ENVIRONMENT
+        _print_error(name, rest, str(err))
+        return EXIT_USER_ERROR
     except EXPECTED_ERRORS as err:
-        # the environment (disk, permissions, limits) or a damaged input file: one line, exit 1
+        # the environment (disk, permissions, limits) or a damaged input file
         if os.environ.get("MEGAFACE_TRACEBACK"):
             raise
-        print(f"megaface {name}: error: {describe_error(err)}", file=sys.stderr)
-        return 1
+        _print_error(name, rest, describe_error(err))
+        return EXIT_ENVIRONMENT
+
+
+def _print_error(name: str, rest: list[str], message: str) -> None:
+    """`[rank R] megaface <command> [<subcommand>]: error: <message>` on stderr, one line.
+
+    Under a launcher every rank prints its own line (the prefix says which), so no rank fails silently.
+    """
+    if rest and (name in NESTED_COMMANDS or (name, rest[0]) in ROUTES) and not rest[0].startswith("-"):
+        name = f"{name} {rest[0]}"
+    world = os.environ.get("WORLD_SIZE", "1")
+    prefix = f"[rank {os.environ['RANK']}] " if world.isdigit() and int(world) > 1 and "RANK" in os.environ else ""
+    print(f"{prefix}megaface {name}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The named choices users write in configs and on command lines, each defined once.
 
-Config fields are typed `Literal[...]` over these tuples (checked when a config loads); the modules that act
-on a value import the same tuple. Bottom layer: imports nothing from megaface.
+Each choice set is a `Literal[...]` alias and the tuple of its values (`get_args` of the alias, so the two
+cannot drift). Config fields are typed with the alias, and loading a config checks a value against it
+(megaface.config.loader); the modules that act on a value import the same tuple or alias. Bottom layer:
+imports nothing from megaface.
 """
 
 from __future__ import annotations
@@ -34,5 +36,43 @@ MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
 }
 """Combined-margin presets (m1, m2, m3): target logit cos(m1*theta + m2) - m3."""
 
+AlignOutput = Literal["folder", "pack"]
+"""`megaface align` output: a folder of crops (same relative names), or a RecordIO pack (needs labels)."""
+ALIGN_OUTPUTS: tuple[str, ...] = get_args(AlignOutput)
+
+IjbPooling = Literal["arcface_torch", "unit"]
+"""IJB template features: arcface_torch = eval_ijbc.py's (image norm kept, image x detector score, media mean,
+template sum, L2); unit = every image L2-normalised, no score, media mean, template mean, L2."""
+IJB_POOLINGS: tuple[str, ...] = get_args(IjbPooling)
+
 ProgressMode = Literal["auto", "on", "off"]
+"""Progress bar: auto = on a terminal only; on; off."""
 PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)
+
+ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
+"""FC7 GEMM operand dtype; auto = follow the DeepSpeed JSON's precision."""
+COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
+
+MomentumDtype = Literal["fp32", "bf16"]
+"""Storage dtype of the FC7 optimizer's momentum."""
+MOMENTUM_DTYPES: tuple[str, ...] = get_args(MomentumDtype)
+
+OptimizerName = Literal["sgd", "adamw"]
+"""The optimizer of backbone and FC7 (ShardSGD / ShardAdamW for a sharded FC7)."""
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+
+ScheduleName = Literal["step", "polynomial"]
+"""Learning-rate schedule: piecewise decay at milestones, or polynomial decay after warm-up."""
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+
+MarginFallback = Literal["shifted", "none"]
+"""Past theta_limit: the continuous shifted cosine, or plain cos(m1*theta + m2) (megaface.head.margin)."""
+MARGIN_FALLBACKS: tuple[str, ...] = get_args(MarginFallback)
+
+ModelInit = Literal["per_group", "arcface_torch"]
+"""Convolution init: fan-in per group (megaface) or over the whole weight (arcface_torch)."""
+MODEL_INITS: tuple[str, ...] = get_args(ModelInit)
+
+CropMode = Literal["pad", "resize"]
+"""data.augment.crop_mode: keep the crop in place and zero the rest (AdaFace), or resize it to the image."""
+CROP_MODES: tuple[str, ...] = get_args(CropMode)

@@ -3,6 +3,8 @@
     layout.py       tags, `latest`, meta.json, every sub-folder and file name, discovery
     backbone.py     backbone files (.pt / .safetensors + meta) and the backbone of a checkpoint
     zero_reader.py  fp32 weights from DeepSpeed's ZeRO 0-3 partition files, without DeepSpeed
+    fc7_shards.py   the FC7 shard file format: one file per rank, its validator, merge, split and reshard
+    integrity.py    per-file sha256 digests in meta.json, their verification, the finite-tensor scan
 Imports only `megaface.head`, `megaface.models`, `megaface.distributed` and `megaface.fileio`.
 """
 

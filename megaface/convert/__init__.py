@@ -1,10 +1,19 @@
 """`megaface convert`: inspect checkpoints, consolidate ZeRO backbones, merge/reshard FC7, ONNX and
-InsightFace interop (arcface_torch state_dicts, MXNet model-zoo files, OneFlow snapshots). Kept light: the subcommand modules are imported only when used.
+InsightFace interop (arcface_torch state_dicts, MXNet model-zoo files, OneFlow snapshots). Kept light: the
+subcommand modules are imported only when used.
 
-Library entry points: `megaface.convert.inspect.inspect_checkpoint`, `megaface.convert.consolidate.consolidate`,
-`megaface.convert.fc7.merge_checkpoint` / `reshard_checkpoint`, `megaface.convert.onnx_export.export_onnx`,
-`megaface.convert.insightface.import_insightface` / `export_insightface`,
-`megaface.convert.mxnet.import_mxnet` / `export_mxnet`, `megaface.convert.oneflow.import_oneflow` / `export_oneflow`.
+    cli.py                 argument parsing; each handler calls one library function
+    inspect.py             `inspect`: what a checkpoint holds (`inspect_checkpoint`)
+    consolidate.py         `consolidate`: one fp32 backbone file from any ZeRO stage (`consolidate`)
+    fc7.py                 `fc7`: merge the FC7 shards or reshard to another world size
+    fc7_import.py          a foreign FC7 classifier (OneFlow / MXNet) written as an FC7 shard set
+    onnx_export.py         `onnx`: ONNX export verified with onnxruntime (`export_onnx`)
+    insightface.py         arcface_torch state_dicts <-> megaface backbones
+    insightface_graph.py   InsightFace's MXNet / OneFlow networks as a graph (layer names and topology)
+    insightface_layers.py  parameters of those networks <-> megaface state_dicts
+    mxnet.py               MXNet model-zoo files (`-symbol.json` + `.params`) <-> megaface backbones
+    mxnet_params.py        MXNet `.params` files in pure numpy
+    oneflow.py             OneFlow snapshots <-> megaface backbones
 """
 
 from __future__ import annotations

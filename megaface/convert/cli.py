@@ -12,9 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
-
-
 def _inspect(args: argparse.Namespace) -> int:
     from megaface.convert.inspect import format_report, inspect_checkpoint
 
@@ -195,8 +192,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    try:
-        return handler(args)
-    except _USER_ERRORS as err:
-        print(f"megaface convert {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    return handler(args)  # errors go up to megaface.cli, which prints one line and picks the exit status

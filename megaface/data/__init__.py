@@ -1,4 +1,18 @@
-"""Data: InsightFace RecordIO packs, .bin verification packs, image folders, synthetic identities, loader."""
+"""Data: InsightFace RecordIO packs, .bin verification packs, OFRecord, image folders, synthetic identities, loader.
+
+    recordio.py       MXNet RecordIO, byte for byte
+    packs.py          training packs (train.rec + train.idx + property): `open_pack`, `PackWriter`
+    bin_pack.py       verification packs (lfw.bin, ...)
+    ofrecord.py       OneFlow OFRecord directories: read, index, encode
+    ofrecord_pack.py  `megaface pack ofrecord`
+    decode.py         JPEG/PNG decoding and pixel normalisation
+    align.py          5-point landmarks -> 112x112 ArcFace crops; `megaface align`
+    synthetic.py      synthetic face-like identities, deterministic from a seed, and their one set of defaults
+    datasets.py       training datasets by source (`build_dataset`)
+    loader.py         TrainLoader: each rank's share of the global batch, exact resume
+    augment.py        the input path on the device: uint8 batches, one ahead; augmentations and normalisation
+    cli.py            `megaface pack`
+"""
 
 from megaface.data.bin_pack import load_bin, save_bin
 from megaface.data.datasets import FolderDataset, build_dataset

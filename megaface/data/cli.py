@@ -15,10 +15,10 @@ Everything is written aside and renamed into place at the end: a failed run leav
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from megaface.data import synthetic
 from megaface.data.bin_pack import save_bin
 from megaface.data.datasets import FolderDataset
 from megaface.data.decode import CorruptImageError, decode_image
@@ -102,10 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True, help="the .bin to write (pickle of (bins, issame_list))")
     syn = sub.add_parser("synthetic", help="synthetic identities -> pack + held-out val.bin")
     syn.add_argument("--output", required=True)
-    syn.add_argument("--identities", type=int, default=1000)
-    syn.add_argument("--images-per-identity", type=int, default=20)
-    syn.add_argument("--val-pairs", type=int, default=3000)
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--identities", type=int, default=synthetic.DEFAULT_IDENTITIES)
+    syn.add_argument("--images-per-identity", type=int, default=synthetic.DEFAULT_IMAGES_PER_IDENTITY)
+    syn.add_argument("--val-pairs", type=int, default=synthetic.DEFAULT_VAL_PAIRS)
+    syn.add_argument("--seed", type=int, default=synthetic.DEFAULT_SEED)
     ofr = sub.add_parser("ofrecord", help="RecordIO pack, image folder or .bin -> OFRecord part files",
                          description="A RecordIO pack directory or an image folder gives training parts "
                          "(encoded + label); a .bin gives verification parts (encoded + issame).")
@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     ofr.add_argument("--parts", type=int, default=1, help="number of part files (records split in order)")
     ofr.add_argument("--suffix-length", type=int, default=5,
                      help="zero-pad part numbers to this many digits (the seed's 5; 1 = part-0, part-1, ...)")
+    sub.add_parser("preview", help="a PNG grid of training samples after flip and data.augment (see --help)",
+                   add_help=False)  # served by megaface.train.preview (it reads the experiment config)
     for p in (rec, b, syn, ofr):
         p.add_argument("--force", action="store_true", help="replace an existing output")
     for p in (rec, b):
@@ -124,27 +126,25 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
-    try:
-        if args.kind == "rec":
-            summary = pack_folder(args.images, args.output, verify=not args.no_verify, overwrite=args.force)
-        elif args.kind == "bin":
-            if Path(args.output).exists() and not args.force:
-                raise FileExistsError(f"output {args.output} exists; pass --force to replace it")
-            summary = pack_pairs(args.pairs, args.images, args.output, verify=not args.no_verify)
-        elif args.kind == "ofrecord":
-            from megaface.data.ofrecord_pack import pack_ofrecord
+    if args.kind == "preview":
+        raise ValueError("run the preview as `megaface pack preview ...` (it reads the experiment config)")
+    if args.kind == "rec":
+        summary = pack_folder(args.images, args.output, verify=not args.no_verify, overwrite=args.force)
+    elif args.kind == "bin":
+        if Path(args.output).exists() and not args.force:
+            raise FileExistsError(f"output {args.output} exists; pass --force to replace it")
+        summary = pack_pairs(args.pairs, args.images, args.output, verify=not args.no_verify)
+    elif args.kind == "ofrecord":
+        from megaface.data.ofrecord_pack import pack_ofrecord
 
-            summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force)
-        else:
-            from megaface.data.synthetic import write_synthetic
+        summary = pack_ofrecord(args.input, args.output, args.parts, args.suffix_length, overwrite=args.force)
+    else:
+        from megaface.data.synthetic import write_synthetic
 
-            out, bin_path = write_synthetic(args.output, args.identities, args.images_per_identity,
-                                            args.val_pairs, args.seed, overwrite=args.force)
-            summary = {"output": str(out), "val_bin": str(bin_path), "identities": args.identities,
-                       "images": args.identities * args.images_per_identity, "val_pairs": args.val_pairs}
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"megaface pack: error: {err}", file=sys.stderr)
-        return 1
+        out, bin_path = write_synthetic(args.output, args.identities, args.images_per_identity,
+                                        args.val_pairs, args.seed, overwrite=args.force)
+        summary = {"output": str(out), "val_bin": str(bin_path), "identities": args.identities,
+                   "images": args.identities * args.images_per_identity, "val_pairs": args.val_pairs}
     summary["seconds"] = round(time.perf_counter() - start, 2)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0

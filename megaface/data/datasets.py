@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megaface.data import synthetic
 from megaface.data.packs import RecordPack, open_pack
 from megaface.data.synthetic import SyntheticDataset, ensure_synthetic
 from megaface.vocab import DATA_SOURCES, IMAGE_SUFFIXES
-
 
 
 class FolderDataset:
@@ -99,12 +99,12 @@ def build_dataset(source: str, path: str | os.PathLike | None = None, **options)
             raise ValueError("build_dataset('folder') needs the image root (root/<identity>/*.jpg)")
         return FolderDataset(path)
     if source == "synthetic":
-        ids = int(options.get("identities", 1000))
-        k = int(options.get("images_per_identity", 20))
-        seed = int(options.get("seed", 0))
+        ids = int(options.get("identities", synthetic.DEFAULT_IDENTITIES))
+        k = int(options.get("images_per_identity", synthetic.DEFAULT_IMAGES_PER_IDENTITY))
+        seed = int(options.get("seed", synthetic.DEFAULT_SEED))
         if path is None:
             return _SyntheticWithWhere(ids, k, seed)
-        pack_dir, _ = ensure_synthetic(path, ids, k, int(options.get("val_pairs", 3000)), seed)
+        pack_dir, _ = ensure_synthetic(path, ids, k, int(options.get("val_pairs", synthetic.DEFAULT_VAL_PAIRS)), seed)
         return open_pack(pack_dir)
 
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megaface.fileio import make_temp_dir, move_into_place, output_error
 from megaface.data.recordio import RecordReader, RecordWriter, pack_payload, read_index, unpack_payload
+from megaface.fileio import make_temp_dir, move_into_place, output_error
 
 if TYPE_CHECKING:
     from megaface.data.ofrecord import OFRecordDataset

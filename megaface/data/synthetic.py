@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -27,13 +28,20 @@ from megaface.data.decode import encode_jpeg
 from megaface.data.packs import PackWriter
 from megaface.fileio import atomic_output_dir, make_temp_dir
 
+# The one set of defaults for synthetic data: the config section (data.synthetic), `megaface pack synthetic`
+# and `build_dataset("synthetic")` all read these.
+DEFAULT_IDENTITIES = 200
+DEFAULT_IMAGES_PER_IDENTITY = 20
+DEFAULT_VAL_PAIRS = 1000
+DEFAULT_SEED = 0
+
 SIZE = 112
 _ID_STREAM, _IMG_STREAM, _VAL_STREAM = 1, 2, 3
 # held-out identities for the .bin are numbered from here: disjoint from any training identity
 HELD_OUT_BASE = 1 << 30
 
 
-def identity_params(seed: int, identity: int) -> dict[str, np.ndarray]:
+def identity_params(seed: int, identity: int) -> dict[str, Any]:
     """The fixed structure of one identity (all values float64 arrays of shape [] or [k])."""
     r = np.random.default_rng((seed, _ID_STREAM, identity))
     u = r.uniform
@@ -55,7 +63,7 @@ def identity_params(seed: int, identity: int) -> dict[str, np.ndarray]:
     }
 
 
-def image_params(rng: np.random.Generator, size: int = SIZE) -> dict[str, np.ndarray]:
+def image_params(rng: np.random.Generator, size: int = SIZE) -> dict[str, Any]:
     """Per-image nuisance (including its own noise field, so an image never depends on its batch)."""
     u = rng.uniform
     occl = u() < 0.12
@@ -71,7 +79,7 @@ def image_params(rng: np.random.Generator, size: int = SIZE) -> dict[str, np.nda
     }
 
 
-def _stack(dicts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _stack(dicts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {k: np.stack([np.asarray(d[k], dtype=np.float64) for d in dicts]) for k in dicts[0]}
 
 
@@ -282,8 +290,8 @@ def _write_all(tmp: Path, identities: int, k: int, val_pairs: int, seed: int, ch
         save_bin(tmp / "val.bin", [encode_jpeg(im) for im in images], issame.tolist())
 
 
-def write_synthetic(directory: str | os.PathLike, identities: int, images_per_identity: int, val_pairs: int = 3000,
-                    seed: int = 0, overwrite: bool = False) -> tuple[Path, Path]:
+def write_synthetic(directory: str | os.PathLike, identities: int, images_per_identity: int,
+                    val_pairs: int = DEFAULT_VAL_PAIRS, seed: int = DEFAULT_SEED, overwrite: bool = False) -> tuple[Path, Path]:
     """Write a synthetic pack + ``val.bin`` into `directory` (atomically: built aside, then moved in)."""
     SyntheticDataset(identities, images_per_identity, seed)  # validates the arguments
     directory = Path(directory)
@@ -301,8 +309,8 @@ def synthetic_dir(root: str | os.PathLike, identities: int, images_per_identity:
     return Path(root) / f"synthetic_{identities}x{images_per_identity}_p{val_pairs}_s{seed}"
 
 
-def ensure_synthetic(root: str | os.PathLike, identities: int, images_per_identity: int, val_pairs: int = 3000,
-                     seed: int = 0) -> tuple[Path, Path]:
+def ensure_synthetic(root: str | os.PathLike, identities: int, images_per_identity: int,
+                     val_pairs: int = DEFAULT_VAL_PAIRS, seed: int = DEFAULT_SEED) -> tuple[Path, Path]:
     """Write (once, cached, atomically) a synthetic RecordIO pack + held-out-identity ``val.bin``.
 
     Returns (pack_dir, bin_path). Safe to call from several ranks at once: each builds into its own

@@ -1,4 +1,9 @@
-"""Distributed state and the collectives megaface uses; no other module calls torch.distributed collectives."""
+"""Distributed state and the collectives megaface uses; no other module calls torch.distributed collectives.
+
+    state.py   process-group setup for every launcher (`init_distributed`, `DistState`)
+    comm.py    every collective, as raw op / autograd Function / public wrapper
+    ds_shm.py  keeps DeepSpeed from compiling its shared-memory op (no C++ compiler needed)
+"""
 
 from megaface.distributed.state import DistState, init_distributed, shutdown
 

@@ -6,13 +6,13 @@ single rank or no process group at all, so the same code path serves world size 
 | wrapper            | forward                          | backward                         | shapes                        |
 |--------------------|----------------------------------|----------------------------------|-------------------------------|
 | all_gather         | all-gather along dim 0           | reduce-scatter (sum)             | x_local [b, ...] -> [W*b, ...] |
-| all_reduce_sum     | all-reduce (sum)                 | identity                         | x [...] -> [...]              |
 | all_reduce_max     | all-reduce (max), no grad        | -                                | x [...] -> [...]              |
+| all_reduce_        | in-place all-reduce, no grad     | -                                | x [...] -> [...]              |
 | gather_rows        | uneven all-gather, no grad       | -                                | x_local [n_r, ...] -> [sum n_r, ...] |
 | broadcast_buffers  | rank src's buffers, in place     | -                                | module buffers                |
 
-`all_reduce_sum`'s identity backward is right when every rank goes on to compute the *same* replicated
-value from the reduced tensor (as the distributed softmax does); see the head for the gradient algebra.
+The distributed softmax (megaface.head.softmax) reduces its statistics with `all_reduce_` inside its own
+autograd Function, whose backward is written out there with the gradient algebra.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _reduce_scatter_raw(x: torch.Tensor, group: dist.ProcessGroup | None) -> tor
     return summed.narrow(0, rank(group) * rows, rows).clone()
 
 
-def _all_reduce_raw(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _all_reduce_raw(x: torch.Tensor, op: Any, group: dist.ProcessGroup | None) -> torch.Tensor:
     if world_size(group) == 1:
         return x
     out = x.clone().contiguous()
@@ -95,28 +95,11 @@ class _AllGather(torch.autograd.Function):
         return _reduce_scatter_raw(grad_global, ctx.group), None
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """x [...] -> sum over ranks [...]; backward: identity (the consumer is replicated on every rank)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-        return _all_reduce_raw(x, dist.ReduceOp.SUM, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
 # ---- public wrappers --------------------------------------------------------------------------------
 
 def all_gather(x_local: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Concatenate equal-sized local batches of all ranks in rank order; gradients reduce-scatter back."""
     return _AllGather.apply(x_local, group)
-
-
-def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum over ranks; the backward passes the gradient through unchanged (replicated consumer)."""
-    return _AllReduceSum.apply(x, group)
 
 
 @torch.no_grad()

@@ -4,6 +4,14 @@
     head = PartialFC(512, num_classes, margin=(1.0, 0.5, 0.0), scale=64.0, sample_rate=0.1)
     opt = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)   # or ShardAdamW(head, lr=1e-3, weight_decay=0.1)
     loss = head(embeddings_local, labels_local)   # mean over the GLOBAL batch, same on every rank
+
+Modules:
+    partial_fc.py  the head: shard rows, Partial FC sampling, margin, distributed softmax CE
+    sharding.py    pure class-range math (no process group)
+    margin.py      the combined angular margin cos(m1*theta + m2) - m3
+    softmax.py     distributed margin softmax cross-entropy as one autograd Function
+    optim.py       ShardSGD, sparse over the sampled rows
+    adamw.py       ShardAdamW, sparse over the sampled rows
 """
 
 from megaface.head.adamw import ShardAdamW

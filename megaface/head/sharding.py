@@ -32,15 +32,3 @@ def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
 def class_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
     """[(class_start, num_local)] for every rank, in rank order (the checkpoint's `class_ranges`)."""
     return [class_range(num_classes, world_size, r) for r in range(world_size)]
-
-
-def owner_of(class_id: int, num_classes: int, world_size: int) -> int:
-    """The rank whose shard holds `class_id`."""
-    _check(num_classes, world_size)
-    if not 0 <= class_id < num_classes:
-        raise ValueError(f"class_id={class_id} is outside [0, num_classes={num_classes})")
-    base, extra = divmod(num_classes, world_size)
-    boundary = extra * (base + 1)  # classes below this live on the ranks with one extra row
-    if class_id < boundary:
-        return class_id // (base + 1)
-    return extra + (class_id - boundary) // base

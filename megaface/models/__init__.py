@@ -2,6 +2,9 @@
 
 >>> from megaface.models import build_model
 >>> model = build_model("iresnet50")          # float [N, 3, 112, 112] -> [N, 512]
+
+Modules: registry.py (build a network by name), mobilefacenet.py, iresnet.py, vit.py (the networks),
+layers.py (shared blocks and init), profile.py (parameter and multiply-add counts), cli.py (`megaface models`).
 """
 from .iresnet import IResNet
 from .mobilefacenet import MobileFaceNet, MobileFaceNetSpec

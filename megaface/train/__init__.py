@@ -1,11 +1,16 @@
 """`megaface train` and the pieces of a training run.
 
-    cli.py            the command line (`megaface train ...`)
-    build.py          process group, data, model, head, DeepSpeed engine and FC7 optimizer (before step 0)
-    step.py           one micro-step and both optimizer steps (the data path)
-    schedule.py       the learning-rate schedule of both optimizers
-    loop.py           the iteration loop: lr, accumulation, logging, validation, checkpoints
-    checkpointing.py  save and resume a whole run through `megaface.checkpoint`
+cli.py            the command line (`megaface train ...`)
+build.py          process group, data, model, head, DeepSpeed engine and FC7 optimizer (before step 0)
+step.py           one micro-step and both optimizer steps (the data path)
+optim.py          both optimizers from the experiment's optim section
+schedule.py       the learning-rate schedule of both optimizers
+loop.py           the iteration loop: lr, accumulation, logging, validation, checkpoints
+checkpointing.py  save and resume a whole run through `megaface.checkpoint`
+run_lock.py       one run per output directory (a lock file)
+logger.py         the log lines, tensorboard scalars and progress bar
+summary.py        `megaface summary`: what a finished run produced
+preview.py        `megaface pack preview`: a grid of training samples after data.augment
 """
 
 from __future__ import annotations

@@ -72,16 +72,11 @@ def format_config(cfg: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megaface.config import load_config
-    from megaface.ds_config import load_ds_config
+    from megaface.config import load_config, load_ds_config
 
     args, overrides, ds_overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_config(args.config, overrides)
-        ds_raw = load_ds_config(cfg.train.ds_config, ds_overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"megaface train: error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    ds_raw = load_ds_config(cfg.train.ds_config, ds_overrides)
     if args.print_config:
         print(format_config(cfg))
         print("# DeepSpeed JSON (micro batch, accumulation, precision, clipping; --ds.<key>=value):")

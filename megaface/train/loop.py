@@ -12,10 +12,10 @@ import torch
 from megaface.checkpoint import find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
 from megaface.distributed import comm, shutdown
-from megaface.train.build import CastInputs, Run, build_run, init_process_group
+from megaface.train.build import Run, build_run, init_process_group
 from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
-from megaface.logging_utils import TrainLogger
+from megaface.train.logger import TrainLogger
 from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
 from megaface.train.run_lock import RunLock
 
@@ -112,7 +112,7 @@ def _resume(run: Run, log: Callable[[str], None]) -> None:
             raise
         log(f"resume: no checkpoint under {run.output_dir} yet, starting from scratch")
         return
-    from megaface.ds_config import zero_stage
+    from megaface.config import zero_stage
 
     trainer = load_checkpoint(run.parts, tag_dir, run.expected(), zero_stage(run.ds), run.parts.precision, log)
     run.start_iteration = int(trainer["iteration"])
@@ -202,9 +202,9 @@ def _validate(run: Run, done: int, logger: TrainLogger) -> None:
     # DeepSpeed (unlike DDP) never re-broadcasts buffers, so each rank's BatchNorm running statistics drift
     # apart; validate with rank 0's, the ones its checkpoints and best_*.pt files hold.
     comm.broadcast_buffers(parts.backbone, src=0, group=run.state.group)
-    model = parts.backbone if parts.precision == "fp32" else CastInputs(parts.backbone)
+    # embed_share feeds images in the backbone's own dtype (bf16/fp16 engines too) and returns fp32 embeddings
     logger.info(f"validation at iteration {done} ({time.perf_counter() - logger.started:.0f} s into training):")
-    run.validator.run(model, done, log=logger.info)
+    run.validator.run(parts.backbone, done, log=logger.info)
     if run.cfg.validation.save_best and run.validator.improved:
         state_dict = _backbone_state_dict(run)
         if run.state.is_main:

@@ -17,6 +17,7 @@ import torch
 
 from megaface.config import OptimConfig
 from megaface.head import PartialFC, ShardAdamW, ShardSGD
+from megaface.vocab import OPTIMIZER_NAMES
 
 
 def backbone_optimizer(params: Iterable[torch.nn.Parameter], o: OptimConfig) -> torch.optim.Optimizer:
@@ -25,7 +26,7 @@ def backbone_optimizer(params: Iterable[torch.nn.Parameter], o: OptimConfig) -> 
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    raise ValueError(f"optim.name={o.name!r} is not one of ['sgd', 'adamw']")
+    raise ValueError(f"optim.name={o.name!r} is not one of {list(OPTIMIZER_NAMES)}")
 
 
 def fc7_optimizer(head: PartialFC, o: OptimConfig, lr_scale: float = 1.0,
@@ -37,5 +38,5 @@ def fc7_optimizer(head: PartialFC, o: OptimConfig, lr_scale: float = 1.0,
     if o.name == "sgd":
         return ShardSGD(head, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
                         momentum_dtype=momentum_dtype)
-    raise ValueError(f"optim.name={o.name!r} is not one of ['sgd', 'adamw']")
+    raise ValueError(f"optim.name={o.name!r} is not one of {list(OPTIMIZER_NAMES)}")
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from megaface.config import OptimConfig
-
-SCHEDULES = ("step", "polynomial")
+from megaface.vocab import SCHEDULES
 
 
 def step_lr(iteration: int, base_lr: float, warmup_steps: int, milestones: Sequence[int], gamma: float) -> float:
