@@ -39,8 +39,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name,
-                                            split_merged)
+from megaface.checkpoint.fc7_shards import (
+    MERGED_FORMAT,
+    load_checkpoint_shards,
+    merge_shards,
+    shard_file_name,
+    split_merged,
+)
 from megaface.head.sharding import class_range
 
 CKPT_NAME = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
@@ -66,7 +71,7 @@ def read_arcface_torch(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if missing:
         raise ValueError(f"{ckpt_dir}: checkpoint_gpu_{missing[0]}.pt is missing (found ranks {sorted(ranks)}); "
                          "copy every rank's file of the run")
-    states = []
+    states: list[dict[str, Any]] = []
     for rank in range(len(ranks)):
         try:
             state = torch.load(ranks[rank], map_location="cpu", weights_only=True)
@@ -100,7 +105,8 @@ def _momenta(state: dict[str, Any], names: list[str], path: str) -> tuple[dict[s
         raise ValueError(f"{path}: the optimizer is not SGD (param group keys {sorted(groups[0])}); only "
                          "optimizer='sgd' checkpoints carry momentum megaface maps")
     buffers = {index: s.get("momentum_buffer") for index, s in opt.get("state", {}).items()}
-    backbone = {name: buffers[i] for name, i in zip(names, groups[0]["params"]) if buffers.get(i) is not None}
+    backbone = {name: buffers[i] for name, i in zip(names, groups[0]["params"], strict=True)
+                if buffers.get(i) is not None}
     return backbone, buffers.get(groups[1]["params"][0]), groups[0]
 
 
@@ -193,10 +199,10 @@ def _save_ds_main(tmp: str, handoff: str) -> None:
     """The fresh process of `_save_ds`: build the ZeRO-0 fp32 engine, give its SGD the momentum, save."""
     import deepspeed
     import yaml
-    from megaface.distributed.ds_shm import skip_shm_build
-    from megaface.models import build_model
 
     from megaface.config import load_config
+    from megaface.distributed.ds_shm import skip_shm_build
+    from megaface.models import build_model
 
     given = torch.load(handoff, weights_only=False)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config_file:
@@ -321,7 +327,7 @@ def _backbone_momentum(tag_dir: Path, model: torch.nn.Module) -> dict[str, torch
     if len(groups) != 1 or len(groups[0]["params"]) != len(names):
         return {}
     buffers = optimizer.get("state", {})
-    return {name: buffers[i]["momentum_buffer"].float() for name, i in zip(names, groups[0]["params"])
+    return {name: buffers[i]["momentum_buffer"].float() for name, i in zip(names, groups[0]["params"], strict=True)
             if "momentum_buffer" in buffers.get(i, {})}
 
 
@@ -360,7 +366,7 @@ def export_arcface_torch(checkpoint: str | os.PathLike, output: str | os.PathLik
                          "PolynomialLRWarmup counted in steps; use export-insightface for the backbone weights")
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.build_options())
     model.load_state_dict(checkpoint_backbone_state(tag_dir))
-    backbone = export_insightface(model.state_dict(), model.network_name)
+    backbone = export_insightface(model.state_dict(), cfg.model.network)
     backbone = {key: backbone[key] for key in _arcface_state_order(model)}
     momentum = _backbone_momentum(tag_dir, model) if meta.get("zero_stage") == 0 \
         and meta.get("precision") == "fp32" else {}

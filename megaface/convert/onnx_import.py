@@ -51,7 +51,7 @@ class Layer:
     name: str
     module: nn.Module
     bn_name: str | None = None
-    bn: nn.Module | None = None
+    bn: Any = None  # nn.BatchNorm2d
 
 
 @dataclass
@@ -174,14 +174,20 @@ def _check_conv(graph: _Graph, node: Any, layer: Layer, network: str) -> np.ndar
     expected = {"weight": tuple(conv.weight.shape), "stride": conv.stride, "dilation": conv.dilation,
                 "groups": conv.groups, "padding": tuple(conv.padding) * 2}
     for key in expected:
-        if tuple(np.atleast_1d(found[key])) != tuple(np.atleast_1d(expected[key])):
+        if _as_tuple(found[key]) != _as_tuple(expected[key]):
             raise _mismatch(graph, node, network, layer, f"{key} {found[key]} vs {expected[key]}")
     if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise _mismatch(graph, node, network, layer, f"auto_pad {a['auto_pad']!r} (expected explicit pads)")
+    if weight is None:  # unreachable: a missing weight fails the shape comparison; for the type checker
+        raise _mismatch(graph, node, network, layer, "no weight initializer")
     return weight
 
 
-def _bn_state(graph: _Graph, node: Any, layer_name: str, module: nn.Module, network: str) -> dict[str, np.ndarray]:
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _bn_state(graph: _Graph, node: Any, layer_name: str, module: Any, network: str) -> dict[str, np.ndarray]:
     arrays = [graph.weight(node, i) for i in range(1, 5)]
     n = module.num_features
     if any(a is None or a.shape != (n,) for a in arrays):
@@ -191,7 +197,8 @@ def _bn_state(graph: _Graph, node: Any, layer_name: str, module: nn.Module, netw
     eps = float(graph.attrs(node).get("epsilon", 1e-5))
     if not np.isclose(eps, module.eps, rtol=1e-3):
         raise _mismatch(graph, node, network, Layer(layer_name, module), f"epsilon {eps:g} vs {module.eps:g}")
-    return dict(zip(("weight", "bias", "running_mean", "running_var"), arrays))
+    checked = [a for a in arrays if a is not None]  # all present: checked above
+    return dict(zip(("weight", "bias", "running_mean", "running_var"), checked, strict=True))
 
 
 def _identity_bn(bias: np.ndarray, eps: float) -> dict[str, np.ndarray]:
@@ -229,7 +236,7 @@ def match_graph(graph: _Graph, network: str, model: nn.Module) -> tuple[dict[str
             after = nodes[i] if i < len(nodes) else None
             if bias is None and after is not None and after.op_type == "BatchNormalization" \
                     and after.input[0] == node.output[0]:
-                bn = _bn_state(graph, after, layer.bn_name, layer.bn, network)
+                bn = _bn_state(graph, after, str(layer.bn_name), layer.bn, network)
                 i += 1
             elif bias is not None:
                 bn, folded = _identity_bn(bias, layer.bn.eps), folded + 1

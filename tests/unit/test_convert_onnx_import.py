@@ -13,9 +13,15 @@ onnx = pytest.importorskip("onnx", reason="import-onnx needs the onnx extra (pip
 ort = pytest.importorskip("onnxruntime", reason="the reference forward is onnxruntime's (megaface[onnx])")
 
 from megaface.checkpoint import load_backbone  # noqa: E402
-from megaface.convert.cli import main  # noqa: E402  (after the importorskip)
+from megaface.cli import main as megaface_main  # noqa: E402  (after the importorskip)
 
-FIXTURES = Path(__file__).parent / "fixtures" / "interop" / "arcface_torch"
+
+def convert(args: list[str]) -> int:
+    """`megaface convert ARGS` through the top-level CLI (which prints errors and picks the exit status)."""
+    return megaface_main(["convert", *args])
+
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "interop" / "arcface_torch"
 MBF = FIXTURES / "mbf.onnx"
 R50 = FIXTURES / "large" / "r50.onnx"
 
@@ -29,7 +35,7 @@ def onnxruntime_embeddings(path: Path, images: torch.Tensor) -> torch.Tensor:
 
 def check_import(tmp_path: Path, model_file: Path, network: str) -> None:
     out = tmp_path / "backbone.pt"
-    assert main(["import-onnx", str(model_file), "--network", network, "-o", str(out)]) == 0
+    assert convert(["import-onnx", str(model_file), "--network", network, "-o", str(out)]) == 0
     model, meta = load_backbone(out)
     assert model.network_name == network and meta["build_options"] == {"bn_eps": 1e-5}
     images = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(7)) * 2 - 1
@@ -53,7 +59,7 @@ def test_r50_from_torch2onnx_matches_onnxruntime(tmp_path: Path) -> None:
 
 
 def test_other_network_names_the_first_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["import-onnx", str(MBF), "--network", "iresnet50", "-o", str(tmp_path / "b.pt")]) == 1
+    assert convert(["import-onnx", str(MBF), "--network", "iresnet50", "-o", str(tmp_path / "b.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "node '/layers.0/layers/layers.0/Conv' (Conv) does not match megaface's iresnet50 layer 'conv1'" in err
@@ -68,7 +74,7 @@ def test_foreign_op_names_that_node(tmp_path: Path, capsys: pytest.CaptureFixtur
     del victim.input[1:]
     edited = tmp_path / "relu.onnx"
     onnx.save(graph, str(edited))
-    assert main(["import-onnx", str(edited), "--network", "mobilefacenet_wide", "-o", str(tmp_path / "b.pt")]) == 1
+    assert convert(["import-onnx", str(edited), "--network", "mobilefacenet_wide", "-o", str(tmp_path / "b.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert f"node '{victim.name}' (Relu) does not match megaface's mobilefacenet_wide layer" in err, err
     assert len(err.splitlines()) == 1
@@ -85,14 +91,14 @@ def test_missing_residual_add_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     graph.graph.node.remove(add)
     edited = tmp_path / "noadd.onnx"
     onnx.save(graph, str(edited))
-    assert main(["import-onnx", str(edited), "--network", "mobilefacenet_wide", "-o", str(tmp_path / "b.pt")]) == 1
+    assert convert(["import-onnx", str(edited), "--network", "mobilefacenet_wide", "-o", str(tmp_path / "b.pt")]) == 2
     err = capsys.readouterr().err
     assert "residual Add nodes, megaface's mobilefacenet_wide has 12" in err, err
 
 
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["import-onnx", str(tmp_path / "none.onnx"), "--network", "iresnet50", "-o",
-                 str(tmp_path / "b.pt")]) == 1
+    assert convert(["import-onnx", str(tmp_path / "none.onnx"), "--network", "iresnet50", "-o",
+                 str(tmp_path / "b.pt")]) == 2
     assert "none.onnx does not exist" in capsys.readouterr().err
 
 

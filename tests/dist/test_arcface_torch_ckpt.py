@@ -15,12 +15,17 @@ from typing import Any
 import pytest
 import torch
 
-from megaface.convert.cli import main
-from tests.dist_utils import run_distributed
+from megaface.cli import main as megaface_main
+from tests.conftest import run_distributed
 
-FIXTURE = Path(__file__).parent / "fixtures" / "interop" / "arcface_torch" / "train_w2"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "interop" / "arcface_torch" / "train_w2"
 REFERENCE = json.loads((FIXTURE / "reference.json").read_text()) if (FIXTURE / "reference.json").is_file() else {}
 ARCFACE_TORCH = os.environ.get("MEGAFACE_ARCFACE_TORCH")
+
+
+def convert(args: list[str]) -> int:
+    """`megaface convert ARGS` through the top-level CLI (which prints errors and picks the exit status)."""
+    return megaface_main(["convert", *args])
 
 
 def batch_of(rank_count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +40,7 @@ def resume_and_step(state: Any, tag_dir: str, steps: int) -> list[float]:
     """megaface's resume of the imported checkpoint, then `steps` train steps on the saved batch."""
     from megaface.checkpoint import read_meta
     from megaface.config import load_config
-    from megaface.ds_config import resolve_ds_config
+    from megaface.config.ds_json import resolve_ds_config
     from megaface.head import PartialFC
     from megaface.models import build_model
     from megaface.train.build import build_parts
@@ -52,7 +57,7 @@ def resume_and_step(state: Any, tag_dir: str, steps: int) -> list[float]:
                            state.world_size, "cpu")
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.build_options())
     h = cfg.head
-    head = PartialFC(model.embedding_size, meta["num_classes"], margin=h.margin, scale=h.scale, sample_rate=1.0,
+    head = PartialFC(int(meta["embedding_size"]), meta["num_classes"], margin=h.margin, scale=h.scale, sample_rate=1.0,
                      group=state.group, straight_through=h.straight_through,
                      margin_fallback=h.margin_fallback)
     parts = build_parts(cfg, ds, state, model, head, "fp32")
@@ -69,12 +74,12 @@ class Imported:
     """Checkpoints imported from the fixture, one per target world size, made on first use."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.made = root, {}
+        self.root, self.made = root, dict[int, Path]()
 
     def __getitem__(self, world: int) -> Path:
         if world not in self.made:
             out = self.root / f"w{world}" / "step_00000003"
-            assert main(["import-arcface-torch", str(FIXTURE), "-o", str(out), "--network", "mobilefacenet",
+            assert convert(["import-arcface-torch", str(FIXTURE), "-o", str(out), "--network", "mobilefacenet",
                          "--world-size", str(world)]) == 0
             self.made[world] = out
         return self.made[world]
@@ -119,12 +124,12 @@ def test_import_writes_the_layout(imported: Imported) -> None:
 
 def test_missing_rank_and_wrong_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "checkpoint_gpu_1.pt").write_bytes((FIXTURE / "checkpoint_gpu_1.pt").read_bytes())
-    assert main(["import-arcface-torch", str(tmp_path), "-o", str(tmp_path / "out"), "--network",
-                 "mobilefacenet"]) == 1
+    assert convert(["import-arcface-torch", str(tmp_path), "-o", str(tmp_path / "out"), "--network",
+                 "mobilefacenet"]) == 2
     assert "checkpoint_gpu_0.pt is missing (found ranks [1])" in capsys.readouterr().err
     torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "checkpoint_gpu_0.pt")
-    assert main(["import-arcface-torch", str(tmp_path), "-o", str(tmp_path / "out"), "--network",
-                 "mobilefacenet"]) == 1
+    assert convert(["import-arcface-torch", str(tmp_path), "-o", str(tmp_path / "out"), "--network",
+                 "mobilefacenet"]) == 2
     assert "lacks ['epoch', 'global_step'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -133,7 +138,7 @@ def test_missing_rank_and_wrong_file(tmp_path: Path, capsys: pytest.CaptureFixtu
 def exported(imported: Imported, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """arcface_torch files for 2 ranks exported from the checkpoint imported for 2 ranks."""
     out = tmp_path_factory.mktemp("exported") / "arcface_out"
-    assert main(["export-arcface-torch", str(imported[2]), "-o", str(out), "--world-size", "2"]) == 0
+    assert convert(["export-arcface-torch", str(imported[2]), "-o", str(out), "--world-size", "2"]) == 0
     return out
 
 
@@ -159,7 +164,7 @@ def test_round_trip_gives_back_arcface_torch_files(exported: Path) -> None:
         assert set(ours_opt["state"]) == set(theirs_opt["state"]) - fixed
         for index, value in ours_opt["state"].items():
             assert torch.equal(value["momentum_buffer"], theirs_opt["state"][index]["momentum_buffer"]), index
-        for ours_group, theirs_group in zip(ours_opt["param_groups"], theirs_opt["param_groups"]):
+        for ours_group, theirs_group in zip(ours_opt["param_groups"], theirs_opt["param_groups"], strict=True):
             assert ours_group["params"] == theirs_group["params"]
             for key in ("lr", "initial_lr", "momentum", "weight_decay", "dampening", "nesterov"):
                 assert ours_group[key] == pytest.approx(theirs_group[key], rel=1e-12), key
@@ -171,7 +176,7 @@ def test_round_trip_gives_back_arcface_torch_files(exported: Path) -> None:
 
 def arcface_torch_resumes(state: Any, root: str, output: str) -> list[float]:
     """arcface_torch's train_v2 resume statements on `output`'s files, then two of its steps on next_batch."""
-    from tests.fixtures.interop.arcface_torch_fixtures import build_train_v2, import_peer
+    from tests.support.arcface_torch_fixtures import build_train_v2, import_peer
 
     backbone, module_partial_fc, opt, lr_scheduler, step = build_train_v2(import_peer(Path(root)))
     dict_checkpoint = torch.load(os.path.join(output, f"checkpoint_gpu_{state.rank}.pt"))
@@ -205,7 +210,7 @@ def test_exported_schedule_is_the_trainers() -> None:
 
 def test_export_for_three_ranks_splits_fc7_as_arcface_torch(imported: Imported, tmp_path: Path) -> None:
     """3 ranks over 2001 classes: 667 rows each, in class order; the momentum rows go with them."""
-    assert main(["export-arcface-torch", str(imported[2]), "-o", str(tmp_path / "w3"), "--world-size", "3"]) == 0
+    assert convert(["export-arcface-torch", str(imported[2]), "-o", str(tmp_path / "w3"), "--world-size", "3"]) == 0
     ours = [torch.load(tmp_path / "w3" / f"checkpoint_gpu_{r}.pt", weights_only=True) for r in range(3)]
     theirs = [torch.load(FIXTURE / f"checkpoint_gpu_{r}.pt", weights_only=True) for r in range(2)]
     assert [o["state_dict_softmax_fc"]["weight"].shape[0] for o in ours] == [667, 667, 667]
@@ -221,7 +226,7 @@ def test_export_for_three_ranks_splits_fc7_as_arcface_torch(imported: Imported, 
 def test_wrong_network_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if not REFERENCE:
         pytest.skip(f"{FIXTURE} is absent: run tests/fixtures/interop/make_arcface_torch.sh")
-    assert main(["import-arcface-torch", str(FIXTURE), "-o", str(tmp_path / "out"), "--network", "iresnet50"]) == 1
+    assert convert(["import-arcface-torch", str(FIXTURE), "-o", str(tmp_path / "out"), "--network", "iresnet50"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "iresnet50" in err
     assert not (tmp_path / "out").exists()
