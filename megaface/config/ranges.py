@@ -21,6 +21,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.dropout": (0.0, 1.0, False, True),
     "model.drop_path_rate": (0.0, 1.0, False, True),  # ViT stochastic depth
     "model.mask_ratio": (0.0, 1.0, False, True),  # ViT random patch masking in training
+    "model.bn_eps": (0.0, 1.0, True, True),  # CNN BatchNorm eps; arcface_torch's is 1e-5
     "head.margin[0]": (0.0, 10.0, True, False),  # m1: multiplies theta (SphereFace); 1 = none
     "head.margin[1]": (0.0, math.pi / 2, False, True),  # m2: additive angle in radians (ArcFace 0.5)
     "head.margin[2]": (0.0, 2.0, False, True),  # m3: subtracted cosine (CosFace 0.35); cos spans 2

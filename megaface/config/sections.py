@@ -39,10 +39,14 @@ class ModelConfig:
     """vit_*: fraction of the 144 patches dropped per sample in train mode (mask token); None = size default."""
     checkpointing: bool | None = None
     """vit_*: activation checkpointing per block (non-reentrant); None = the size's default (on for b/l/h)."""
+    bn_eps: float | None = None
+    """CNNs: every BatchNorm's eps; None = the network's own (2e-5 / 1e-3). 1e-5 continues an arcface_torch
+    model exactly (convert import-arcface-torch / import-onnx / import-insightface say so)."""
 
     def build_options(self) -> dict[str, Any]:
-        """The set ViT options as `build_model` keywords (a CNN given one is refused by build_model)."""
-        names = ("drop_path_rate", "mask_ratio", "checkpointing")
+        """The set build options as `build_model` keywords (a ViT option given to a CNN, or bn_eps to a ViT,
+        is refused by build_model)."""
+        names = ("drop_path_rate", "mask_ratio", "checkpointing", "bn_eps")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
     channels_last: bool = True
     """Feed the training batch to the backbone in channels_last (NHWC) memory order; the weights stay NCHW

@@ -1,6 +1,6 @@
 """`megaface convert`: inspect checkpoints, consolidate ZeRO backbones, merge/reshard FC7, ONNX and
-InsightFace interop (arcface_torch state_dicts, MXNet model-zoo files, OneFlow snapshots). Kept light: the
-subcommand modules are imported only when used.
+InsightFace interop (arcface_torch state_dicts, training checkpoints and ONNX exports, MXNet model-zoo files,
+OneFlow snapshots). Kept light: the subcommand modules are imported only when used.
 
     cli.py                 argument parsing; each handler calls one library function
     inspect.py             `inspect`: what a checkpoint holds (`inspect_checkpoint`)
@@ -15,6 +15,9 @@ subcommand modules are imported only when used.
     mxnet_ops.py           MXNet operator attributes with MXNet's documented defaults (symbol JSON reading)
     mxnet_params.py        MXNet `.params` files in pure numpy
     oneflow.py             OneFlow snapshots <-> megaface backbones
+    onnx_import.py         `import-onnx`: arcface_torch torch2onnx graphs -> megaface backbones
+    arcface_torch_ckpt.py  `import/export-arcface-torch`: train_v2 resume files <-> megaface checkpoints
+    arcface_torch_cli.py   the argument parsing of those three subcommands
 """
 
 from __future__ import annotations

@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", help="network name when the source has no meta")
     p.set_defaults(handler=_export_insightface)
     _add_foreign(sub)
+    from megaface.convert.arcface_torch_cli import add_subcommands as add_arcface_torch
+
+    add_arcface_torch(sub)  # import-onnx, import-arcface-torch, export-arcface-torch
     return parser
 
 
