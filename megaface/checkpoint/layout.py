@@ -56,6 +56,11 @@ def find_checkpoint(path_or_latest: str | os.PathLike | None, output_dir: str | 
     path = Path(path_or_latest)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_file():
+        from megaface.checkpoint.filetype import describe_file
+
+        raise ValueError(f"{path} is {describe_file(path)}, not a checkpoint: expected a directory (an output "
+                         "dir, its checkpoints/ dir or a step_NNNNNNNN tag dir)")
     if _is_tag_dir(path):
         return path
     if path.name.endswith(".tmp"):
@@ -92,11 +97,7 @@ def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """An output dir, a checkpoints dir or a tag dir -> the complete tag dir it names."""
-    path = Path(path)
-    if path.is_file():
-        raise ValueError(f"{path} is a file; expected a checkpoint directory (an output dir, its checkpoints/ "
-                         "dir or a step_NNNNNNNN tag dir)")
-    return find_checkpoint(path)
+    return find_checkpoint(Path(path))  # a file is refused there, naming what it is
 
 
 def load_torch_file(path: Path, what: str, weights_only: bool = True, mmap: bool = False) -> Any:

@@ -27,7 +27,8 @@ class ModelConfig:
     network: str = "mobilefacenet"
     """Registry name for `megaface.models.build_model` (e.g. mobilefacenet, iresnet50, iresnet100)."""
     init_from: str | None = _path(None, "Backbone file (.pt/.safetensors: convert import-oneflow / import-mxnet / "
-                                        "import-insightface / consolidate) whose weights training starts from.")
+                                        "import-insightface / consolidate) or checkpoint directory whose weights "
+                                        "training starts from (sha256 digests verified first).")
     embedding_size: int | None = None
     """Embedding width D; None = the network's default (128 for mobilefacenet, 512 for iresnet*)."""
     dropout: float | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from megaface.checkpoint import DS_DIR, FC7_DIR, META_FILE, read_meta
 from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name,
                                             split_merged)
 from megaface.checkpoint.integrity import FILES_KEY, digests, list_files
-from megaface.fileio import atomic_output_dir, atomic_output_file
+from megaface.fileio import atomic_output_dir, atomic_output_file, copy_tree, torch_save
 
 
 def _check_meta(meta: dict[str, Any], merged: dict[str, Any], tag_dir: Path) -> None:
@@ -54,7 +53,7 @@ def merge_checkpoint(tag_dir: str | os.PathLike, output: str | os.PathLike) -> P
     _check_meta(meta, merged, tag_dir)
     merged.update(network=meta.get("network"), iteration=meta.get("iteration"), source=str(tag_dir))
     with atomic_output_file(output) as tmp:
-        torch.save(merged, tmp)
+        torch_save(merged, tmp)
     return Path(output)
 
 
@@ -80,10 +79,10 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
         for item in tag_dir.iterdir():
             if item.name in (FC7_DIR, META_FILE):
                 continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            copy_tree(item, tmp / item.name)
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
-            torch.save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
+            torch_save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
         if FILES_KEY in meta:  # the copy's own digests (the shard files are new)
             meta[FILES_KEY] = digests(tmp, list_files(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")

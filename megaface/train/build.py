@@ -188,10 +188,16 @@ def sample_rate_of(sample_rate: float, num_sample: int | None, num_classes: int)
 
 
 def load_initial_weights(model: nn.Module, path: str, network: str) -> None:
-    """model.init_from: a backbone file's weights, strictly (every key and shape must fit `network`)."""
-    from megaface.checkpoint import read_backbone_file, resolve_network
+    """model.init_from: a backbone file's or a checkpoint's weights (sha256 digests verified first), strictly
+    (every key and shape must fit `network`)."""
+    from megaface.checkpoint import checkpoint_backbone_state, read_backbone_file, read_meta, resolve_network
+    from megaface.checkpoint.integrity import open_checkpoint
 
-    state, meta = read_backbone_file(path)
+    if Path(path).is_dir():
+        tag_dir = open_checkpoint(path)
+        state, meta = checkpoint_backbone_state(tag_dir), read_meta(tag_dir)
+    else:
+        state, meta = read_backbone_file(path)
     resolve_network(meta, network, path)  # a file that names another network is refused with the fix
     try:
         model.load_state_dict(state, strict=True)
