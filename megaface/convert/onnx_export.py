@@ -108,6 +108,11 @@ def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, o
     check raises ValueError and leaves ``path`` as it was. The caller's model is left untouched (its training
     mode is restored; fp16 export works on a copy).
     """
+    # optional packages, imported before the work: torch's exporter reports a missing onnx late, in its own
+    # words; megaface.cli names the extra that installs them
+    import onnx  # noqa: F401
+    if verify:
+        import onnxruntime  # noqa: F401
     model = _as_model(model, network)
     if exporter not in _EXPORTERS:
         raise ValueError(f"unknown ONNX exporter {exporter!r}; choose one of {list(_EXPORTERS)}")
