@@ -135,6 +135,9 @@ class DataConfig:
     """Shuffle / flip seed."""
     skip_corrupt: bool = False
     """Skip images that fail to decode (each skip is logged with a running count) instead of stopping."""
+    strict_decode: bool = False
+    """A JPEG that decodes only with libjpeg warnings (damaged entropy data, truncated: partly grey) is an
+    error (or a skip with skip_corrupt) instead of a counted, logged warning."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from megaface.data.datasets import dataset_where
-from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image, normalize_nchw
+from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image_checked, normalize_nchw
 
 STATE_FORMAT = "megaface.loader.v1"
 
@@ -61,26 +61,33 @@ def _located(where: str, err: BaseException) -> str:
 
 
 class _BatchTask(torch.utils.data.Dataset):
-    """Map-style dataset whose item is a whole batch: (indices, flips) -> (uint8 NCHW, labels, skipped)."""
+    """Map-style dataset whose item is a whole batch: (indices, flips) -> (uint8 NCHW, labels, skipped, damaged).
 
-    def __init__(self, dataset, skip_corrupt: bool):
-        self.dataset, self.skip_corrupt = dataset, skip_corrupt
+    `damaged`: (location, libjpeg warning) of each image that decoded only with warnings (not strict_decode).
+    """
+
+    def __init__(self, dataset, skip_corrupt: bool, strict_decode: bool = False):
+        self.dataset, self.skip_corrupt, self.strict_decode = dataset, skip_corrupt, strict_decode
 
     def __len__(self) -> int:  # unused: items are index arrays from the sampler
         return 0
 
-    def _load(self, i: int) -> tuple[int, np.ndarray | None]:
+    def _load(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
         try:
             label, item = self.dataset[int(i)]
         except (ValueError, OSError, EOFError) as err:  # a damaged record, an unreadable file
             raise DataError(_located(dataset_where(self.dataset, int(i)), err)) from None
         if isinstance(item, np.ndarray) and item.ndim == 3:
-            return label, item
+            return label, item, None
         try:
-            return label, decode_image(item)
+            image, damage = decode_image_checked(item)
+            if damage is not None and self.strict_decode:
+                raise CorruptImageError(f"damaged JPEG data (libjpeg: {damage}) and data.strict_decode=true; "
+                                        "repack the image, or set data.strict_decode=false to train on it anyway")
+            return label, image, damage
         except CorruptImageError as err:
             if self.skip_corrupt:
-                return label, None
+                return label, None, None
             raise CorruptImageError(
                 f"{dataset_where(self.dataset, int(i))}: {err}; set data.skip_corrupt=true to skip such images "
                 "(each skip is counted in the log)"
@@ -99,8 +106,10 @@ class _BatchTask(torch.utils.data.Dataset):
     def _batch(self, task: tuple[np.ndarray, np.ndarray]):
         indices, flips = task
         loaded = [self._load(i) for i in indices]
-        good = [k for k, (_, im) in enumerate(loaded) if im is not None]
-        skipped = [dataset_where(self.dataset, int(indices[k])) for k, (_, im) in enumerate(loaded) if im is None]
+        good = [k for k, (_, im, _) in enumerate(loaded) if im is not None]
+        skipped = [dataset_where(self.dataset, int(indices[k])) for k, (_, im, _) in enumerate(loaded) if im is None]
+        damaged = [(dataset_where(self.dataset, int(indices[k])), why) for k, (_, _, why) in enumerate(loaded)
+                   if why is not None]
         if skipped and not good:
             raise CorruptImageError(f"every image of a batch is corrupt, e.g. {skipped[0]}")
         # a corrupt image is replaced by a good one of the same batch so batch shapes stay equal on all ranks
@@ -123,7 +132,7 @@ class _BatchTask(torch.utils.data.Dataset):
             image = loaded[k][1][:, ::-1] if flips[j] else loaded[k][1]
             buffer[j] = image.transpose(2, 0, 1)
         labels = torch.tensor([int(loaded[k][0]) for k in src], dtype=torch.int64)
-        return images, labels, skipped
+        return images, labels, skipped, damaged
 
 
 class _TaskList(torch.utils.data.Sampler):
@@ -149,7 +158,7 @@ class TrainLoader:
 
     def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  drop_last: bool = True, workers: int = 2, flip: bool = True, normalize: str = "arcface_torch",
-                 skip_corrupt: bool = False, log=None):
+                 skip_corrupt: bool = False, log=None, strict_decode: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (per-rank batch), got {batch_size}")
         if not (world_size >= 1 and 0 <= rank < world_size):
@@ -169,9 +178,11 @@ class TrainLoader:
         self._epoch, self._position = 0, 0
         self.skipped = 0
         self.skipped_where: list[str] = []
+        self.damaged = 0  # images decoded despite libjpeg warnings (damaged entropy data), this run
+        self.damaged_where: list[str] = []
         self._warned_classes = False
         self._log = log or print
-        self._task = _BatchTask(dataset, self.skip_corrupt)
+        self._task = _BatchTask(dataset, self.skip_corrupt, bool(strict_decode))
         self._sampler = _TaskList()
         self._pool: torch.utils.data.DataLoader | None = None
 
@@ -216,26 +227,32 @@ class TrainLoader:
         else:
             source = (self._task[t] for t in tasks)
         whole_epoch, top_label = self._position == 0, -1
+        declared = getattr(self.dataset, "num_classes", None)
+        used = np.zeros(int(declared), dtype=bool) if declared else None  # the classes one epoch's labels use
         for item in source:
             if isinstance(item, _WorkerFailure):
                 raise item.error()
-            images, labels, skipped = item
+            images, labels, skipped, damaged = item
             top_label = max(top_label, int(labels.max())) if labels.numel() else top_label
+            if used is not None and labels.numel() and top_label < used.size:
+                used[labels.numpy()] = True
             self._position += self.global_batch
             if skipped:
                 self._report(skipped)
+            if damaged:
+                self._report_damaged(damaged)
             yield normalize_nchw(images, self.normalize), labels
         if whole_epoch and self.world_size == 1:  # one rank sees every label only without sharding
-            self._check_class_count(top_label)
+            self._check_class_count(top_label, int(used.sum()) if used is not None else top_label + 1)
         self.set_epoch(self._epoch + 1)
 
-    def _check_class_count(self, top_label: int) -> None:
+    def _check_class_count(self, top_label: int, used: int) -> None:
         declared = getattr(self.dataset, "num_classes", None)
-        if declared is not None and not self._warned_classes and top_label + 1 < declared:
+        if declared is not None and not self._warned_classes and used < declared:
             self._warned_classes = True
-            self._log(f"data: warning: the data declares {declared} classes but one epoch saw labels only up to "
-                      f"{top_label}; FC7 rows {top_label + 1}..{declared - 1} are never trained. Fine for a subset "
-                      "of a pack; otherwise fix the class count (property file)")
+            self._log(f"data: warning: the data declares {declared} classes but the labels of one epoch use "
+                      f"{used} of them (up to {top_label}); {declared - used} FC7 rows are never trained. Fine for "
+                      "a subset of a pack; otherwise fix the class count (property file)")
 
     def _worker_pool(self) -> torch.utils.data.DataLoader:
         # Workers persist across epochs (forking a process that holds torch costs ~0.5 s); the sampler
@@ -256,6 +273,13 @@ class TrainLoader:
         self.skipped += len(skipped)
         self.skipped_where += skipped[: max(0, 100 - len(self.skipped_where))]
         self._log(f"data: skipped {len(skipped)} corrupt image(s) ({self.skipped} so far), e.g. {skipped[0]}")
+
+    def _report_damaged(self, damaged: list[tuple[str, str]]) -> None:
+        self.damaged += len(damaged)
+        self.damaged_where += [where for where, _ in damaged][: max(0, 100 - len(self.damaged_where))]
+        where = "; ".join(w for w, _ in damaged[:5]) + (f"; +{len(damaged) - 5} more" if len(damaged) > 5 else "")
+        self._log(f"data: warning: {len(damaged)} image(s) decoded from damaged JPEG data ({self.damaged} so far; "
+                  f"libjpeg: {damaged[0][1]}): {where}; data.strict_decode=true stops on them")
 
     def state_dict(self) -> dict:
         epoch, position = self._epoch, self._position

@@ -231,7 +231,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
-                         skip_corrupt=cfg.data.skip_corrupt)
+                         skip_corrupt=cfg.data.skip_corrupt, strict_decode=cfg.data.strict_decode)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
                         **cfg.model.build_options())
     if cfg.model.init != "per_group":
