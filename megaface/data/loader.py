@@ -135,6 +135,43 @@ class _BatchTask(torch.utils.data.Dataset):
         return images, labels, skipped, damaged
 
 
+def worker_death(err: BaseException, workers: int) -> str | None:
+    """One line for a loader worker's death (torch: "DataLoader worker (pid 123) is killed by signal: Killed.",
+    raised by its SIGCHLD handler wherever the main thread is), naming the worker, the signal and what to
+    change; None for any other error."""
+    import re
+
+    text = " ".join(str(err).split())
+    if not isinstance(err, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    pid = re.search(r"pid\(?s?\)? ?(\d[\d, ]*\d|\d)", text)
+    sig = re.search(r"killed by signal: ([\w ]+?)\.?$", text)
+    import signal
+
+    name = sig.group(1).strip() if sig else ""
+    number = next((s.name for s in signal.Signals if signal.strsignal(s) == name), name)
+    how = f"was killed by {number} ({name})" if sig else "exited unexpectedly"
+    oom = " (most likely the kernel's OOM killer, see `dmesg`)" if sig is None or number == "SIGKILL" else ""
+    return (f"data loader worker (pid {pid.group(1) if pid else '?'}) {how}{oom}; lower data.workers (now "
+            f"{workers}) or the batch size, or give the job more memory")
+
+
+def _worker_deaths_named(source, workers: int):
+    """`source`, with a loader worker's death raised as one DataError (`worker_death`)."""
+    iterator = iter(source)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            line = worker_death(err, workers)
+            if line is None:
+                raise
+            raise DataError(line) from None
+        yield item
+
+
 class _TaskList(torch.utils.data.Sampler):
     """The current epoch's (indices, flips) tasks; replaced before each epoch."""
 
@@ -229,7 +266,7 @@ class TrainLoader:
         whole_epoch, top_label = self._position == 0, -1
         declared = getattr(self.dataset, "num_classes", None)
         used = np.zeros(int(declared), dtype=bool) if declared else None  # the classes one epoch's labels use
-        for item in source:
+        for item in _worker_deaths_named(source, self.workers):
             if isinstance(item, _WorkerFailure):
                 raise item.error()
             images, labels, skipped, damaged = item

@@ -10,6 +10,7 @@ backbone (a `DataParallelFace` container) and DeepSpeed averages its gradients l
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,15 @@ def init_process_group(timeout_s: float) -> DistState:
     of its own (its MPI discovery would take MASTER_ADDR from the external interface)."""
     from megaface.distributed import init_distributed
 
-    return init_distributed(timeout_s=timeout_s, require_group=True)
+    try:
+        return init_distributed(timeout_s=timeout_s, require_group=True)
+    except torch.distributed.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err) and "already in use" not in str(err):
+            raise
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        raise ValueError(f"MASTER_PORT={port} on MASTER_ADDR={addr} is already in use (another job or an earlier "
+                         "run still listening): export another MASTER_PORT, or unset MASTER_ADDR/MASTER_PORT for "
+                         "a single process (megaface then picks a free port)") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -11,7 +11,9 @@ import torch
 
 from megaface.checkpoint import find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
+from megaface.data.loader import worker_death
 from megaface.distributed import comm, shutdown
+from megaface.distributed.heartbeat import EXIT_PEER_FAILED, Heartbeat
 from megaface.train.build import Run, build_run, init_process_group
 from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
@@ -46,6 +48,7 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             print(message, flush=True)
 
     lock = None
+    heartbeat = Heartbeat(state, cfg.train.collective_timeout_s).start()  # every rank learns why a peer ended
     try:
         lock = _lock_output(Path(cfg.train.output_dir), state, log)
         run = build_run(cfg, ds_raw, state, log)
@@ -55,19 +58,36 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             f"{run.ds['train_batch_size']}, {run.num_classes} classes, head {cfg.head.parallel}-parallel)")
         return _train(run, log)
     except (ValueError, FileNotFoundError) as err:
+        if (peer := heartbeat.peer_error()) is not None:  # this rank's error follows another rank's
+            return _peer_failed(heartbeat, prefix, peer)
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
+        heartbeat.report_error(" ".join(str(err).split()))
         return 2
     except RuntimeError as err:
+        if (peer := heartbeat.peer_error()) is not None:  # gloo's "Connection closed by peer" and the like
+            return _peer_failed(heartbeat, prefix, peer)
+        if (death := worker_death(err, cfg.data.workers)) is not None:  # raised by torch's SIGCHLD handler
+            print(f"{prefix}megaface train: error: {death}", file=sys.stderr, flush=True)
+            heartbeat.report_error(death)
+            return 1
         if not _is_timeout(err):
             raise
-        print(f"{prefix}megaface train: error: {_timeout_message(err, cfg.train.collective_timeout_s)}",
-              file=sys.stderr, flush=True)
+        print(f"{prefix}megaface train: error: {_timeout_message(err, cfg.train.collective_timeout_s)}"
+              f"{heartbeat.silent_note()}", file=sys.stderr, flush=True)
         return 3
     finally:
+        heartbeat.stop()
         if lock is not None:
             lock.release()
         if owns_group:
             shutdown()
+
+
+def _peer_failed(heartbeat: Heartbeat, prefix: str, message: str) -> int:
+    """The line of a rank that ended because another rank failed first: that rank's own error."""
+    if heartbeat.take_report():
+        print(f"{prefix}megaface train: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_PEER_FAILED
 
 
 def _lock_output(output_dir: Path, state: Any, log: Callable[[str], None]) -> RunLock | None:
