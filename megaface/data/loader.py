@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -135,24 +137,37 @@ class _BatchTask(torch.utils.data.Dataset):
         return images, labels, skipped, damaged
 
 
-def worker_death(err: BaseException, workers: int) -> str | None:
-    """One line for a loader worker's death (torch: "DataLoader worker (pid 123) is killed by signal: Killed.",
-    raised by its SIGCHLD handler wherever the main thread is), naming the worker, the signal and what to
-    change; None for any other error."""
+def _worker_signals(pool: Any) -> dict[int, int]:
+    """{pid: signal number} of the pool's workers that a signal ended (torch's "exited unexpectedly" names none)."""
+    processes = getattr(getattr(pool, "_iterator", None), "_workers", None) or []
+    return {w.pid: -w.exitcode for w in processes if getattr(w, "exitcode", None) is not None and w.exitcode < 0}
+
+
+def worker_death(err: BaseException, workers: int, signals: dict[int, int] | None = None) -> str | None:
+    """One line for a loader worker's death, naming the worker, the signal and what to change; None for any
+    other error. torch says "DataLoader worker (pid 123) is killed by signal: Killed." (from its SIGCHLD
+    handler, wherever the main thread is) or "... exited unexpectedly"; `signals` ({pid: signal number}, from
+    the pool's process objects) fills in the signal the second one does not name."""
     import re
+    import signal
 
     text = " ".join(str(err).split())
     if not isinstance(err, RuntimeError) or "DataLoader worker" not in text:
         return None
-    pid = re.search(r"pid\(?s?\)? ?(\d[\d, ]*\d|\d)", text)
-    sig = re.search(r"killed by signal: ([\w ]+?)\.?$", text)
-    import signal
-
-    name = sig.group(1).strip() if sig else ""
-    number = next((s.name for s in signal.Signals if signal.strsignal(s) == name), name)
-    how = f"was killed by {number} ({name})" if sig else "exited unexpectedly"
-    oom = " (most likely the kernel's OOM killer, see `dmesg`)" if sig is None or number == "SIGKILL" else ""
-    return (f"data loader worker (pid {pid.group(1) if pid else '?'}) {how}{oom}; lower data.workers (now "
+    pids = re.search(r"pid\(?s?\)? ?(\d[\d, ]*\d|\d)", text)
+    named = re.search(r"killed by signal: ([\w ]+?)\.?$", text)
+    number: int | None = None
+    if named is not None:
+        number = next((s.value for s in signal.Signals if signal.strsignal(s) == named.group(1).strip()), None)
+    elif signals:
+        first = int(pids.group(1).split(",")[0]) if pids else None
+        number = signals.get(first) if first in signals else next(iter(signals.values()))
+    if number is not None:
+        how = f"was killed by {signal.Signals(number).name} ({signal.strsignal(number)})"
+    else:
+        how = f"was killed by signal {named.group(1).strip()}" if named else "exited unexpectedly"
+    oom = " (most likely the kernel's OOM killer, see `dmesg`)" if number in (None, signal.SIGKILL) else ""
+    return (f"data loader worker (pid {pids.group(1) if pids else '?'}) {how}{oom}; lower data.workers (now "
             f"{workers}) or the batch size, or give the job more memory")
 
 
@@ -165,7 +180,7 @@ def _worker_deaths_named(source, workers: int):
         except StopIteration:
             return
         except RuntimeError as err:
-            line = worker_death(err, workers)
+            line = worker_death(err, workers, _worker_signals(source))
             if line is None:
                 raise
             raise DataError(line) from None

@@ -52,7 +52,7 @@ class Heartbeat:
                  prefix: str = "train", exit_process: Callable[[int], None] = os._exit) -> None:
         self.rank, self.world_size = state.rank, state.world_size
         self.timeout_s = float(timeout_s)
-        self.interval_s = interval_s if interval_s is not None else max(0.5, min(5.0, self.timeout_s / 5))
+        self.interval_s = interval_s if interval_s is not None else max(0.5, min(2.0, self.timeout_s / 10))
         self.prefix = prefix
         self._exit = exit_process
         self._store: dist.Store | None = None
@@ -60,6 +60,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._reported = threading.Lock()  # one line per process, from whichever thread gets there first
         self._thread: threading.Thread | None = None
+        self._acked = False  # this rank has told the failing rank it read its error (it may then exit)
         self.peer_quiet_s = 0.0  # how long the watched rank's counter has not moved (0 while it beats)
 
     # ---- life cycle ----------------------------------------------------------------------------------
@@ -112,16 +113,10 @@ class Heartbeat:
             if not self._reader.check(["error"]):
                 return None
             message = self._reader.get("error").decode()
-            self._reader.add("ack", 1)
+            self._ack(self._reader)
             return message
         except (RuntimeError, OSError):
             return None
-
-    def silent_note(self) -> str:
-        """' (rank N has sent no heartbeat for S s)' when the watched rank is quiet, for a timeout's line."""
-        if self._thread is None or self.peer_quiet_s < 2 * self.interval_s:
-            return ""
-        return f" (rank {(self.rank + 1) % self.world_size} has sent no heartbeat for {self.peer_quiet_s:.0f} s)"
 
     def take_report(self) -> bool:
         """True once per process: the caller prints the line (main thread or watcher, never both)."""
@@ -139,9 +134,10 @@ class Heartbeat:
                 count += 1
                 self._store.set(f"beat/{self.rank}", str(count))
                 if self._store.check(["error"]):
+                    self._ack(self._store)  # the failing rank may exit now: our collective then fails at once
                     error_seen_at = error_seen_at or now
                     if now - error_seen_at >= 2 * self.interval_s:  # the main thread is still blocked
-                        self._end(self._store.get("error").decode(), ack=True)
+                        self._end(self._store.get("error").decode())
                     continue
                 value = self._store.get(f"beat/{peer}").decode() if self._store.check([f"beat/{peer}"]) else None
             except (RuntimeError, OSError) as err:  # the store does not answer: its host is stopped or gone
@@ -156,17 +152,18 @@ class Heartbeat:
                 continue
             self.peer_quiet_s = now - seen_at
             if now - seen_at > self.timeout_s:
-                self._silent(peer, now - seen_at)
+                self._end(self._silent(peer, now - seen_at, self._store))
 
-    def _silent(self, peer: int, seconds: float) -> None:
-        who = self._store.get(f"who/{peer}").decode().split() if self._store.check([f"who/{peer}"]) else []
+    def _silent(self, peer: int, seconds: float, store: dist.Store) -> str:
+        """Post (first one wins) and return the line naming the silent `peer`; SIGKILL it when it is local."""
+        who = store.get(f"who/{peer}").decode().split() if store.check([f"who/{peer}"]) else []
         host, pid = (who[0], int(who[1])) if len(who) == 2 else ("?", None)
-        line = (f"rank {peer} (pid {pid} on {host}) sent no heartbeat for {seconds:.0f} s (more than "
-                f"train.collective_timeout_s={self.timeout_s:g}): it is stopped (SIGSTOP, a debugger), swapping or "
-                "hung; the job is ended. Check that rank's host, then resume with --resume latest")
+        line = (f"rank {peer} (pid {pid} on {host}) sent no heartbeat for {seconds:.0f} s (train."
+                f"collective_timeout_s={self.timeout_s:g}): it is stopped (SIGSTOP, a debugger), swapping or hung; "
+                "the job is ended. Check that rank's host, then resume with --resume latest")
         try:
-            self._store.compare_set("error", "", f"rank {self.rank}: {line}")
-            line = self._store.get("error").decode()  # another rank may have posted first: say the same
+            store.compare_set("error", "", f"rank {self.rank}: {line}")
+            line = store.get("error").decode()  # another rank may have posted first: say the same
         except (RuntimeError, OSError):
             line = f"rank {self.rank}: {line}"
         if pid is not None and host == socket.gethostname():
@@ -174,16 +171,26 @@ class Heartbeat:
                 os.kill(pid, signal.SIGKILL)  # a stopped process takes no other signal; the launcher would wait
             except (ProcessLookupError, PermissionError):
                 pass
-        self._end(line, ack=False)
+        return line
 
-    def _end(self, line: str, ack: bool) -> None:
+    def explain_timeout(self) -> str | None:
+        """After a collective timed out in the main thread: the silent rank's line (as the watcher would have
+        posted it), or None when the watched rank still beats (the backend's message is all there is)."""
+        if self._reader is None or self.peer_quiet_s < 2 * self.interval_s:
+            return None
+        try:
+            return self._silent((self.rank + 1) % self.world_size, self.peer_quiet_s, self._reader)
+        except (RuntimeError, OSError):
+            return None
+
+    def _ack(self, store: dist.Store) -> None:
+        if not self._acked:
+            self._acked = True
+            store.add("ack", 1)
+
+    def _end(self, line: str) -> None:
         if self.take_report():
             print(f"{prefix_of(self.rank)}megaface {self.prefix}: error: {line}", file=sys.stderr, flush=True)
-            if ack:
-                try:
-                    self._store.add("ack", 1)
-                except (RuntimeError, OSError):
-                    pass
             self._exit(EXIT_PEER_FAILED)
         self._stop.set()
 

@@ -72,8 +72,10 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             return 1
         if not _is_timeout(err):
             raise
-        print(f"{prefix}megaface train: error: {_timeout_message(err, cfg.train.collective_timeout_s)}"
-              f"{heartbeat.silent_note()}", file=sys.stderr, flush=True)
+        if (silent := heartbeat.explain_timeout()) is not None:  # the heartbeat names the silent rank
+            return _peer_failed(heartbeat, prefix, silent)
+        print(f"{prefix}megaface train: error: {_timeout_message(err, cfg.train.collective_timeout_s)}",
+              file=sys.stderr, flush=True)
         return 3
     finally:
         heartbeat.stop()
