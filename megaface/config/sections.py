@@ -208,7 +208,7 @@ class TrainConfig:
     """latest, a checkpoint tag directory, or None."""
     collective_timeout_s: float = 120.0
     """A collective waiting longer than this fails the job: a dead, hung or stopped rank ends the others
-    (exit code 3, naming the silent rank when the backend does). 120 s suits CPU jobs; on GPU clusters
+    (exit code 3); a rank whose store heartbeat stops for this long is named (pid, host) and ended. 120 s suits CPU jobs; on GPU clusters
     with slow first steps (NCCL setup, compilation) or long validation, raise it (e.g. 600-1800)."""
     threads: int = 0
     """torch intra-op threads per rank; 0 = leave torch's default."""
