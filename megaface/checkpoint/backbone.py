@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from megaface.checkpoint.filetype import require_weight_file
-from megaface.checkpoint.integrity import (open_checkpoint, sha256_file, skipped_verification,
-                                           verify_backbone_file)
+from megaface.checkpoint.integrity import open_checkpoint, sha256_file, skipped_verification, verify_backbone_file
 from megaface.checkpoint.layout import DS_DIR, load_torch_file, read_meta
 from megaface.checkpoint.zero_reader import read_fp32_state_dict
 from megaface.fileio import atomic_output_file, atomic_torch_save, atomic_write_text, save_bytes

@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megaface.checkpoint import DS_DIR, FC7_DIR, META_FILE, read_meta
 from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name,
                                             split_merged)

@@ -18,7 +18,6 @@ float32 would quadruple the bytes crossing the process boundary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np

@@ -69,10 +69,10 @@ class Heartbeat:
         if self.world_size < 2:
             return self
         store_timeout = max(2 * self.interval_s, 5.0)
-        self._store, self._reader = _connect(store_timeout), _connect(store_timeout)
-        whoami = f"{socket.gethostname()} {os.getpid()}"
-        self._store.set(f"who/{self.rank}", whoami)
-        self._store.set(f"beat/{self.rank}", "0")
+        store = self._store = _connect(store_timeout)
+        self._reader = _connect(store_timeout)
+        store.set(f"who/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+        store.set(f"beat/{self.rank}", "0")
         self._thread = threading.Thread(target=self._run, name="megaface-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -85,7 +85,8 @@ class Heartbeat:
         self._thread.join(timeout=2 * self.interval_s + 5)
         self._thread = None
         try:
-            self._store.set(f"beat/{self.rank}", _DONE)
+            if self._store is not None:
+                self._store.set(f"beat/{self.rank}", _DONE)
         except (RuntimeError, OSError):
             pass  # the store's host (launcher or rank 0) is gone: nobody is left to read it
 
@@ -125,6 +126,8 @@ class Heartbeat:
     # ---- the thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        store = self._store
+        assert store is not None  # started by `start`, after the connection
         peer = (self.rank + 1) % self.world_size
         count, seen, seen_at = 0, None, time.monotonic()
         error_seen_at: float | None = None
@@ -132,14 +135,14 @@ class Heartbeat:
             now = time.monotonic()
             try:
                 count += 1
-                self._store.set(f"beat/{self.rank}", str(count))
-                if self._store.check(["error"]):
-                    self._ack(self._store)  # the failing rank may exit now: our collective then fails at once
+                store.set(f"beat/{self.rank}", str(count))
+                if store.check(["error"]):
+                    self._ack(store)  # the failing rank may exit now: our collective then fails at once
                     error_seen_at = error_seen_at or now
                     if now - error_seen_at >= 2 * self.interval_s:  # the main thread is still blocked
-                        self._end(self._store.get("error").decode())
+                        self._end(store.get("error").decode())
                     continue
-                value = self._store.get(f"beat/{peer}").decode() if self._store.check([f"beat/{peer}"]) else None
+                value = store.get(f"beat/{peer}").decode() if store.check([f"beat/{peer}"]) else None
             except (RuntimeError, OSError) as err:  # the store does not answer: its host is stopped or gone
                 if now - seen_at > self.timeout_s:
                     self._end(f"the job's store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
@@ -152,7 +155,7 @@ class Heartbeat:
                 continue
             self.peer_quiet_s = now - seen_at
             if now - seen_at > self.timeout_s:
-                self._end(self._silent(peer, now - seen_at, self._store))
+                self._end(self._silent(peer, now - seen_at, store))
 
     def _silent(self, peer: int, seconds: float, store: dist.Store) -> str:
         """Post (first one wins) and return the line naming the silent `peer`; SIGKILL it when it is local."""
