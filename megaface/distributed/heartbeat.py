@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from typing import Callable
 
 import torch.distributed as dist
@@ -69,10 +70,17 @@ class Heartbeat:
         if self.world_size < 2:
             return self
         store_timeout = max(2 * self.interval_s, 5.0)
-        store = self._store = _connect(store_timeout)
-        self._reader = _connect(store_timeout)
-        store.set(f"who/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
-        store.set(f"beat/{self.rank}", "0")
+        try:
+            store = _connect(store_timeout)
+            reader = _connect(store_timeout)
+            store.set(f"who/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+            store.set(f"beat/{self.rank}", "0")
+        except (RuntimeError, OSError, KeyError, ValueError) as err:  # no store to reach: train without it
+            warnings.warn(f"rank {self.rank}: no store heartbeat ({' '.join(str(err).split())[:200]}); a failed "
+                          "or silent rank then ends the job only through train.collective_timeout_s",
+                          UserWarning, stacklevel=2)
+            return self
+        self._store, self._reader = store, reader
         self._thread = threading.Thread(target=self._run, name="megaface-heartbeat", daemon=True)
         self._thread.start()
         return self

@@ -35,7 +35,8 @@ def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
-    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss, 2 user error)."""
+    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss or a dead loader worker,
+    2 user error, 3 another rank failed first or a collective timed out)."""
     import torch.distributed as dist
 
     started = time.perf_counter()
@@ -58,7 +59,8 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             f"{run.ds['train_batch_size']}, {run.num_classes} classes, head {cfg.head.parallel}-parallel)")
         return _train(run, log)
     except (ValueError, FileNotFoundError) as err:
-        if (peer := heartbeat.peer_error()) is not None:  # this rank's error follows another rank's
+        peer = heartbeat.peer_error()
+        if peer is not None and not peer.endswith(" ".join(str(err).split())):  # it follows another rank's
             return _peer_failed(heartbeat, prefix, peer)
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
         heartbeat.report_error(" ".join(str(err).split()))
