@@ -136,6 +136,10 @@ class _BatchTask(torch.utils.data.Dataset):
         return images, labels, skipped, damaged
 
 
+class WorkerDied(DataError):
+    """A loader worker process ended (a signal: the OOM killer's SIGKILL, a crash): the environment, exit 1."""
+
+
 def _worker_signals(pool: Any) -> dict[int, int]:
     """{pid: signal number} of the pool's workers that a signal ended (torch's "exited unexpectedly" names none)."""
     processes = getattr(getattr(pool, "_iterator", None), "_workers", None) or []
@@ -171,7 +175,7 @@ def worker_death(err: BaseException, workers: int, signals: dict[int, int] | Non
 
 
 def _worker_deaths_named(source, workers: int):
-    """`source`, with a loader worker's death raised as one DataError (`worker_death`)."""
+    """`source`, with a loader worker's death raised as one WorkerDied (`worker_death`)."""
     iterator = iter(source)
     while True:
         try:
@@ -182,7 +186,7 @@ def _worker_deaths_named(source, workers: int):
             line = worker_death(err, workers, _worker_signals(source))
             if line is None:
                 raise
-            raise DataError(line) from None
+            raise WorkerDied(line) from None
         yield item
 
 

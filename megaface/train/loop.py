@@ -11,7 +11,7 @@ import torch
 
 from megaface.checkpoint import find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
-from megaface.data.loader import worker_death
+from megaface.data.loader import WorkerDied, worker_death
 from megaface.distributed import comm, shutdown
 from megaface.distributed.heartbeat import EXIT_PEER_FAILED, Heartbeat
 from megaface.train.build import Run, build_run, init_process_group
@@ -64,7 +64,7 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             return _peer_failed(heartbeat, prefix, peer)
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
         heartbeat.report_error(" ".join(str(err).split()))
-        return 2
+        return 1 if isinstance(err, WorkerDied) else 2  # a dead worker is the environment, not the input
     except RuntimeError as err:
         if (peer := heartbeat.peer_error()) is not None:  # gloo's "Connection closed by peer" and the like
             return _peer_failed(heartbeat, prefix, peer)
