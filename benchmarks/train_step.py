@@ -9,7 +9,8 @@ All cases run one after another in one set of rank processes (imports and proces
 each case builds its own engine) and each (network, precision, variant) prints one JSON line: samples/s (wall, slowest
 rank), samples per CPU-second (summed over ranks: the measure that survives a loaded machine), and each
 phase's share of the step, timed exclusively (a collective inside backward counts as communication only):
-  data            next(batch) from megaface's TrainLoader over a cached synthetic RecordIO pack
+  data            next(batch) from megaface's TrainLoader over a cached synthetic RecordIO pack (uint8, the
+                  training default; its normalisation runs in the step and counts as "other")
   backbone_fwd    the engine's forward
   head_fwd        PartialFC forward: all-gather, sampled FC7 logits + margin, distributed softmax CE
   backward        engine.backward: backbone and head backward (the head's reduce-scatter is communication)
@@ -173,7 +174,7 @@ def build_case(state: Any, case: dict[str, Any], data_root: Path) -> tuple[Any, 
                             "channels_last" in case["items"], "input_channels_last" in case["items"])
     pack_dir, _ = ensure_synthetic(data_root, case["identities"], 4, 0, 0)
     loader = TrainLoader(build_dataset("recordio", str(pack_dir)), case["batch"], state.rank, state.world_size,
-                         workers=case["workers"])
+                         workers=case["workers"], on_device=True, device=state.device)  # training's input path
     return parts, loader
 
 

@@ -37,11 +37,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval-ident": ("megaface.eval.cli", "main_ident", "MegaFace-style 1:N identification (rank-1, CMC)"),
     "embed": ("megaface.eval.cli", "main_embed", "embeddings for an image folder, a RecordIO pack or a .bin"),
     "pack": ("megaface.data.cli", "main", "write RecordIO training packs, .bin verification packs, synthetic data"),
+    "align": ("megaface.data.align", "main", "5-point landmarks -> aligned 112x112 ArcFace crops (folder or pack)"),
     "convert": ("megaface.convert", "main", "inspect, consolidate, reshard, ONNX and InsightFace interop"),
     "models": ("megaface.models.cli", "main", "the networks model.network accepts; parameters and multiply-adds"),
     "summary": ("megaface.train.summary", "main", "what a finished run produced: best accuracy, model, next command"),
 }
-NESTED_COMMANDS = ("convert",)  # their errors name the subcommand too: `megaface convert inspect: error: ...`
+NESTED_COMMANDS = ("convert",)
+# subcommands served by a module above their command's own layer: `pack preview` reads the experiment config
+ROUTES: dict[tuple[str, str], tuple[str, str]] = {("pack", "preview"): ("megaface.train.preview", "main")}  # their errors name the subcommand too: `megaface convert inspect: error: ...`
 
 
 
@@ -190,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     module_name, func_name, _ = COMMANDS[name]
     warnings.formatwarning = _warning_line(name)
+    func_args = rest
+    if rest and (name, rest[0]) in ROUTES:
+        (module_name, func_name), func_args = ROUTES[(name, rest[0])], rest[1:]
     func = getattr(importlib.import_module(module_name), func_name)
     try:
-        return int(func(rest) or 0)
+        return int(func(func_args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         # Errors a user can cause carry their own explanation (value, constraint, fix): print it alone.
         if os.environ.get("MEGAFACE_TRACEBACK"):
@@ -229,7 +235,7 @@ def _print_error(name: str, rest: list[str], message: str) -> None:
 
     Under a launcher every rank prints its own line (the prefix says which), so no rank fails silently.
     """
-    if name in NESTED_COMMANDS and rest and not rest[0].startswith("-"):
+    if rest and (name in NESTED_COMMANDS or (name, rest[0]) in ROUTES) and not rest[0].startswith("-"):
         name = f"{name} {rest[0]}"
     world = os.environ.get("WORLD_SIZE", "1")
     prefix = f"[rank {os.environ['RANK']}] " if world.isdigit() and int(world) > 1 and "RANK" in os.environ else ""

@@ -36,6 +36,15 @@ MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
 }
 """Combined-margin presets (m1, m2, m3): target logit cos(m1*theta + m2) - m3."""
 
+AlignOutput = Literal["folder", "pack"]
+"""`megaface align` output: a folder of crops (same relative names), or a RecordIO pack (needs labels)."""
+ALIGN_OUTPUTS: tuple[str, ...] = get_args(AlignOutput)
+
+IjbPooling = Literal["arcface_torch", "unit"]
+"""IJB template features: arcface_torch = eval_ijbc.py's (image norm kept, image x detector score, media mean,
+template sum, L2); unit = every image L2-normalised, no score, media mean, template mean, L2."""
+IJB_POOLINGS: tuple[str, ...] = get_args(IjbPooling)
+
 ProgressMode = Literal["auto", "on", "off"]
 """Progress bar: auto = on a terminal only; on; off."""
 PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)
@@ -63,3 +72,7 @@ MARGIN_FALLBACKS: tuple[str, ...] = get_args(MarginFallback)
 ModelInit = Literal["per_group", "arcface_torch"]
 """Convolution init: fan-in per group (megaface) or over the whole weight (arcface_torch)."""
 MODEL_INITS: tuple[str, ...] = get_args(ModelInit)
+
+CropMode = Literal["pad", "resize"]
+"""data.augment.crop_mode: keep the crop in place and zero the rest (AdaFace), or resize it to the image."""
+CROP_MODES: tuple[str, ...] = get_args(CropMode)

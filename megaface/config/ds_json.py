@@ -11,6 +11,7 @@ import copy
 import json
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from megaface.config.ds_schema import check_ds_config
@@ -27,7 +28,7 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
 }
 
 
-def load_ds_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict[str, Any]:
+def load_ds_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read the JSON (or the default) and apply `ds.` overrides ('--ds.a.b=v' or 'a.b=v')."""
     if path is None:
         ds = copy.deepcopy(DEFAULT_DS_CONFIG)

@@ -17,6 +17,7 @@ import os
 import types
 import typing
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -113,7 +114,7 @@ def _build(cls: type, raw: dict[str, Any], base: Path | None, where: str) -> Any
         if key not in fields:
             raise _unknown(str(key), list(fields), where)
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, base, f"{where}{key}.")
             continue
         if where == "head." and key == "margin" and isinstance(value, str):
@@ -246,7 +247,7 @@ def _cli_paths(tree: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> 
             node[parts[-1]] = _resolve_paths(node[parts[-1]], Path.cwd())
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load a YAML experiment file (or defaults when path is None), apply dotted overrides, validate."""
     tree: dict[str, Any] = {}
     base: Path | None = None
@@ -279,8 +280,9 @@ def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, str]
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[prefix + node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)):
+            docs[prefix + node.target.id] = str(nxt.value.value)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):

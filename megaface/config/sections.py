@@ -9,6 +9,7 @@ from typing import Any
 
 from megaface import vocab
 from megaface.data import synthetic
+from megaface.data.augment import Augment
 
 
 def _path(default: Any = None, doc: str = "") -> Any:
@@ -49,6 +50,9 @@ class ModelConfig:
     (DeepSpeed's flat parameter buffers need them contiguous) and the results are the same up to float
     rounding. On CPU it cut MobileFaceNet forward + backward CPU time by ~22% and left IResNet-50 unchanged
     (benchmarks/README.md); false feeds NCHW."""
+    compile: bool = False
+    """torch.compile the backbone inside the DeepSpeed engine (ZeRO 0-2; checkpoints keep their keys). On CPU
+    inductor writes C++ and needs a compiler (g++); the first steps pay the compilation."""
     init: vocab.ModelInit = "per_group"
     """Conv/linear init: per_group = He fan_out counted per group (the networks' own); arcface_torch = fan_out
     ignoring groups, as its kaiming_normal_ does (depthwise kernels ~sqrt(channels) times smaller, so behind
@@ -129,6 +133,8 @@ class DataConfig:
     """Decoding worker threads/processes per rank."""
     flip: bool = True
     """Random horizontal flip."""
+    augment: Augment = field(default_factory=Augment)
+    """Augmentations on the training device, each off by default (megaface.data.augment)."""
     normalize: vocab.NormalizeMode = "arcface_torch"
     """Pixel normalisation: arcface_torch = (x/255-0.5)/0.5, oneflow = (x-127.5)/128 (the seed's)."""
     seed: int = 0

@@ -14,7 +14,7 @@ Padding: the seed's networks use `padding="same"` for their 3x3 convolutions, wh
 SAME_LOWER (any odd total padding goes *before* the data). For a stride-2 3x3 convolution on the even sizes
 of a 112x112 input (112, 56, 28, 14) that is 1 before and 0 after, which computes exactly what megaface's
 symmetric padding of 1 computes (the last window never reaches the bottom/right padding); stride-1 3x3
-convolutions pad 1/1. So imported OneFlow models need no build option (tests/test_convert_oneflow.py checks
+convolutions pad 1/1. So imported OneFlow models need no build option (tests/unit/test_convert_oneflow.py checks
 this against a SAME_LOWER reference, and that SAME_UPPER would differ).
 """
 from __future__ import annotations

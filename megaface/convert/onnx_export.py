@@ -26,6 +26,7 @@ import copy
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ def _dummy_input(model: nn.Module, dtype: torch.dtype, input_size: tuple[int, in
 
 def _run_exporter(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
                   dynamic_batch: bool, exporter: str) -> None:
-    common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    common: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     if exporter == "dynamo":
         try:
             import onnxscript  # noqa: F401  (the dynamo exporter imports it lazily and fails late)

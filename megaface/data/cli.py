@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     ofr.add_argument("--parts", type=int, default=1, help="number of part files (records split in order)")
     ofr.add_argument("--suffix-length", type=int, default=5,
                      help="zero-pad part numbers to this many digits (the seed's 5; 1 = part-0, part-1, ...)")
+    sub.add_parser("preview", help="a PNG grid of training samples after flip and data.augment (see --help)",
+                   add_help=False)  # served by megaface.train.preview (it reads the experiment config)
     for p in (rec, b, syn, ofr):
         p.add_argument("--force", action="store_true", help="replace an existing output")
     for p in (rec, b):
@@ -124,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
+    if args.kind == "preview":
+        raise ValueError("run the preview as `megaface pack preview ...` (it reads the experiment config)")
     if args.kind == "rec":
         summary = pack_folder(args.images, args.output, verify=not args.no_verify, overwrite=args.force)
     elif args.kind == "bin":

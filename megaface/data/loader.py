@@ -10,9 +10,13 @@ The horizontal flip of a sample is a function of ``(seed, epoch, dataset index)`
 on the world size, the worker count or a resume. ``state_dict()`` records (epoch, samples consumed in
 the epoch); after ``load_state_dict`` the loader yields exactly the batches the uninterrupted run would.
 
-Decoding and flipping run in worker processes (torch DataLoader over whole batches; one task per batch
-keeps the IPC per image small); workers hand back uint8 NCHW and this process normalises, because
-float32 would quadruple the bytes crossing the process boundary.
+Decoding runs in worker processes (torch DataLoader over whole batches; one task per batch keeps the IPC per
+image small); workers hand back uint8 NCHW, flipped in the same copy. With ``on_device=True`` (what training
+uses) the loader yields `RawBatch`es: the uint8 images (pinned when ``pin_memory``) and, when augmentations
+are on, each sample's random numbers; given a ``device`` it copies them there one batch ahead, and
+`megaface.data.augment.prepare_batch` augments and normalises on the training device. Otherwise
+(``on_device=False``, the former path, kept for tools and as the benchmark baseline) this process normalises
+to float32.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megaface.data.augment import Augment, DeviceCopy, RawBatch, sample_uniforms
 from megaface.data.datasets import dataset_where
 from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image_checked, normalize_nchw
 
@@ -62,13 +67,17 @@ def _located(where: str, err: BaseException) -> str:
 
 
 class _BatchTask(torch.utils.data.Dataset):
-    """Map-style dataset whose item is a whole batch: (indices, flips) -> (uint8 NCHW, labels, skipped, damaged).
+    """Map-style dataset whose item is a whole batch.
 
-    `damaged`: (location, libjpeg warning) of each image that decoded only with warnings (not strict_decode).
-    """
+    (indices, flips, epoch) -> (uint8 NCHW flipped, labels, skipped, uniforms, damaged): `uniforms` are the
+    augmentations' random numbers per position, after corrupt images were replaced (`augment.sample_uniforms`;
+    None when no augmentation is on); `damaged` the (location, libjpeg warning) of each image that decoded only
+    with warnings (unless strict_decode)."""
 
-    def __init__(self, dataset, skip_corrupt: bool, strict_decode: bool = False):
+    def __init__(self, dataset, skip_corrupt: bool, seed: int = 0, augment: Augment | None = None,
+                 strict_decode: bool = False):
         self.dataset, self.skip_corrupt, self.strict_decode = dataset, skip_corrupt, strict_decode
+        self.seed, self.augment = seed, augment
 
     def __len__(self) -> int:  # unused: items are index arrays from the sampler
         return 0
@@ -94,7 +103,7 @@ class _BatchTask(torch.utils.data.Dataset):
                 "(each skip is counted in the log)"
             ) from None
 
-    def __getitem__(self, task: tuple[np.ndarray, np.ndarray]):
+    def __getitem__(self, task: tuple[np.ndarray, np.ndarray, int]):
         # In a worker process an exception would reach the main process wrapped in torch's multi-line
         # "Caught ... in DataLoader worker" text; ship the one-line message instead and raise it there.
         try:
@@ -104,8 +113,8 @@ class _BatchTask(torch.utils.data.Dataset):
                 raise
             return _WorkerFailure(isinstance(err, CorruptImageError), " ".join(str(err).split()))
 
-    def _batch(self, task: tuple[np.ndarray, np.ndarray]):
-        indices, flips = task
+    def _batch(self, task: tuple[np.ndarray, np.ndarray, int]):
+        indices, flips, epoch = task
         loaded = [self._load(i) for i in indices]
         good = [k for k, (_, im, _) in enumerate(loaded) if im is not None]
         skipped = [dataset_where(self.dataset, int(indices[k])) for k, (_, im, _) in enumerate(loaded) if im is None]
@@ -133,7 +142,10 @@ class _BatchTask(torch.utils.data.Dataset):
             image = loaded[k][1][:, ::-1] if flips[j] else loaded[k][1]
             buffer[j] = image.transpose(2, 0, 1)
         labels = torch.tensor([int(loaded[k][0]) for k in src], dtype=torch.int64)
-        return images, labels, skipped, damaged
+        uniforms = None
+        if self.augment is not None and self.augment.enabled:
+            uniforms = torch.from_numpy(sample_uniforms(self.seed, epoch, np.asarray(indices)[src]))
+        return images, labels, skipped, uniforms, damaged
 
 
 class WorkerDied(DataError):
@@ -191,10 +203,10 @@ def _worker_deaths_named(source, workers: int):
 
 
 class _TaskList(torch.utils.data.Sampler):
-    """The current epoch's (indices, flips) tasks; replaced before each epoch."""
+    """The current epoch's (indices, flips, epoch) tasks; replaced before each epoch."""
 
     def __init__(self) -> None:
-        self.tasks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.tasks: list[tuple[np.ndarray, np.ndarray, int]] = []
 
     def __iter__(self):
         return iter(self.tasks)
@@ -209,11 +221,16 @@ def _worker_init(_: int) -> None:
 
 
 class TrainLoader:
-    """Iterate -> (images float32 [B, 3, H, W], labels int64 [B]) for this rank."""
+    """Iterate -> (images, labels int64 [B]) for this rank.
+
+    images: float32 [B, 3, H, W], normalised on the CPU; with ``on_device=True`` a `RawBatch` (uint8 images,
+    flips, augmentation random numbers) for `megaface.data.augment.prepare_batch` on the training device.
+    """
 
     def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  drop_last: bool = True, workers: int = 2, flip: bool = True, normalize: str = "arcface_torch",
-                 skip_corrupt: bool = False, log=None, strict_decode: bool = False):
+                 skip_corrupt: bool = False, log=None, on_device: bool = False, augment: Augment | None = None,
+                 pin_memory: bool = False, device: torch.device | None = None, strict_decode: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (per-rank batch), got {batch_size}")
         if not (world_size >= 1 and 0 <= rank < world_size):
@@ -223,6 +240,12 @@ class TrainLoader:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
         self.seed, self.drop_last, self.workers, self.flip = int(seed), bool(drop_last), int(workers), bool(flip)
         self.normalize, self.skip_corrupt = normalize, bool(skip_corrupt)
+        self.on_device, self.augment, self.pin_memory = bool(on_device), augment or Augment(), bool(pin_memory)
+        if self.augment.enabled and not self.on_device:
+            raise ValueError("data.augment runs on the training device: build the loader with on_device=True")
+        # with a device, batch k+1 is copied there (one batch ahead) before batch k is handed out
+        self._copy = DeviceCopy(device) if (device is not None and self.on_device) else None
+        self._ahead = 0  # batches taken from the epoch but not handed out yet (0 or 1)
         self.num_samples = len(dataset)
         self.global_batch = self.batch_size * self.world_size
         if len(self) == 0:
@@ -237,7 +260,8 @@ class TrainLoader:
         self.damaged_where: list[str] = []
         self._warned_classes = False
         self._log = log or print
-        self._task = _BatchTask(dataset, self.skip_corrupt, bool(strict_decode))
+        self._task = _BatchTask(dataset, self.skip_corrupt, seed=self.seed, augment=self.augment,
+                                strict_decode=bool(strict_decode))
         self._sampler = _TaskList()
         self._pool: torch.utils.data.DataLoader | None = None
 
@@ -268,9 +292,27 @@ class TrainLoader:
         for start in range(first, self._epoch_samples(), self.global_batch):
             a, b = self._rank_slice(start)
             idx = perm[a:b]
-            yield idx, (flips[idx] if self.flip else np.zeros(len(idx), dtype=bool))
+            yield idx, (flips[idx] if self.flip else np.zeros(len(idx), dtype=bool)), self._epoch
 
     def __iter__(self):
+        # an iteration abandoned while a batch was ahead gives that batch back
+        self._position -= self._ahead * self.global_batch
+        self._ahead = 0
+        if self._copy is None:
+            yield from self._batches()
+            return
+        batches = self._batches()
+        first = next(batches, None)
+        ahead = self._copy.start(first) if first is not None else None
+        self._ahead = int(ahead is not None)
+        while ahead is not None:
+            current = self._copy.ready(ahead)
+            following = next(batches, None)  # its copy overlaps the step on `current` (CUDA)
+            ahead = self._copy.start(following) if following is not None else None
+            self._ahead = int(ahead is not None)  # an epoch that just ended has nothing ahead
+            yield current
+
+    def _batches(self):
         if self._position >= self._epoch_samples():
             self.set_epoch(self._epoch + 1)
         perm = epoch_permutation(self.num_samples, self.seed, self._epoch)
@@ -287,7 +329,7 @@ class TrainLoader:
         for item in _worker_deaths_named(source, self.workers):
             if isinstance(item, _WorkerFailure):
                 raise item.error()
-            images, labels, skipped, damaged = item
+            images, labels, skipped, uniforms, damaged = item
             top_label = max(top_label, int(labels.max())) if labels.numel() else top_label
             if used is not None and labels.numel() and top_label < used.size:
                 used[labels.numpy()] = True
@@ -296,7 +338,13 @@ class TrainLoader:
                 self._report(skipped)
             if damaged:
                 self._report_damaged(damaged)
-            yield normalize_nchw(images, self.normalize), labels
+            if not self.on_device:
+                yield normalize_nchw(images, self.normalize), labels
+                continue
+            raw = RawBatch(images, uniforms, self.augment)
+            if self.pin_memory and self.workers == 0:  # a worker pool pins in its own thread
+                raw, labels = raw.pin_memory(), labels.pin_memory()
+            yield raw, labels
         if whole_epoch and self.world_size == 1:  # one rank sees every label only without sharding
             self._check_class_count(top_label, int(used.sum()) if used is not None else top_label + 1)
         self.set_epoch(self._epoch + 1)
@@ -316,7 +364,7 @@ class TrainLoader:
             self._pool = torch.utils.data.DataLoader(
                 self._task, batch_size=None, sampler=self._sampler, num_workers=self.workers,
                 worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=True,
-                multiprocessing_context="fork",
+                multiprocessing_context="fork", pin_memory=self.pin_memory,
             )
         return self._pool
 
@@ -337,7 +385,7 @@ class TrainLoader:
                   f"libjpeg: {damaged[0][1]}): {where}; data.strict_decode=true stops on them")
 
     def state_dict(self) -> dict:
-        epoch, position = self._epoch, self._position
+        epoch, position = self._epoch, self._position - self._ahead * self.global_batch
         if position >= self._epoch_samples():
             epoch, position = epoch + 1, 0
         return {"format": STATE_FORMAT, "epoch": epoch, "position": position, "seed": self.seed,
@@ -358,4 +406,5 @@ class TrainLoader:
                 "resume with the same global batch size (batch_size x world_size)"
             )
         self._epoch, self._position, self.skipped = int(state["epoch"]), position, int(state.get("skipped", 0))
+        self._ahead = 0
 

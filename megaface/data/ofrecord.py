@@ -37,7 +37,7 @@ _PART_RE = re.compile(r"^part-(\d+)$")
 # ---- messages ----------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
-def message_classes() -> dict[str, type]:
+def message_classes() -> dict[str, Any]:
     """``{"OFRecord": cls, "Feature": cls, "BytesList": cls, ...}`` built from a descriptor in a private pool.
 
     Field names and numbers are OneFlow's, so the bytes are interchangeable with ``record_pb2``.
@@ -169,7 +169,7 @@ def find_parts(directory: str | os.PathLike, part_num: int | None = None,
     paths = [directory / part_name(i, suffix_length) for i in range(count)]
     missing = [p.name for p in paths if p.name not in names]
     if missing:
-        found = ", ".join(sorted(names, key=names.get)[:5])
+        found = ", ".join(sorted(names, key=lambda name: names[name])[:5])
         fix = ("lower data.part_num" if part_num is not None else "the part numbers must run 0, 1, 2, ... without gaps")
         raise FileNotFoundError(f"{directory}: part file {missing[0]} is missing ({len(missing)} of {count} expected "
                                 f"with suffix length {suffix_length}; found {found}, ...); {fix} or set "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -40,7 +41,7 @@ _ID_STREAM, _IMG_STREAM, _VAL_STREAM = 1, 2, 3
 HELD_OUT_BASE = 1 << 30
 
 
-def identity_params(seed: int, identity: int) -> dict[str, np.ndarray]:
+def identity_params(seed: int, identity: int) -> dict[str, Any]:
     """The fixed structure of one identity (all values float64 arrays of shape [] or [k])."""
     r = np.random.default_rng((seed, _ID_STREAM, identity))
     u = r.uniform
@@ -62,7 +63,7 @@ def identity_params(seed: int, identity: int) -> dict[str, np.ndarray]:
     }
 
 
-def image_params(rng: np.random.Generator, size: int = SIZE) -> dict[str, np.ndarray]:
+def image_params(rng: np.random.Generator, size: int = SIZE) -> dict[str, Any]:
     """Per-image nuisance (including its own noise field, so an image never depends on its batch)."""
     u = rng.uniform
     occl = u() < 0.12
@@ -78,7 +79,7 @@ def image_params(rng: np.random.Generator, size: int = SIZE) -> dict[str, np.nda
     }
 
 
-def _stack(dicts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _stack(dicts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {k: np.stack([np.asarray(d[k], dtype=np.float64) for d in dicts]) for k in dicts[0]}
 
 

@@ -72,7 +72,7 @@ def _reduce_scatter_raw(x: torch.Tensor, group: dist.ProcessGroup | None) -> tor
     return summed.narrow(0, rank(group) * rows, rows).clone()
 
 
-def _all_reduce_raw(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _all_reduce_raw(x: torch.Tensor, op: Any, group: dist.ProcessGroup | None) -> torch.Tensor:
     if world_size(group) == 1:
         return x
     out = x.clone().contiguous()

@@ -1,8 +1,8 @@
 """`megaface eval | embed | eval-ijb | eval-ident`.
 
-`eval` and `embed` run a model and work under any launcher (plain python, torchrun, deepspeed, mpirun):
-every rank embeds its share, rank 0 scores and writes. `eval-ijb` and `eval-ident` score saved features in
-one process.
+`eval`, `embed` and `eval-ijb --checkpoint` run a model and work under any launcher (plain python, torchrun,
+deepspeed, mpirun): every rank embeds its share, rank 0 scores and writes. `eval-ijb --features` and
+`eval-ident` score saved features in one process.
 
 Files written by `embed --output out.npy`:
   out.npy          float32 [N, D] (embedding of each image; + the flipped image's with --flip-fuse)
@@ -23,9 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from megaface.fileio import atomic_output_files, atomic_write_text, save_npy, save_text
-from megaface.vocab import IMAGE_SUFFIXES, NORMALIZE_MODES
-
-
+from megaface.vocab import IJB_POOLINGS, IMAGE_SUFFIXES, NORMALIZE_MODES, PROGRESS_MODES, IjbPooling
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
@@ -46,8 +44,10 @@ def load_model(checkpoint: str, network: str | None, embedding_size: int | None,
     return model, dict(meta)
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="output dir, checkpoints dir, tag dir or backbone file")
+def _model_args(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    if checkpoint:  # eval-ijb adds its own: --checkpoint or --features
+        parser.add_argument("--checkpoint", required=True,
+                            help="output dir, checkpoints dir, tag dir or backbone file")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="use the checkpoint without checking its sha256 digests (a warning says so)")
     parser.add_argument("--network", default=None, help="network name (required when the file has no meta)")
@@ -257,31 +257,85 @@ def check_finite_rows(features: np.ndarray, where: str, block_rows: int = 65536)
                              "is damaged: re-embed with a finite checkpoint")
 
 
-def main_ijb(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megaface eval-ijb", description="IJB-B/C 1:1 TAR@FAR")
-    parser.add_argument("--features", required=True, help="[N, D] .npy, one row per face-list line")
-    parser.add_argument("--meta-dir", required=True, help="folder with <target>_face_tid_mid.txt and "
-                                                          "<target>_template_pair_label.txt")
+def _ijb_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megaface eval-ijb", description="IJB-B/C 1:1 TAR@FAR, from the "
+                                     "released loose crops (--checkpoint) or from saved features (--features)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="model to embed the aligned crops with (output dir, checkpoints "
+                                             "dir, tag dir or backbone file); needs --ijb-dir")
+    source.add_argument("--features", help="[N, D] .npy, one row per face-list line")
+    parser.add_argument("--ijb-dir", default=None, help="released IJB-B/C folder: loose_crop/ and meta/")
+    parser.add_argument("--meta-dir", default=None, help="folder with <target>_face_tid_mid.txt and "
+                                                         "<target>_template_pair_label.txt (default: <ijb-dir>/meta)")
     parser.add_argument("--target", default="IJBC", choices=("IJBB", "IJBC"))
+    parser.add_argument("--pooling", choices=IJB_POOLINGS, default=None,
+                        help="template pooling (default: arcface_torch with --checkpoint, unit with --features)")
     parser.add_argument("--paths", default=None, help="image paths of the feature rows (default: "
                                                       "<features>.paths.txt when present)")
+    parser.add_argument("--save-features", default=None, help="with --checkpoint: write the image+flip "
+                        "features here (.npy, + .paths.txt) to score again with --features")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="auto")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--roc", default=None)
-    args = parser.parse_args(list(argv))
-    from megaface.eval.ijb import evaluate_ijb, format_ijb
+    parser.add_argument("--roc", default=None, help="draw the ROC (log FAR) into this image (png/pdf/svg)")
+    _model_args(parser, checkpoint=False)
+    return parser
+
+
+def main_ijb(argv: Sequence[str]) -> int:
+    args = _ijb_parser().parse_args(list(argv))
+    if args.meta_dir is None and args.ijb_dir is None:
+        raise ValueError("eval-ijb needs the protocol files: pass --ijb-dir (the released folder) or --meta-dir")
+    meta_dir = args.meta_dir or str(Path(args.ijb_dir) / "meta")
+    if args.checkpoint is not None:
+        return _ijb_from_images(args, meta_dir)
+    from megaface.eval.ijb import evaluate_ijb
 
     feats = _load_npy(args.features, "--features")
     paths = Path(args.paths) if args.paths else _sidecar(Path(args.features), ".paths.txt")
     if args.paths and not paths.is_file():
         raise FileNotFoundError(f"--paths {paths} does not exist")
-    result = evaluate_ijb(feats, args.meta_dir, args.target, paths)
+    pooling: IjbPooling = args.pooling or "unit"  # argparse checked the choice
+    _report_ijb(evaluate_ijb(feats, meta_dir, args.target, paths, pooling), args)
+    return 0
+
+
+def _ijb_from_images(args: argparse.Namespace, meta_dir: str) -> int:
+    """Align the loose crops, embed image + flip on every rank, score on the main rank."""
+    from megaface.eval.ijb import evaluate_ijb
+    from megaface.eval.ijb_images import embed_ijb, ijb_layout
+
+    if args.ijb_dir is None:
+        raise ValueError("--checkpoint embeds the released loose crops: pass --ijb-dir (loose_crop/ and meta/)")
+    ijb_layout(args.ijb_dir, args.target)  # checked before the model loads
+    save = Path(args.save_features) if args.save_features else None
+    for flag, path in (("--save-features", save), ("--json", args.json), ("--roc", args.roc)):
+        if path is not None and not Path(path).parent.is_dir():  # found out before the long embedding
+            raise FileNotFoundError(f"{flag} {path}: folder {Path(path).parent} does not exist")
+    state, model, normalize, _, owns_group = _start(args)
+    try:
+        feats, scores, names = embed_ijb(model, args.ijb_dir, args.target, state, args.batch_size, normalize,
+                                         args.progress)
+        if state.is_main:
+            if save is not None:
+                with atomic_output_files([save, _sidecar(save, ".paths.txt")]) as (npy, txt):
+                    save_npy(npy, feats)
+                    save_text(txt, "".join(n + "\n" for n in names))
+            pooling: IjbPooling = args.pooling or "arcface_torch"
+            _report_ijb(evaluate_ijb(feats, meta_dir, args.target, None, pooling, scores), args)
+    finally:
+        _finish(owns_group)
+    return 0
+
+
+def _report_ijb(result: dict[str, Any], args: argparse.Namespace) -> None:
+    from megaface.eval.ijb import format_ijb
+
     print("\n".join(format_ijb(result)), flush=True)
     _write_json(args.json, {k: v for k, v in result.items() if k not in ("fpr", "tpr")})
     if args.roc:
         from megaface.eval.roc import plot_roc
 
         plot_roc({result["target"]: (result["fpr"], result["tpr"])}, args.roc, "IJB 1:1 ROC", log_far=True)
-    return 0
 
 
 # ---- megaface eval-ident -----------------------------------------------------------------------------

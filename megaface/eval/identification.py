@@ -65,10 +65,10 @@ def identify(probe: np.ndarray, probe_labels: Sequence[int], gallery: np.ndarray
              distractors: Sequence[np.ndarray] = (), max_rank: int = 10,
              block_bytes: int = 256 << 20) -> dict[str, Any]:
     """Rank-1 and CMC up to `max_rank` of probes against gallery + distractors (cosine similarity)."""
-    probe_labels, gallery_labels = np.asarray(probe_labels), np.asarray(gallery_labels)
-    if len(probe) != len(probe_labels) or len(gallery) != len(gallery_labels):
-        raise ValueError(f"probe: {len(probe)} rows / {len(probe_labels)} labels; gallery: {len(gallery)} rows / "
-                         f"{len(gallery_labels)} labels; every row needs one label")
+    probe_ids, gallery_ids = np.asarray(probe_labels), np.asarray(gallery_labels)
+    if len(probe) != len(probe_ids) or len(gallery) != len(gallery_ids):
+        raise ValueError(f"probe: {len(probe)} rows / {len(probe_ids)} labels; gallery: {len(gallery)} rows / "
+                         f"{len(gallery_ids)} labels; every row needs one label")
     if len(probe) == 0 or len(gallery) == 0:
         raise ValueError("identification needs at least one probe and one gallery image")
     dims = {np.shape(probe)[1], np.shape(gallery)[1], *(np.shape(d)[1] for d in distractors)}
@@ -78,10 +78,10 @@ def identify(probe: np.ndarray, probe_labels: Sequence[int], gallery: np.ndarray
     if max_rank < 1:
         raise ValueError(f"max_rank={max_rank} must be >= 1")
     p = _l2(probe)
-    genuine = genuine_scores(p, probe_labels, gallery, gallery_labels, block_bytes)
-    above = count_above(p, genuine, gallery, gallery_labels, probe_labels, block_bytes)
+    genuine = genuine_scores(p, probe_ids, gallery, gallery_ids, block_bytes)
+    above = count_above(p, genuine, gallery, gallery_ids, probe_ids, block_bytes)
     for d in distractors:
-        above += count_above(p, genuine, d, None, probe_labels, block_bytes)
+        above += count_above(p, genuine, d, None, probe_ids, block_bytes)
     ranks = above + 1
     cmc = [float(np.mean(ranks <= k)) for k in range(1, max_rank + 1)]
     return {"rank1": cmc[0], "cmc": cmc, "ranks": ranks, "num_probes": len(p), "num_gallery": len(gallery),

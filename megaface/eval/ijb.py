@@ -6,15 +6,24 @@ Protocol files (the public IJB layout, one record per line, whitespace-separated
 |------------------------------------|------------------------------------|
 | `<prefix>_face_tid_mid.txt`        | `<image name> <template id> <media id>` |
 | `<prefix>_template_pair_label.txt` | `<template 1> <template 2> <label 0/1>` |
+| `<prefix>_name_5pts_score.txt`     | `<image name> x1 y1 ... x5 y5 <detector score>` (same order as the face list) |
 
 `prefix` is `ijbc` or `ijbb` (lower-case target name). Features are one row per line of the face list, in
 that order; when a `<features>.paths.txt` written by `megaface embed` sits next to the features, rows are
 matched to the list by image file name instead.
 
-Template feature: every image feature is L2-normalised, averaged within its media (a video's frames count
-once), the media means are averaged, and the result is L2-normalised. A pair's score is the cosine of its
-two templates. TAR@FAR reads the ROC of scikit-learn's `roc_curve` at the point whose FAR is nearest to
-each target (the convention of the published IJB numbers).
+Template feature (`pooling`), then L2-normalised; a pair's score is the cosine of its two templates:
+
+| pooling         | image feature                        | media          | template        |
+|-----------------|--------------------------------------|----------------|-----------------|
+| `arcface_torch` | as embedded (norm kept) x detector score | mean of frames | sum of media |
+| `unit`          | L2-normalised                        | mean of frames | mean of media   |
+
+`arcface_torch` is what arcface_torch's eval_ijbc.py does (its default N1 D1 F2 mode: the feature norm and
+the detector score both weigh an image, the flipped image's embedding is added); `unit` ignores both.
+TAR@FAR reads the ROC of scikit-learn's `roc_curve` at the point whose FAR is nearest to each target and,
+among points at that FAR (a vertical step of the ROC), the highest TAR: the convention of eval_ijbc.py and
+of the published IJB numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from megaface.data.align import read_ijb_landmarks
+from megaface.vocab import IJB_POOLINGS, IjbPooling
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -84,12 +96,43 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray
+def read_detector_scores(meta_dir: str | os.PathLike, target: str, names: list[str]) -> np.ndarray:
+    """Detector score of each face-list image, from `<prefix>_name_5pts_score.txt` -> float32 [N]."""
+    path = Path(meta_dir) / f"{target.lower()}_name_5pts_score.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: pooling 'arcface_torch' weighs images by their detector "
+                                "score; add the released file or use --pooling unit")
+    records = read_ijb_landmarks(path)
+    check_same_images(names, [r.name for r in records], path)
+    return np.array([r.score for r in records], np.float32)
+
+
+def check_same_images(names: list[str], listed: list[str], path: Path) -> None:
+    """The face list and `path` must name the same images in the same order (eval_ijbc.py assumes it)."""
+    if len(listed) != len(names):
+        raise ValueError(f"{path} lists {len(listed)} images but the face list has {len(names)}; use the "
+                         "meta files of one release")
+    for n, (a, b) in enumerate(zip(names, listed, strict=True), 1):
+        if a != b:
+            raise ValueError(f"{path}:{n} names {b!r} where the face list names {a!r}; the two files must list "
+                             "the same images in the same order")
+
+
+def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray,
+                      pooling: IjbPooling = "unit", scores: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Media-weighted template features: -> (sorted unique template ids [T], features [T, D])."""
+    """Template features (see the module's table): -> (sorted unique template ids [T], features [T, D])."""
     if len(features) != len(templates):
         raise ValueError(f"{len(features)} feature rows but the face list has {len(templates)} images")
-    feats = _l2(np.asarray(features, np.float32))  # float32 halves memory at IJB-C scale (469k images)
+    if pooling not in IJB_POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not one of {', '.join(IJB_POOLINGS)}")
+    feats = np.asarray(features, np.float32)  # float32 halves memory at IJB-C scale (469k images)
+    if pooling == "unit":
+        feats = _l2(feats)
+    else:
+        if scores is None or len(scores) != len(feats):
+            raise ValueError("pooling 'arcface_torch' needs one detector score per feature row")
+        feats = feats * np.asarray(scores, np.float32)[:, None]
     media_keys, media_of = np.unique(np.stack([templates, medias], 1), axis=0, return_inverse=True)
     media_of = media_of.reshape(-1)
     media_sum = np.zeros((len(media_keys), feats.shape[1]))
@@ -98,7 +141,8 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     template_ids, template_of = np.unique(media_keys[:, 0], return_inverse=True)
     template_sum = np.zeros((len(template_ids), feats.shape[1]))
     np.add.at(template_sum, template_of.reshape(-1), media_mean)
-    # The mean over media and the sum differ only by a positive factor, which the normalisation removes.
+    # The mean over media (unit) and the sum (arcface_torch) differ only by a positive factor, which the
+    # normalisation removes.
     return template_ids, _l2(template_sum)
 
 
@@ -124,7 +168,11 @@ def tar_at_far(labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARGETS) 
     if labels.min() == labels.max():
         raise ValueError("TAR@FAR needs both genuine (label 1) and impostor (label 0) pairs")
     fpr, tpr, _ = roc_curve(labels, scores)
-    tar = {f"{far:.0e}": float(tpr[np.argmin(np.abs(fpr - far))]) for far in far_targets}
+    tar = {}
+    for far in far_targets:
+        distance = np.abs(fpr - far)
+        # the last of the nearest points: the top of a vertical step (tpr rises along the curve)
+        tar[f"{far:.0e}"] = float(tpr[np.flatnonzero(distance == distance.min())[-1]])
     return {"tar_at_far": tar, "auc": float(auc(fpr, tpr)), "fpr": fpr, "tpr": tpr}
 
 
@@ -144,16 +192,24 @@ def align_features(features: np.ndarray, names: list[str], paths_file: Path | No
 
 
 def evaluate_ijb(features: np.ndarray, meta_dir: str | os.PathLike, target: str = "IJBC",
-                 paths_file: Path | None = None) -> dict[str, Any]:
-    """Full 1:1 protocol: read the lists, build templates, score pairs, TAR at FAR 1e-6 ... 1e-1."""
+                 paths_file: Path | None = None, pooling: IjbPooling = "unit",
+                 scores: np.ndarray | None = None) -> dict[str, Any]:
+    """Full 1:1 protocol: read the lists, build templates, score pairs, TAR at FAR 1e-6 ... 1e-1.
+
+    `scores`: detector scores in face-list order for pooling 'arcface_torch' (default: read from
+    `<prefix>_name_5pts_score.txt` in `meta_dir`).
+    """
     media_path, pair_path = protocol_paths(meta_dir, target)
     names, templates, medias = read_media_list(media_path)
     feats = align_features(np.asarray(features), names, paths_file)
-    ids, tfeats = template_features(feats, templates, medias)
+    if pooling == "arcface_torch" and scores is None:
+        scores = read_detector_scores(meta_dir, target, names)
+    ids, tfeats = template_features(feats, templates, medias, pooling, scores)
     t1, t2, labels = read_pair_list(pair_path)
     scores = pair_scores(ids, tfeats, t1, t2)
     result = tar_at_far(labels, scores)
-    result.update(num_images=len(names), num_templates=len(ids), num_pairs=len(labels), target=target.upper())
+    result.update(num_images=len(names), num_templates=len(ids), num_pairs=len(labels), target=target.upper(),
+                  pooling=pooling)
     return result
 
 
@@ -161,4 +217,4 @@ def format_ijb(result: dict[str, Any]) -> list[str]:
     head = " | ".join(f"{k:>7}" for k in result["tar_at_far"])
     row = " | ".join(f"{100 * v:7.2f}" for v in result["tar_at_far"].values())
     return [f"{result['target']}: {result['num_templates']} templates, {result['num_pairs']} pairs, "
-            f"AUC {100 * result['auc']:.2f}", f"FAR  {head}", f"TAR  {row}"]
+            f"AUC {100 * result['auc']:.2f}, pooling {result.get('pooling', 'unit')}", f"FAR  {head}", f"TAR  {row}"]

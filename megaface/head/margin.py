@@ -9,7 +9,7 @@ Gradient
     passes the gradient of the target cosine through unchanged (d/dcos = 1), as InsightFace's PyTorch trainer
     does. The two give the same forward value.
 
-Boundaries (decided here, tested in tests/test_margin.py)
+Boundaries (decided here, tested in tests/unit/test_margin.py)
     * The cosine is clamped to [-1 + EPS, 1 - EPS] (EPS = 1e-6) before arccos, so theta lies in
       [theta_eps, pi - theta_eps], never 0 or pi exactly: no infinite derivative of arccos, no NaN. Cosines
       outside that interval (|cos| > 1 - EPS, including rounding overshoot past 1) take the value at the

@@ -61,6 +61,11 @@ class IResidualUnit(nn.Module):
 class IResNet(nn.Module):
     """IResNet-<depth>: float [N, 3, 112, 112] -> embeddings [N, embedding_size]."""
 
+    layer1: nn.Sequential  # the four stages, set by name in __init__ (their names are the checkpoint keys)
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self,
         depth: int,

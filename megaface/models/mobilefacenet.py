@@ -19,6 +19,7 @@ arcface_torch checkpoint maps key for key; see docs/insightface_mapping.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,7 +149,7 @@ class MobileFaceNet(nn.Module):
         self.embedding_size = int(embedding_size or spec.embedding_size)
         eps = CONV_BN_EPS if bn_eps is None else bn_eps
         embedding_eps = EMBEDDING_BN_EPS if bn_eps is None else bn_eps
-        kw = {"eps": eps, "momentum": bn_momentum}
+        kw: dict[str, Any] = {"eps": eps, "momentum": bn_momentum}
         stem = spec.stem_channels
         self.layers = nn.ModuleList([ConvUnit(3, stem, 3, 2, **kw)])
         if spec.stem_blocks == 1:

@@ -42,13 +42,14 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def _layer_madds(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     per_sample_out = output.numel() // output.shape[0]
-    if hasattr(module, "matmul_madds"):
-        return int(module.matmul_madds(inputs, output))
+    matmul_madds = getattr(module, "matmul_madds", None)
+    if matmul_madds is not None:
+        return int(matmul_madds(inputs, output))
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return per_sample_out * (module.in_channels // module.groups) * kh * kw
     # nn.Linear: every output element is a dot product over in_features.
-    return per_sample_out * module.in_features
+    return per_sample_out * int(getattr(module, "in_features"))  # noqa: B009
 
 
 def count_madds(model: nn.Module, input_size: tuple[int, int, int] = (3, 112, 112)) -> dict[str, int]:

@@ -10,6 +10,7 @@ checkpointing.py  save and resume a whole run through `megaface.checkpoint`
 run_lock.py       one run per output directory (a lock file)
 logger.py         the log lines, tensorboard scalars and progress bar
 summary.py        `megaface summary`: what a finished run produced
+preview.py        `megaface pack preview`: a grid of training samples after data.augment
 """
 
 from __future__ import annotations

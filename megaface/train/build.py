@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from megaface.config import ExperimentConfig
+from megaface.config import ExperimentConfig, check_optimizer_single_source, resolve_ds_config, zero_stage
+from megaface.config import precision as ds_precision
 from megaface.distributed import DistState, comm
 from megaface.distributed.ds_shm import skip_shm_build
-from megaface.config import precision as ds_precision
-from megaface.config import check_optimizer_single_source, resolve_ds_config, zero_stage
 from megaface.train.optim import backbone_optimizer
 from megaface.train.optim import fc7_optimizer as build_fc7_optimizer
 from megaface.train.schedule import resolve_milestones, resolve_warmup
@@ -55,6 +55,8 @@ class TrainParts:
     precision: str
     input_dtype: torch.dtype
     input_format: torch.memory_format = torch.contiguous_format
+    normalize: str = "arcface_torch"
+    """Pixel normalisation of a RawBatch prepared on the device (data.normalize)."""
 
 
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
@@ -76,6 +78,9 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     optimizer = backbone_optimizer(module.parameters(), cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
                                            dist_init_required=False)
+    if cfg.model.compile:
+        check_compile(zero_stage(ds), state.device)
+        engine.compile()  # compiles engine.module in place: state_dict keys, checkpoints and validation unchanged
     fc7_optimizer = None
     if cfg.head.parallel == "model":
         head.to(state.device)
@@ -90,7 +95,49 @@ def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, bac
     live_backbone = engine.module.backbone if cfg.head.parallel == "data" else engine.module
     return TrainParts(engine, live_head, fc7_optimizer, live_backbone, state,
                       fc7_max_norm(cfg.head.clip_grad_norm, ds), precision, input_dtype,
-                      torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+                      torch.channels_last if cfg.model.channels_last else torch.contiguous_format, cfg.data.normalize)
+
+
+def check_compile(stage: int, device: torch.device) -> None:
+    """model.compile=true needs ZeRO 0-2 and, on CPU, a C++ compiler for inductor's generated code."""
+    import shutil
+
+    if stage == 3:
+        raise ValueError("model.compile=true is supported with ZeRO stages 0-2 (the DeepSpeed JSON has stage 3): "
+                         "use a stage 0-2 JSON or set model.compile=false")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++")
+                                        if c):
+        raise ValueError("model.compile=true on CPU needs a C++ compiler (torch.compile's inductor writes C++): "
+                         "install one (apt-get install g++) or set model.compile=false")
+
+
+def cpu_has_bf16_units(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (x86 AVX512-BF16 or AMX; Arm BF16)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read(1 << 20)
+        except OSError:  # not Linux: no way to tell, so keep what the JSON asks for
+            return True
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return True
+
+
+def auto_head_dtype(compute_dtype: str, precision: str, device: torch.device,
+                    log: Callable[[str], Any] = print, cpuinfo: str | None = None) -> str:
+    """head.compute_dtype=auto on a CPU without bf16 units under a bf16 JSON -> fp32, said in one line.
+
+    There bf16 matrix products are emulated and about 3x slower than fp32 (benchmarks/README.md), while the
+    head's statistics, margin and loss are fp32 either way; everywhere else auto follows the JSON."""
+    if compute_dtype == "auto" and precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units(cpuinfo):
+        log("head: compute_dtype auto -> fp32 (this CPU has no bf16 matrix units: no avx512_bf16/amx_bf16 "
+            "flag; set head.compute_dtype=bf16 to force bf16)")
+        return "fp32"
+    return compute_dtype
 
 
 def fc7_max_norm(clip_grad_norm: float | None, ds: dict[str, Any]) -> float:
@@ -238,9 +285,13 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     from megaface.models import build_model
 
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
+    head_dtype = auto_head_dtype(cfg.head.compute_dtype, precision, state.device, log)
+    # uint8 batches to the device, one batch ahead; flip, augmentations and normalisation run there
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
-                         skip_corrupt=cfg.data.skip_corrupt, strict_decode=cfg.data.strict_decode)
+                         skip_corrupt=cfg.data.skip_corrupt, strict_decode=cfg.data.strict_decode, on_device=True,
+                         augment=cfg.data.augment,
+                         pin_memory=state.device.type == "cuda", device=state.device)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
                         **cfg.model.build_options())
     if cfg.model.init != "per_group":
@@ -254,7 +305,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale,
                      sample_rate=sample_rate_of(h.sample_rate, h.num_sample, num_classes),
                      group=state.group, parallel=h.parallel, straight_through=h.straight_through,
-                     seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
+                     seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(head_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
                      accumulation_steps=gas, margin_fallback=h.margin_fallback, init_std=h.init_std)
     parts = build_parts(cfg, ds, state, model, head, precision)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from megaface.data.augment import RawBatch, prepare_batch
 from megaface.distributed import DistState, comm
 from megaface.train.build import TrainParts
 
@@ -42,15 +43,18 @@ class NonFiniteLoss(RuntimeError):
         self.value, self.iteration = value, iteration
 
 
-def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def train_step(parts: TrainParts, images: torch.Tensor | RawBatch, labels: torch.Tensor) -> torch.Tensor:
     """One micro-batch: backbone -> FC7 (all-gather, sharded logits + margin, distributed CE) -> backward -> steps.
 
     Returns the detached loss on the device, without a host sync: the global-batch mean with a model-parallel
     head, this rank's mean with a data-parallel one (`read_losses` averages those when it reads them).
     """
     engine = parts.engine
-    layout = parts.input_format if images.dim() == 4 else torch.preserve_format  # NHWC: model.channels_last
-    images = images.to(parts.state.device, parts.input_dtype, non_blocking=True, memory_format=layout)
+    if isinstance(images, RawBatch):  # uint8 on the device: flip, augment, normalise there (megaface.data.augment)
+        images = prepare_batch(images.to(parts.state.device), parts.normalize, parts.input_dtype, parts.input_format)
+    else:
+        layout = parts.input_format if images.dim() == 4 else torch.preserve_format  # NHWC: model.channels_last
+        images = images.to(parts.state.device, parts.input_dtype, non_blocking=True, memory_format=layout)
     labels = labels.to(parts.state.device, non_blocking=True)
     embeddings_local = engine(images)                            # [b, 3, 112, 112] -> [b, D], data parallel
     loss = parts.head(embeddings_local, labels)                  # all-gather -> FC7 shard -> CE: global mean

@@ -48,8 +48,8 @@ def pack_path(meta: dict[str, Any]) -> str | None:
     data = cfg.get("data") or {}
     syn = data.get("synthetic") or {}
     if data.get("source") == "synthetic" and name == "val" and "cache_dir" in data:
-        folder = synthetic_dir(Path(data["cache_dir"]).expanduser(), syn.get("identities"),
-                               syn.get("images_per_identity"), syn.get("val_pairs"), syn.get("seed"))
+        folder = synthetic_dir(Path(data["cache_dir"]).expanduser(), syn["identities"], syn["images_per_identity"],
+                               syn["val_pairs"], syn["seed"])
         return str(folder / "val.bin")
     return None
 

@@ -1,0 +1,4 @@
+"""Generic helpers below every domain package (base layer: imports nothing from megaface but vocab).
+
+    progress.py   console progress for long jobs: a bar on a terminal, periodic plain lines when piped
+"""

@@ -1,0 +1,184 @@
+"""Shared test helpers (imported as `from tests.conftest import ...`) and fixtures.
+
+- `free_port`, `run_distributed`: run a function on W gloo ranks in forked processes (forking reuses the test
+  process's imports, so a 2-rank case starts in about a second) and collect each rank's return value;
+- `ROOT`, `QUICKSTART`, `tiny_args`, `train_worker`, `wrapped`: a few-second `megaface train` in-process;
+- `_torchrun`, `_rank_pids`: a real torchrun job in its own session, and its rank processes;
+- `run_under_pty`: a command under a pseudo-terminal, as a person at a terminal runs it.
+Reference implementations of other projects' code and file fixtures live in tests/support/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import pty
+import select
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import deepspeed  # noqa: F401  - imported before forking so that each rank starts in about a second
+import pytest
+import torch
+import torch.distributed as dist
+
+from megaface import train
+from megaface.distributed import DistState
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+    torch.set_num_threads(1)
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                init_method=f"tcp://127.0.0.1:{port}")
+        state = DistState(rank, world, rank, world, torch.device("cpu"), None)
+        result = fn(state, *args)
+        dist.barrier()
+        # serialise by value: tensors sent through a Queue travel as shared-memory handles that vanish
+        # when this process exits before the parent reads them
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+    """Return [fn(state_0, *args), ..., fn(state_{W-1}, *args)]; re-raise the first rank's error.
+
+    World size 1 runs in-process without any process group, exercising the single-process path.
+    """
+    if world_size == 1:
+        return [fn(DistState(), *args)]
+    # The first optimizer a process builds imports torch._dynamo (~5-10 s); import it once here so the
+    # forked ranks inherit it instead of each paying for it.
+    import torch._dynamo  # noqa: F401
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("distributed test failed on " + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+QUICKSTART = ROOT / "launch" / "configs" / "quickstart.yaml"
+
+
+def tiny_args(cache: Path, output: Path, steps: int, *extra: str, micro: int = 4) -> list[str]:
+    """A few-second run: 24 synthetic identities, micro batch `micro`, no workers, no tensorboard."""
+    return ["--config", str(QUICKSTART), "--output", str(output), "--max-steps", str(steps),
+            f"--ds.train_micro_batch_size_per_gpu={micro}", "--validation.interval=0",
+            "--data.synthetic.identities=24", "--data.synthetic.images_per_identity=8",
+            "--data.synthetic.val_pairs=40", f"--data.cache_dir={cache}", "--data.workers=0",
+            "--train.log_every=1", "--train.tensorboard=false", "--train.keep_last=0", "--optim.warmup_steps=0",
+            "--optim.milestones=[]", "--train.progress=off", *extra]
+
+
+@contextlib.contextmanager
+def wrapped(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Replace `owner.name` by `make_wrapper(original)` for the duration of the block."""
+    original = getattr(owner, name)
+    setattr(owner, name, make_wrapper(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def train_worker(state: DistState, argv: list[str]) -> dict[str, Any]:
+    """Rank body: run the CLI in this process; return its exit code and the per-iteration losses."""
+    from megaface.train import logger as logging_utils
+
+    losses: list[float] = []
+
+    def recording(original: Callable[..., Any]) -> Callable[..., Any]:
+        def record(self, iteration, loss, *args, **kwargs):  # type: ignore[no-untyped-def]
+            losses.append(loss)
+            return original(self, iteration, loss, *args, **kwargs)
+        return record
+
+    with wrapped(logging_utils.TrainLogger, "iteration", recording):
+        code = train.main(argv)
+    return {"code": code, "losses": losses}
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def _torchrun(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "megaface", "train", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _rank_pids(launcher: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def run_under_pty(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[int, str]:
+    """Run `argv` with stdin/stdout/stderr on a fresh pty (size 0x0, as script(1) gives); -> (rc, output)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                            env={**os.environ, **(env or {})})
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    rc = proc.wait(timeout=10)
+    return rc, b"".join(chunks).decode("utf-8", "replace")
