@@ -15,11 +15,14 @@ every error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
 import pickle
 import sys
+import warnings
+from typing import Any
 
 import yaml
 
@@ -76,7 +79,36 @@ def _os_error(err: OSError) -> str:
     if err.filename2 is not None:
         where = f" ({err.filename} -> {err.filename2})"
     verb = "write" if err.errno in _WRITE_ERRNOS else "find" if err.errno == errno.ENOENT else "access"
-    return f"cannot {verb}{where}: {why}{f' [{name}]' if name else ''}; {todo}"
+    space = _space_left(err) if err.errno in _WRITE_ERRNOS else ""
+    return f"cannot {verb}{where}: {why}{f' [{name}]' if name else ''}{space}; {todo}"
+
+
+def _space_left(err: OSError) -> str:
+    """` (1.2 GB free on /mnt/out, file-size limit 4 KB)`: what the filesystem and the limits allow now."""
+    import resource
+    import shutil
+    from pathlib import Path
+
+    parts = []
+    folder = Path(str(err.filename)).absolute().parent if err.filename is not None else None
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            parts.append(f"{_bytes(shutil.disk_usage(folder).free)} free on {folder}")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        parts.append(f"file-size limit {_bytes(limit)}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
 
 
 def _yaml_error(err: yaml.YAMLError) -> str:
@@ -100,6 +132,21 @@ def describe_error(err: BaseException) -> str:
     if isinstance(err, MemoryError):
         return "out of memory; use fewer workers, a smaller batch or a machine with more memory"
     return " ".join(str(err).split())  # an OSError raised by megaface with its own message
+
+
+# optional packages -> the pyproject extra that installs them
+OPTIONAL_EXTRAS: dict[str, str] = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx-dynamo",
+                                   "matplotlib": "plot", "mpi4py": "mpi"}
+
+
+def _missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The line for an optional package that is not installed (None for any other missing module: a bug)."""
+    root = (err.name or "").split(".")[0]
+    if root not in OPTIONAL_EXTRAS:
+        return None
+    message = str(err.msg) if err.msg and not str(err.msg).startswith("No module named") else ""
+    why = f" ({message})" if message and "halted" not in message else ""
+    return (f"the optional package '{root}' is not installed{why}: pip install 'megaface[{OPTIONAL_EXTRAS[root]}]'")
 
 
 def _usage() -> str:
@@ -145,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megaface: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     module_name, func_name, _ = COMMANDS[name]
+    warnings.formatwarning = _warning_line(name)
     func_args = rest
     if rest and (name, rest[0]) in ROUTES:
         (module_name, func_name), func_args = ROUTES[(name, rest[0])], rest[1:]
@@ -160,12 +208,26 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ENVIRONMENT
         _print_error(name, rest, str(err))
         return EXIT_USER_ERROR
+    except ModuleNotFoundError as err:
+        extra = _missing_extra(err)
+        if extra is None or os.environ.get("MEGAFACE_TRACEBACK"):
+            raise
+        _print_error(name, rest, extra)
+        return EXIT_ENVIRONMENT
     except EXPECTED_ERRORS as err:
         # the environment (disk, permissions, limits) or a damaged input file
         if os.environ.get("MEGAFACE_TRACEBACK"):
             raise
         _print_error(name, rest, describe_error(err))
         return EXIT_ENVIRONMENT
+
+
+def _warning_line(name: str) -> Any:
+    """`warnings.formatwarning` for the command line: `megaface <command>: warning: <message>`, one line."""
+    def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:
+        return f"megaface {name}: warning: {' '.join(str(message).split())}\n"
+    return format_warning
 
 
 def _print_error(name: str, rest: list[str], message: str) -> None:

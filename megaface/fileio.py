@@ -10,6 +10,7 @@ names the final path, so the command line can report which output could not be w
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ def _chmod_like_open(path: Path, directory: bool) -> None:
 
 def output_error(err: OSError, tmp: Path, path: Path) -> OSError:
     """The error to raise: a copy naming the final output if `err` named the temporary (or no file)."""
+    if err.errno is not None and err.filename2 is not None and str(err.filename2).startswith(str(tmp)):
+        err = type(err)(err.errno, err.strerror)  # a copy into the temporary (src -> tmp/...): the output failed
     if err.errno is None or (err.filename is not None and not str(err.filename).startswith(str(tmp))):
         return err  # about some other file (an input read inside the block): leave it as it is
     named = type(err)(err.errno, err.strerror, str(path))
@@ -89,6 +92,12 @@ def save_npy(path: str | os.PathLike, array: Any) -> None:
         np.save(_PythonLevelWriter(fh), array, allow_pickle=False)
 
 
+def save_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Bytes to `path` itself (inside `atomic_output_file`); a failed write names `path`."""
+    with _naming_write_errors(path):
+        Path(path).write_bytes(data)
+
+
 def save_text(path: str | os.PathLike, text: str) -> None:
     """UTF-8 text to `path` itself (inside `atomic_output_file`); a failed write names `path`."""
     with _naming_write_errors(path):
@@ -142,10 +151,64 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) ->
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through `atomic_output_file`."""
+    with atomic_output_file(path) as tmp:
+        torch_save(obj, tmp)
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to `path` itself (write it inside an atomic block); a failed write is an OSError naming `path`.
+
+    Given a file name, torch writes through C++ streams and a full disk or `ulimit -f` surfaces as
+    `RuntimeError: [enforce fail at inline_container.cc] unexpected pos` (or `basic_ios::clear`), without
+    errno. Given a Python file object it writes through Python, and the OSError behind that RuntimeError is
+    its context: re-raised here; when torch gives none, the cause is read off the filesystem.
+    """
     import torch
 
-    with atomic_output_file(path) as tmp:
-        torch.save(obj, tmp)
+    with _naming_write_errors(path):
+        try:
+            with open(path, "wb") as fh:
+                torch.save(obj, fh)
+        except RuntimeError as err:
+            raise _write_failure(err, Path(path)) from err
+
+
+def _write_failure(err: RuntimeError, path: Path) -> BaseException:
+    """The OSError behind torch's writer RuntimeError, or `err` itself when it is not a write failure."""
+    context: BaseException | None = err
+    while context is not None:
+        if isinstance(context, OSError) and context.errno is not None:
+            return type(context)(context.errno, context.strerror, str(path))
+        context = context.__context__
+    if "inline_container" not in str(err) and "iostream" not in str(err):
+        return err
+    import resource
+
+    size = path.stat().st_size if path.exists() else 0
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and size >= soft:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    if shutil.disk_usage(path.parent).free < (1 << 20):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"torch.save failed: {str(err).splitlines()[0]}", str(path))
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a file or a folder, file by file: the first failed copy raises its own OSError (with errno).
+
+    `shutil.copytree` gathers failures into one `shutil.Error` without errno, which cannot say "disk full".
+    """
+    src, dst = Path(src), Path(dst)
+    if src.is_file():
+        shutil.copy2(src, dst)
+        return
+    for item in sorted(src.rglob("*")):
+        target = dst / item.relative_to(src)
+        if item.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, target)
 
 
 def move_into_place(tmp: Path, target: Path) -> None:

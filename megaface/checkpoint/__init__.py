@@ -4,7 +4,8 @@
     backbone.py     backbone files (.pt / .safetensors + meta) and the backbone of a checkpoint
     zero_reader.py  fp32 weights from DeepSpeed's ZeRO 0-3 partition files, without DeepSpeed
     fc7_shards.py   the FC7 shard file format: one file per rank, its validator, merge, split and reshard
-    integrity.py    per-file sha256 digests in meta.json, their verification, the finite-tensor scan
+    integrity.py    per-file sha256 digests in meta.json, their verification (by every reader), the finite scan
+    filetype.py     what a file is from its first bytes, for errors about a wrong file where weights belong
 Imports only `megaface.head`, `megaface.models`, `megaface.distributed` and `megaface.fileio`.
 """
 

@@ -13,11 +13,14 @@ from typing import Any
 
 import torch
 
-from megaface.checkpoint.layout import DS_DIR, find_checkpoint, read_meta
+from megaface.checkpoint.filetype import require_weight_file
+from megaface.checkpoint.integrity import open_checkpoint, sha256_file, skipped_verification, verify_backbone_file
+from megaface.checkpoint.layout import DS_DIR, load_torch_file, read_meta
 from megaface.checkpoint.zero_reader import read_fp32_state_dict
-from megaface.fileio import atomic_output_file, atomic_torch_save, atomic_write_text
+from megaface.fileio import atomic_output_file, atomic_torch_save, atomic_write_text, save_bytes
 
 BACKBONE_FORMAT = "megaface.backbone.v1"
+WEIGHTS_SHA256 = "weights_sha256"  # sidecar key: the sha256 of the weights file it describes
 # Wrappers that may sit around the backbone inside the engine: torch.compile, (Distributed)DataParallel.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # DataParallelFace (megaface.train.build, parallel="data") holds the backbone next to the replicated FC7.
@@ -32,25 +35,38 @@ def save_backbone_file(path: str | os.PathLike, state_dict: dict[str, torch.Tens
     # clone: safetensors refuses shared storage, and the caller's tensors must not be touched
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        # serialized here and written by Python: safetensors' own file writer reports a full disk as a
+        # SafetensorError without errno
         with atomic_output_file(path) as tmp:
-            save_file(tensors, tmp, metadata={"megaface": json.dumps(meta)})
+            save_bytes(tmp, save(tensors, metadata={"megaface": json.dumps(meta)}))
     else:
         atomic_torch_save(tensors, path)
+    # the digest readers check (`read_backbone_file`), computed while the file is still in the page cache
+    meta[WEIGHTS_SHA256] = sha256_file(path)
     atomic_write_text(Path(f"{path}.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def read_backbone_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, meta) of a backbone file; meta from the safetensors header or the sidecar (or {})."""
+def read_backbone_file(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) of a backbone file; meta from the safetensors header or the sidecar (or {}).
+
+    With `verify` the file must match the sha256 its sidecar recorded (files without one are let through).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file {str(path)!r} does not exist")
+    require_weight_file(path, "a backbone file (.pt state_dict or .safetensors)")
     meta: dict[str, Any] = {}
     sidecar = Path(f"{path}.json")
     if sidecar.is_file():
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    expected = meta.pop(WEIGHTS_SHA256, None)
+    if verify:
+        verify_backbone_file(path, expected)
+    elif expected is not None:
+        skipped_verification(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -60,7 +76,7 @@ def read_backbone_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         if "megaface" in header:
             meta = {**json.loads(header["megaface"]), **meta}
         return state, meta
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "a backbone file (a state_dict of tensors)")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state_dict (mapping of tensors), found {type(state).__name__}")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -112,18 +128,20 @@ def resolve_network(meta: dict[str, Any], network: str | None, source: str | os.
 
 
 def load_backbone(path: str | os.PathLike, network: str | None = None,
-                  map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+                  map_location: str | torch.device = "cpu", verify: bool = True
+                  ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the backbone stored at `path` (output dir, checkpoints dir, tag dir or backbone file) in eval mode.
 
-    `network` is required when the file carries no meta; when both exist they must agree.
+    `network` is required when the file carries no meta; when both exist they must agree. `verify`: check the
+    sha256 digests (meta.json's, a backbone sidecar's) first; without it a warning says they were skipped.
     """
     from megaface.models import build_model
 
     path = Path(path)
     if path.is_file():
-        state, meta = read_backbone_file(path)
+        state, meta = read_backbone_file(path, verify=verify)
     else:
-        tag_dir = find_checkpoint(path)
+        tag_dir = open_checkpoint(path, verify=verify)
         meta = read_meta(tag_dir)
         state = checkpoint_backbone_state(tag_dir)
     name = resolve_network(meta, network, path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -175,3 +176,52 @@ def last_verified(output_dir: str | os.PathLike) -> Path | None:
         return None
     tags = sorted((p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if not p.name.endswith(".tmp")), reverse=True)
     return next((p for p in tags if is_verified(p)), None)
+
+
+# ---- readers: verify before use ----------------------------------------------------------------------------
+
+def verify_checkpoint(tag_dir: Path) -> None:
+    """Raise ValueError unless every file of `tag_dir` matches its sha256 digest in meta.json.
+
+    Every reader (embed, eval, convert, model.init_from) calls this before it trusts a checkpoint; a
+    checkpoint saved before digests existed is let through with a warning.
+    """
+    tag_dir = Path(tag_dir)
+    expected = read_meta(tag_dir).get(FILES_KEY)
+    if expected is None:
+        warnings.warn(f"{tag_dir} has no file digests in meta.json (saved by an older megaface): it is used "
+                      "unverified", UserWarning, stacklevel=2)
+        return
+    problems = verify_files(tag_dir, expected)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ValueError(f"{problems[0]}{more}; `--no-verify` uses it anyway")
+
+
+def skipped_verification(what: str | os.PathLike) -> None:
+    """The warning of `--no-verify`: the reader uses `what` without checking its digests."""
+    warnings.warn(f"--no-verify: {what} is used without checking its sha256 digests; a damaged file gives "
+                  "wrong results silently", UserWarning, stacklevel=2)
+
+
+def open_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
+    """The complete tag dir `path` names (output dir, checkpoints dir or tag dir), its digests verified."""
+    from megaface.checkpoint.layout import resolve_checkpoint
+
+    tag_dir = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(tag_dir)
+    else:
+        skipped_verification(tag_dir)
+    return tag_dir
+
+
+def verify_backbone_file(path: Path, expected: str | None) -> None:
+    """A backbone file against the sha256 its sidecar recorded (files without one are older: let through)."""
+    if expected is None:
+        return
+    found = sha256_file(path)
+    if found != expected:
+        raise ValueError(f"{path}: sha256 {found} does not match {expected} recorded in {path}.json (bit flips "
+                         "on disk or in a copy): copy it again from a good source or convert it again; "
+                         "`--no-verify` uses it anyway")

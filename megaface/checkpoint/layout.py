@@ -56,6 +56,11 @@ def find_checkpoint(path_or_latest: str | os.PathLike | None, output_dir: str | 
     path = Path(path_or_latest)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_file():
+        from megaface.checkpoint.filetype import describe_file
+
+        raise ValueError(f"{path} is {describe_file(path)}, not a checkpoint: expected a directory (an output "
+                         "dir, its checkpoints/ dir or a step_NNNNNNNN tag dir)")
     if _is_tag_dir(path):
         return path
     if path.name.endswith(".tmp"):
@@ -69,14 +74,27 @@ def _latest_in(ckpt_dir: Path) -> Path:
     marker = ckpt_dir / LATEST
     if marker.is_file():
         tag = marker.read_text(encoding="utf-8").strip()
+        if Path(tag).name != tag or tag in ("", ".", ".."):
+            raise ValueError(f"{marker} names {tag!r}, which is not a checkpoint of this run (it must be one "
+                             f"{TAG_PREFIX}NNNNNNNN name inside {ckpt_dir}); the file was edited or copied from "
+                             f"another run: write the newest tag into it, or delete it to use the newest {TAG_PREFIX}*")
         if _is_tag_dir(ckpt_dir / tag):
-            return ckpt_dir / tag
+            return _inside(ckpt_dir / tag, ckpt_dir)
     # no (or a stale) marker: fall back to the newest complete tag directory
     tags = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if _is_tag_dir(p)) if ckpt_dir.is_dir() else []
     if not tags:
         raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir} (expected '{LATEST}' or "
                                 f"{TAG_PREFIX}NNNNNNNN/meta.json)")
-    return tags[-1]
+    return _inside(tags[-1], ckpt_dir)
+
+
+def _inside(tag_dir: Path, ckpt_dir: Path) -> Path:
+    """`tag_dir`, refused when it resolves (through a symlink) outside the checkpoints directory given."""
+    real, root = tag_dir.resolve(), ckpt_dir.resolve()
+    if not real.is_relative_to(root):
+        raise ValueError(f"{tag_dir} resolves to {real}, outside {ckpt_dir}: a checkpoint of another run or "
+                         f"disk; give that checkpoint's own path explicitly, or replace the link by a copy")
+    return tag_dir
 
 
 def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
@@ -92,11 +110,7 @@ def read_meta(tag_dir: str | os.PathLike) -> dict[str, Any]:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """An output dir, a checkpoints dir or a tag dir -> the complete tag dir it names."""
-    path = Path(path)
-    if path.is_file():
-        raise ValueError(f"{path} is a file; expected a checkpoint directory (an output dir, its checkpoints/ "
-                         "dir or a step_NNNNNNNN tag dir)")
-    return find_checkpoint(path)
+    return find_checkpoint(Path(path))  # a file is refused there, naming what it is
 
 
 def load_torch_file(path: Path, what: str, weights_only: bool = True, mmap: bool = False) -> Any:

@@ -212,7 +212,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if not all(parts):
         raise ValueError(f"override {text!r}: empty key component in '{key}'")
-    return parts, yaml.safe_load(raw) if raw != "" else None
+    try:
+        return parts, yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"override {text!r}: the value of '{key}' is not valid YAML ({problem}); quote it or "
+                         "fix its brackets, e.g. --optim.milestones=[1,2] or --train.output_dir=\"a b\"") from None
 
 
 def _set_nested(tree: dict[str, Any], parts: list[str], value: Any) -> None:

@@ -28,7 +28,8 @@ class ModelConfig:
     network: str = "mobilefacenet"
     """Registry name for `megaface.models.build_model` (e.g. mobilefacenet, iresnet50, iresnet100)."""
     init_from: str | None = _path(None, "Backbone file (.pt/.safetensors: convert import-oneflow / import-mxnet / "
-                                        "import-insightface / consolidate) whose weights training starts from.")
+                                        "import-insightface / consolidate) or checkpoint directory whose weights "
+                                        "training starts from (sha256 digests verified first).")
     embedding_size: int | None = None
     """Embedding width D; None = the network's default (128 for mobilefacenet, 512 for iresnet*)."""
     dropout: float | None = None
@@ -144,6 +145,9 @@ class DataConfig:
     """Shuffle / flip seed."""
     skip_corrupt: bool = False
     """Skip images that fail to decode (each skip is logged with a running count) instead of stopping."""
+    strict_decode: bool = False
+    """A JPEG that decodes only with libjpeg warnings (damaged entropy data, truncated: partly grey) is an
+    error (or a skip with skip_corrupt) instead of a counted, logged warning."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ class TrainConfig:
     """latest, a checkpoint tag directory, or None."""
     collective_timeout_s: float = 120.0
     """A collective waiting longer than this fails the job: a dead, hung or stopped rank ends the others
-    (exit code 3, naming the silent rank when the backend does). 120 s suits CPU jobs; on GPU clusters
+    (exit code 3); a rank whose store heartbeat stops for this long is named (pid, host) and ended. 120 s suits CPU jobs; on GPU clusters
     with slow first steps (NCCL setup, compilation) or long validation, raise it (e.g. 600-1800)."""
     threads: int = 0
     """torch intra-op threads per rank; 0 = leave torch's default."""

@@ -23,16 +23,16 @@ def _inspect(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace) -> int:
     from megaface.convert.consolidate import consolidate
 
-    out = consolidate(args.checkpoint, args.output, network=args.network)
+    out = consolidate(args.checkpoint, args.output, network=args.network, verify=args.verify)
     print(f"wrote fp32 backbone {out} (+ {out}.json)")
     return 0
 
 
 def _fc7(args: argparse.Namespace) -> int:
+    from megaface.checkpoint.integrity import open_checkpoint
     from megaface.convert.fc7 import merge_checkpoint, reshard_checkpoint
-    from megaface.checkpoint import resolve_checkpoint
 
-    tag_dir = resolve_checkpoint(args.checkpoint)
+    tag_dir = open_checkpoint(args.checkpoint, verify=args.verify)
     if args.merge:
         if args.output is None:
             raise ValueError("fc7 --merge needs -o FILE.pt for the merged classifier")
@@ -55,7 +55,7 @@ def _onnx(args: argparse.Namespace) -> int:
 
     if args.opset < 17:
         raise ValueError(f"--opset {args.opset}: megaface exports opset 17 or newer")
-    model, _ = load_backbone(args.checkpoint, network=args.network)  # loaded once for export and check
+    model, _ = load_backbone(args.checkpoint, network=args.network, verify=args.verify)  # once for export+check
     # checked with onnxruntime before the rename: a failed check leaves no .onnx behind
     out = export_onnx(model, args.output, opset=args.opset, fp16=args.fp16, exporter=args.exporter,
                       verify=args.verify)
@@ -77,7 +77,7 @@ def _import_insightface(args: argparse.Namespace) -> int:
 def _export_insightface(args: argparse.Namespace) -> int:
     from megaface.convert.insightface import export_insightface_file
 
-    print(export_insightface_file(args.checkpoint, args.output, network=args.network))
+    print(export_insightface_file(args.checkpoint, args.output, network=args.network, verify=args.verify))
     return 0
 
 
@@ -97,11 +97,12 @@ def _export_foreign(args: argparse.Namespace) -> int:
     if args.command == "export-oneflow":
         from megaface.convert.oneflow import export_oneflow
 
-        print(export_oneflow(args.checkpoint, args.output, network=args.network))
+        print(export_oneflow(args.checkpoint, args.output, network=args.network, verify=args.verify))
     else:
         from megaface.convert.mxnet import export_mxnet
 
-        print(export_mxnet(args.checkpoint, args.output, network=args.network, epoch=args.epoch))
+        print(export_mxnet(args.checkpoint, args.output, network=args.network, epoch=args.epoch,
+                           verify=args.verify))
     return 0
 
 
@@ -127,7 +128,13 @@ def _add_foreign(sub: Any) -> None:
         p.add_argument("--network", help="network name when the source has no meta")
         if fmt == "mxnet":
             p.add_argument("--epoch", type=int, default=0, help="epoch number in the params file name (default 0)")
+        _no_verify(p)
         p.set_defaults(handler=_export_foreign)
+
+
+def _no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="use the checkpoint without checking its sha256 digests (a warning says so)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("-o", "--output", required=True, help="backbone.pt or backbone.safetensors")
     p.add_argument("--network", help="network name when meta.json has none (must agree when it has one)")
+    _no_verify(p)
     p.set_defaults(handler=_consolidate)
 
     p = sub.add_parser("fc7", help="merge the FC7 shards into one matrix, or reshard for another world size")
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--reshard", type=int, metavar="W", help="write a copy of the checkpoint with W shards")
     p.add_argument("-o", "--output", help="--merge: output file; --reshard: output tag dir (default: "
                                           "OUTPUT/checkpoints_fc7w<W>/<tag>)")
+    _no_verify(p)
     p.set_defaults(handler=_fc7)
 
     p = sub.add_parser("onnx", help="ONNX export (dynamic batch), verified with onnxruntime")
@@ -167,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch ONNX exporter (dynamo needs onnxscript; default torchscript)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the onnxruntime comparison with torch (random inputs, batch 1 and 3)")
+                   help="skip both checks: the checkpoint's sha256 digests (a warning says so) and the onnxruntime "
+                        "comparison with torch (random inputs, batch 1 and 3)")
     p.set_defaults(handler=_onnx)
 
     p = sub.add_parser("import-insightface", help="arcface_torch iresnet/mbf/vit state_dict -> megaface backbone")
@@ -181,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or a backbone file")
     p.add_argument("-o", "--output", required=True, help="arcface_torch backbone .pt")
     p.add_argument("--network", help="network name when the source has no meta")
+    _no_verify(p)
     p.set_defaults(handler=_export_insightface)
     _add_foreign(sub)
     from megaface.convert.arcface_torch_cli import add_subcommands as add_arcface_torch

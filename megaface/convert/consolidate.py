@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from megaface.checkpoint import (DS_DIR, META_FILE, read_meta, resolve_checkpoint, resolve_network,
-                                 strip_prefixes)
+from megaface.checkpoint import DS_DIR, META_FILE, read_meta, resolve_network, strip_prefixes
+from megaface.checkpoint.integrity import open_checkpoint
 from megaface.checkpoint.zero_reader import read_fp32_state_dict
 
 __all__ = ["check_architecture", "consolidate_state_dict", "consolidate"]
@@ -41,14 +41,16 @@ def check_architecture(state: dict[str, torch.Tensor], network: str, embedding_s
                          "checkpoint of another architecture")
 
 
-def consolidate_state_dict(path: str | os.PathLike, network: str | None = None, progress: str | None = None
+def consolidate_state_dict(path: str | os.PathLike, network: str | None = None, verify: bool = True,
+                           progress: str | None = None
                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(fp32 backbone state_dict, backbone meta) of the checkpoint at `path` (output/checkpoints/tag dir).
 
     `network` overrides the name in meta.json (must be given when the meta has none); the weights are
-    checked against that network's architecture. `progress`: label of a console progress display.
+    checked against that network's architecture. `verify`: check meta.json's sha256 digests first;
+    `progress`: label of a console progress display.
     """
-    tag_dir = resolve_checkpoint(path)
+    tag_dir = open_checkpoint(path, verify=verify)
     meta = read_meta(tag_dir)
     raw, info = read_fp32_state_dict(tag_dir / DS_DIR, progress)
     state = strip_prefixes(raw)
@@ -72,12 +74,13 @@ def consolidate_state_dict(path: str | os.PathLike, network: str | None = None, 
     return state, backbone_meta
 
 
-def consolidate(path: str | os.PathLike, output: str | os.PathLike, network: str | None = None) -> Path:
+def consolidate(path: str | os.PathLike, output: str | os.PathLike, network: str | None = None,
+                verify: bool = True) -> Path:
     """Write the fp32 backbone of the checkpoint at `path` to `output` (.pt or .safetensors, + sidecar .json)."""
     from megaface.checkpoint import save_backbone_file
 
     output = Path(output)
     if output.suffix not in (".pt", ".pth", ".safetensors"):
         raise ValueError(f"output {output} must end in .pt, .pth or .safetensors")
-    state, meta = consolidate_state_dict(path, network, progress="consolidate")
+    state, meta = consolidate_state_dict(path, network, verify=verify, progress="consolidate")
     return save_backbone_file(output, state, meta)

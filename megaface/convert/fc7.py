@@ -9,13 +9,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megaface.checkpoint import DS_DIR, FC7_DIR, META_FILE, read_meta
-from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, load_checkpoint_shards, merge_shards, shard_file_name,
-                                            split_merged)
+from megaface.checkpoint.fc7_shards import (
+    MERGED_FORMAT,
+    load_checkpoint_shards,
+    merge_shards,
+    shard_file_name,
+    split_merged,
+)
 from megaface.checkpoint.integrity import FILES_KEY, digests, list_files
-from megaface.fileio import atomic_output_dir, atomic_output_file
+from megaface.fileio import atomic_output_dir, atomic_output_file, torch_save
 from megaface.utils.progress import Progress
 
 
@@ -55,7 +58,7 @@ def merge_checkpoint(tag_dir: str | os.PathLike, output: str | os.PathLike) -> P
     _check_meta(meta, merged, tag_dir)
     merged.update(network=meta.get("network"), iteration=meta.get("iteration"), source=str(tag_dir))
     with atomic_output_file(output) as tmp:
-        torch.save(merged, tmp)
+        torch_save(merged, tmp)
     return Path(output)
 
 
@@ -90,7 +93,7 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
             bar.update(1)
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
-            torch.save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
+            torch_save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
             bar.update(1)
         if FILES_KEY in meta:  # the copy's own digests (the shard files are new)
             meta[FILES_KEY] = digests(tmp, list_files(tmp))

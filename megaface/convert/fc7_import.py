@@ -21,7 +21,7 @@ import torch
 from megaface.checkpoint import CHECKPOINT_FORMAT
 from megaface.checkpoint.fc7_shards import SHARD_FORMAT, shard_file_name
 from megaface.checkpoint.layout import FC7_DIR
-from megaface.fileio import atomic_output_dir
+from megaface.fileio import atomic_output_dir, torch_save
 
 
 def write_fc7_shard_set(output: str | os.PathLike, weight: np.ndarray, momentum: np.ndarray | None,
@@ -49,7 +49,7 @@ def write_fc7_shard_set(output: str | os.PathLike, weight: np.ndarray, momentum:
             "world_size": 1, "class_ranges": [[0, num_classes]], "parallel": "model", "fc7_only": True, **meta}
     with atomic_output_dir(output) as tmp:
         (tmp / FC7_DIR).mkdir()
-        torch.save(shard, tmp / FC7_DIR / shard_file_name(0, 1))
+        torch_save(shard, tmp / FC7_DIR / shard_file_name(0, 1))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     dropped = f", {rows - num_classes} padding rows dropped" if rows > num_classes else ""
     with_momentum = " + momentum" if momentum is not None else ""

@@ -263,12 +263,13 @@ def import_insightface_file(src: str | os.PathLike, output: str | os.PathLike, n
     return f"wrote megaface backbone {out}\n{report}"
 
 
-def export_insightface_file(src: str | os.PathLike, output: str | os.PathLike, network: str | None = None) -> str:
+def export_insightface_file(src: str | os.PathLike, output: str | os.PathLike, network: str | None = None,
+                            verify: bool = True) -> str:
     """Read a megaface checkpoint/backbone (``load_backbone``) and write an arcface_torch .pth state_dict."""
     from megaface.checkpoint import load_backbone
     from megaface.fileio import atomic_torch_save
 
-    model, _meta = load_backbone(src, network=network)
+    model, _meta = load_backbone(src, network=network, verify=verify)
     state = export_insightface(model.state_dict(), model.network_name)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state, Path(output))

@@ -185,11 +185,11 @@ def _export_symbol(model: Any) -> str:
 
 
 def export_mxnet(src: str | os.PathLike, prefix: str | os.PathLike, network: str | None = None,
-                 epoch: int = 0) -> str:
+                 epoch: int = 0, verify: bool = True) -> str:
     """Write a megaface checkpoint/backbone as InsightFace MXNet files (symbol JSON + params)."""
     from megaface.checkpoint import load_backbone
 
-    model, _ = load_backbone(src, network=network)
+    model, _ = load_backbone(src, network=network, verify=verify)
     arrays = from_megaface(model.state_dict(), model.network_name, MXNET)
     aux = ("_moving_mean", "_moving_var")
     named = {f"{'aux' if name.endswith(aux) else 'arg'}:{name}": value for name, value in arrays.items()}

@@ -162,11 +162,12 @@ def _meta_text(shape: tuple[int, ...]) -> str:
     return f"shape {{\n{dims}}}\ndata_type: kFloat\n"
 
 
-def export_oneflow(src: str | os.PathLike, output: str | os.PathLike, network: str | None = None) -> str:
+def export_oneflow(src: str | os.PathLike, output: str | os.PathLike, network: str | None = None,
+                   verify: bool = True) -> str:
     """Write a megaface checkpoint/backbone as a OneFlow snapshot directory (out + meta per variable)."""
     from megaface.checkpoint import load_backbone
 
-    model, meta = load_backbone(src, network=network)
+    model, meta = load_backbone(src, network=network, verify=verify)
     state = model.state_dict()
     arrays = from_megaface(state, model.network_name, ONEFLOW)
     warnings = []

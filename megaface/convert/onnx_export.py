@@ -51,11 +51,9 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, path: Path, opset: in
     if exporter == "dynamo":
         try:
             import onnxscript  # noqa: F401  (the dynamo exporter imports it lazily and fails late)
-        except ImportError as exc:
-            raise ValueError(
-                "exporter='dynamo' needs the onnxscript package: pip install onnxscript "
-                "(or use exporter='torchscript')"
-            ) from exc
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError("--exporter dynamo needs onnxscript, or use --exporter torchscript",
+                                      name="onnxscript") from exc
         shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
         torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes,
                           external_data=False, verbose=False, **common)
@@ -111,6 +109,11 @@ def export_onnx(model: nn.Module | str | os.PathLike, path: str | os.PathLike, o
     check raises ValueError and leaves ``path`` as it was. The caller's model is left untouched (its training
     mode is restored; fp16 export works on a copy).
     """
+    # optional packages, imported before the work: torch's exporter reports a missing onnx late, in its own
+    # words; megaface.cli names the extra that installs them
+    import onnx  # noqa: F401
+    if verify:
+        import onnxruntime  # noqa: F401
     model = _as_model(model, network)
     if exporter not in _EXPORTERS:
         raise ValueError(f"unknown ONNX exporter {exporter!r}; choose one of {list(_EXPORTERS)}")
@@ -142,10 +145,7 @@ def default_tolerance(fp16: bool) -> tuple[float, float]:
 
 
 def _onnx_session(path: Path):
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ValueError("verify_onnx needs onnxruntime: pip install onnxruntime") from exc
+    import onnxruntime as ort  # an optional package: megaface.cli names the extra that installs it
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # deterministic and polite on shared CPUs; verification is small
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -22,13 +22,14 @@ to float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from megaface.data.augment import Augment, DeviceCopy, RawBatch, sample_uniforms
 from megaface.data.datasets import dataset_where
-from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image, normalize_nchw
+from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image_checked, normalize_nchw
 
 STATE_FORMAT = "megaface.loader.v1"
 
@@ -68,29 +69,35 @@ def _located(where: str, err: BaseException) -> str:
 class _BatchTask(torch.utils.data.Dataset):
     """Map-style dataset whose item is a whole batch.
 
-    (indices, flips, epoch) -> (uint8 NCHW flipped, labels, skipped, uniforms): the augmentations' random
-    numbers per position, after corrupt images were replaced (`augment.sample_uniforms`; None when no
-    augmentation is on)."""
+    (indices, flips, epoch) -> (uint8 NCHW flipped, labels, skipped, uniforms, damaged): `uniforms` are the
+    augmentations' random numbers per position, after corrupt images were replaced (`augment.sample_uniforms`;
+    None when no augmentation is on); `damaged` the (location, libjpeg warning) of each image that decoded only
+    with warnings (unless strict_decode)."""
 
-    def __init__(self, dataset, skip_corrupt: bool, seed: int = 0, augment: Augment | None = None):
-        self.dataset, self.skip_corrupt = dataset, skip_corrupt
+    def __init__(self, dataset, skip_corrupt: bool, seed: int = 0, augment: Augment | None = None,
+                 strict_decode: bool = False):
+        self.dataset, self.skip_corrupt, self.strict_decode = dataset, skip_corrupt, strict_decode
         self.seed, self.augment = seed, augment
 
     def __len__(self) -> int:  # unused: items are index arrays from the sampler
         return 0
 
-    def _load(self, i: int) -> tuple[int, np.ndarray | None]:
+    def _load(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
         try:
             label, item = self.dataset[int(i)]
         except (ValueError, OSError, EOFError) as err:  # a damaged record, an unreadable file
             raise DataError(_located(dataset_where(self.dataset, int(i)), err)) from None
         if isinstance(item, np.ndarray) and item.ndim == 3:
-            return label, item
+            return label, item, None
         try:
-            return label, decode_image(item)
+            image, damage = decode_image_checked(item)
+            if damage is not None and self.strict_decode:
+                raise CorruptImageError(f"damaged JPEG data (libjpeg: {damage}) and data.strict_decode=true; "
+                                        "repack the image, or set data.strict_decode=false to train on it anyway")
+            return label, image, damage
         except CorruptImageError as err:
             if self.skip_corrupt:
-                return label, None
+                return label, None, None
             raise CorruptImageError(
                 f"{dataset_where(self.dataset, int(i))}: {err}; set data.skip_corrupt=true to skip such images "
                 "(each skip is counted in the log)"
@@ -109,8 +116,10 @@ class _BatchTask(torch.utils.data.Dataset):
     def _batch(self, task: tuple[np.ndarray, np.ndarray, int]):
         indices, flips, epoch = task
         loaded = [self._load(i) for i in indices]
-        good = [k for k, (_, im) in enumerate(loaded) if im is not None]
-        skipped = [dataset_where(self.dataset, int(indices[k])) for k, (_, im) in enumerate(loaded) if im is None]
+        good = [k for k, (_, im, _) in enumerate(loaded) if im is not None]
+        skipped = [dataset_where(self.dataset, int(indices[k])) for k, (_, im, _) in enumerate(loaded) if im is None]
+        damaged = [(dataset_where(self.dataset, int(indices[k])), why) for k, (_, _, why) in enumerate(loaded)
+                   if why is not None]
         if skipped and not good:
             raise CorruptImageError(f"every image of a batch is corrupt, e.g. {skipped[0]}")
         # a corrupt image is replaced by a good one of the same batch so batch shapes stay equal on all ranks
@@ -136,7 +145,61 @@ class _BatchTask(torch.utils.data.Dataset):
         uniforms = None
         if self.augment is not None and self.augment.enabled:
             uniforms = torch.from_numpy(sample_uniforms(self.seed, epoch, np.asarray(indices)[src]))
-        return images, labels, skipped, uniforms
+        return images, labels, skipped, uniforms, damaged
+
+
+class WorkerDied(DataError):
+    """A loader worker process ended (a signal: the OOM killer's SIGKILL, a crash): the environment, exit 1."""
+
+
+def _worker_signals(pool: Any) -> dict[int, int]:
+    """{pid: signal number} of the pool's workers that a signal ended (torch's "exited unexpectedly" names none)."""
+    processes = getattr(getattr(pool, "_iterator", None), "_workers", None) or []
+    return {w.pid: -w.exitcode for w in processes if getattr(w, "exitcode", None) is not None and w.exitcode < 0}
+
+
+def worker_death(err: BaseException, workers: int, signals: dict[int, int] | None = None) -> str | None:
+    """One line for a loader worker's death, naming the worker, the signal and what to change; None for any
+    other error. torch says "DataLoader worker (pid 123) is killed by signal: Killed." (from its SIGCHLD
+    handler, wherever the main thread is) or "... exited unexpectedly"; `signals` ({pid: signal number}, from
+    the pool's process objects) fills in the signal the second one does not name."""
+    import re
+    import signal
+
+    text = " ".join(str(err).split())
+    if not isinstance(err, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    pids = re.search(r"pid\(?s?\)? ?(\d[\d, ]*\d|\d)", text)
+    named = re.search(r"killed by signal: ([\w ]+?)\.?$", text)
+    number: int | None = None
+    if named is not None:
+        number = next((s.value for s in signal.Signals if signal.strsignal(s) == named.group(1).strip()), None)
+    elif signals:
+        first = int(pids.group(1).split(",")[0]) if pids else None
+        number = signals.get(first) if first in signals else next(iter(signals.values()))
+    if number is not None:
+        how = f"was killed by {signal.Signals(number).name} ({signal.strsignal(number)})"
+    else:
+        how = f"was killed by signal {named.group(1).strip()}" if named else "exited unexpectedly"
+    oom = " (most likely the kernel's OOM killer, see `dmesg`)" if number in (None, signal.SIGKILL) else ""
+    return (f"data loader worker (pid {pids.group(1) if pids else '?'}) {how}{oom}; lower data.workers (now "
+            f"{workers}) or the batch size, or give the job more memory")
+
+
+def _worker_deaths_named(source, workers: int):
+    """`source`, with a loader worker's death raised as one WorkerDied (`worker_death`)."""
+    iterator = iter(source)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            line = worker_death(err, workers, _worker_signals(source))
+            if line is None:
+                raise
+            raise WorkerDied(line) from None
+        yield item
 
 
 class _TaskList(torch.utils.data.Sampler):
@@ -167,7 +230,7 @@ class TrainLoader:
     def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  drop_last: bool = True, workers: int = 2, flip: bool = True, normalize: str = "arcface_torch",
                  skip_corrupt: bool = False, log=None, on_device: bool = False, augment: Augment | None = None,
-                 pin_memory: bool = False, device: torch.device | None = None):
+                 pin_memory: bool = False, device: torch.device | None = None, strict_decode: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (per-rank batch), got {batch_size}")
         if not (world_size >= 1 and 0 <= rank < world_size):
@@ -193,9 +256,12 @@ class TrainLoader:
         self._epoch, self._position = 0, 0
         self.skipped = 0
         self.skipped_where: list[str] = []
+        self.damaged = 0  # images decoded despite libjpeg warnings (damaged entropy data), this run
+        self.damaged_where: list[str] = []
         self._warned_classes = False
         self._log = log or print
-        self._task = _BatchTask(dataset, self.skip_corrupt, seed=self.seed, augment=self.augment)
+        self._task = _BatchTask(dataset, self.skip_corrupt, seed=self.seed, augment=self.augment,
+                                strict_decode=bool(strict_decode))
         self._sampler = _TaskList()
         self._pool: torch.utils.data.DataLoader | None = None
 
@@ -258,14 +324,20 @@ class TrainLoader:
         else:
             source = (self._task[t] for t in tasks)
         whole_epoch, top_label = self._position == 0, -1
-        for item in source:
+        declared = getattr(self.dataset, "num_classes", None)
+        used = np.zeros(int(declared), dtype=bool) if declared else None  # the classes one epoch's labels use
+        for item in _worker_deaths_named(source, self.workers):
             if isinstance(item, _WorkerFailure):
                 raise item.error()
-            images, labels, skipped, uniforms = item
+            images, labels, skipped, uniforms, damaged = item
             top_label = max(top_label, int(labels.max())) if labels.numel() else top_label
+            if used is not None and labels.numel() and top_label < used.size:
+                used[labels.numpy()] = True
             self._position += self.global_batch
             if skipped:
                 self._report(skipped)
+            if damaged:
+                self._report_damaged(damaged)
             if not self.on_device:
                 yield normalize_nchw(images, self.normalize), labels
                 continue
@@ -274,16 +346,16 @@ class TrainLoader:
                 raw, labels = raw.pin_memory(), labels.pin_memory()
             yield raw, labels
         if whole_epoch and self.world_size == 1:  # one rank sees every label only without sharding
-            self._check_class_count(top_label)
+            self._check_class_count(top_label, int(used.sum()) if used is not None else top_label + 1)
         self.set_epoch(self._epoch + 1)
 
-    def _check_class_count(self, top_label: int) -> None:
+    def _check_class_count(self, top_label: int, used: int) -> None:
         declared = getattr(self.dataset, "num_classes", None)
-        if declared is not None and not self._warned_classes and top_label + 1 < declared:
+        if declared is not None and not self._warned_classes and used < declared:
             self._warned_classes = True
-            self._log(f"data: warning: the data declares {declared} classes but one epoch saw labels only up to "
-                      f"{top_label}; FC7 rows {top_label + 1}..{declared - 1} are never trained. Fine for a subset "
-                      "of a pack; otherwise fix the class count (property file)")
+            self._log(f"data: warning: the data declares {declared} classes but the labels of one epoch use "
+                      f"{used} of them (up to {top_label}); {declared - used} FC7 rows are never trained. Fine for "
+                      "a subset of a pack; otherwise fix the class count (property file)")
 
     def _worker_pool(self) -> torch.utils.data.DataLoader:
         # Workers persist across epochs (forking a process that holds torch costs ~0.5 s); the sampler
@@ -304,6 +376,13 @@ class TrainLoader:
         self.skipped += len(skipped)
         self.skipped_where += skipped[: max(0, 100 - len(self.skipped_where))]
         self._log(f"data: skipped {len(skipped)} corrupt image(s) ({self.skipped} so far), e.g. {skipped[0]}")
+
+    def _report_damaged(self, damaged: list[tuple[str, str]]) -> None:
+        self.damaged += len(damaged)
+        self.damaged_where += [where for where, _ in damaged][: max(0, 100 - len(self.damaged_where))]
+        where = "; ".join(w for w, _ in damaged[:5]) + (f"; +{len(damaged) - 5} more" if len(damaged) > 5 else "")
+        self._log(f"data: warning: {len(damaged)} image(s) decoded from damaged JPEG data ({self.damaged} so far; "
+                  f"libjpeg: {damaged[0][1]}): {where}; data.strict_decode=true stops on them")
 
     def state_dict(self) -> dict:
         epoch, position = self._epoch, self._position - self._ahead * self.global_batch

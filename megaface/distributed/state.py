@@ -124,11 +124,10 @@ def _mpi_rendezvous(launch: LaunchEnv) -> None:
         return
     try:
         from mpi4py import MPI
-    except ImportError:
-        raise RuntimeError(
-            f"launched by MPI ({launch.launcher}) without MASTER_ADDR/MASTER_PORT and mpi4py is not "
-            "installed: `pip install megaface[mpi]`, or export MASTER_ADDR and MASTER_PORT"
-        ) from None
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"launched by MPI ({launch.launcher}) without MASTER_ADDR/MASTER_PORT; or export MASTER_ADDR and "
+            "MASTER_PORT", name="mpi4py") from None
     comm = MPI.COMM_WORLD
     payload: tuple[str, str] | None = None
     if launch.rank == 0:

@@ -27,14 +27,16 @@ from megaface.vocab import IJB_POOLINGS, IMAGE_SUFFIXES, NORMALIZE_MODES, PROGRE
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
-def load_model(checkpoint: str, network: str | None, embedding_size: int | None) -> tuple[Any, dict]:
-    """The backbone at `checkpoint` (eval mode, CPU), checked against the requested network / size."""
+def load_model(checkpoint: str, network: str | None, embedding_size: int | None,
+               verify: bool = True) -> tuple[Any, dict]:
+    """The backbone at `checkpoint` (eval mode, CPU; sha256 digests verified unless `verify` is off), checked
+    against the requested network / size."""
     from megaface.checkpoint import load_backbone
 
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist (give an output dir, a "
                                 "checkpoints dir, a tag dir or a backbone .pt/.safetensors file)")
-    model, meta = load_backbone(checkpoint, network=network)
+    model, meta = load_backbone(checkpoint, network=network, verify=verify)
     actual = getattr(model, "embedding_size", None) or meta.get("embedding_size")
     if embedding_size is not None and actual is not None and int(actual) != embedding_size:
         raise ValueError(f"{checkpoint} produces {actual}-d embeddings, not --embedding-size {embedding_size}; "
@@ -46,6 +48,8 @@ def _model_args(parser: argparse.ArgumentParser, checkpoint: bool = True) -> Non
     if checkpoint:  # eval-ijb adds its own: --checkpoint or --features
         parser.add_argument("--checkpoint", required=True,
                             help="output dir, checkpoints dir, tag dir or backbone file")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="use the checkpoint without checking its sha256 digests (a warning says so)")
     parser.add_argument("--network", default=None, help="network name (required when the file has no meta)")
     parser.add_argument("--embedding-size", type=int, default=None, help="fail unless the model has this size")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward call and rank")
@@ -61,7 +65,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any, str, dict, bool]:
 
     owns_group = not dist.is_initialized()
     state = init_distributed()
-    model, meta = load_model(args.checkpoint, args.network, args.embedding_size)
+    model, meta = load_model(args.checkpoint, args.network, args.embedding_size, verify=args.verify)
     normalize = args.normalize or meta.get("normalize") or "arcface_torch"
     return state, model.to(state.device), normalize, meta, owns_group
 

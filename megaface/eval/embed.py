@@ -18,12 +18,13 @@ size alone, no communication), padding its last batches with blank images whose 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from megaface.data.decode import decode_image, normalize_batch
+from megaface.data.decode import decode_image_checked, normalize_batch
 from megaface.distributed import DistState
 from megaface.distributed.comm import gather_rows
 from megaface.utils.progress import Progress
@@ -52,18 +53,25 @@ def check_normalize(mode: str) -> str:
 
 def decode_images(images: Sequence[Any]) -> np.ndarray:
     """Encoded bytes or uint8 HWC arrays -> one uint8 [N, H, W, 3] RGB array (all of one size)."""
-    out = []
+    out, damaged = [], []
     for i, img in enumerate(images):
         if isinstance(img, np.ndarray) and img.ndim == 3:
             arr = img
         else:  # encoded: bytes, or a 1-D uint8 array as in some .bin files
-            arr = decode_image(img.tobytes() if isinstance(img, np.ndarray) else bytes(img))
+            arr, damage = decode_image_checked(img.tobytes() if isinstance(img, np.ndarray) else bytes(img))
+            if damage is not None:
+                damaged.append((i, damage))
         if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
             raise ValueError(f"image {i}: expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
         if out and arr.shape != out[0].shape:
             raise ValueError(f"image {i} has shape {arr.shape} but earlier images are {out[0].shape}; "
                              "resize/align all images to one size (112x112 for the bundled models)")
         out.append(arr)
+    if damaged:  # counted and named, never decoded silently (a training run can make this an error)
+        shown = ", ".join(str(i) for i, _ in damaged[:10]) + (", ..." if len(damaged) > 10 else "")
+        warnings.warn(f"{len(damaged)} image(s) decoded from damaged JPEG data (libjpeg: {damaged[0][1]}): "
+                      f"positions {shown} of this share; their embeddings are of partly grey images",
+                      UserWarning, stacklevel=2)
     return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 
 

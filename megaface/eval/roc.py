@@ -14,13 +14,10 @@ from megaface.fileio import atomic_output_file
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
              title: str = "ROC", log_far: bool = False) -> Path:
     """Write one figure with a (FAR, TAR) curve per name; `log_far` for IJB-style FAR axes down to 1e-6."""
-    try:
-        import matplotlib
+    import matplotlib  # an optional package: megaface.cli names the extra that installs it
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--roc needs matplotlib: `pip install matplotlib`") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write ROC figure {path}: folder {path.parent} does not exist")

@@ -191,7 +191,15 @@ def init_process_group(timeout_s: float) -> DistState:
     of its own (its MPI discovery would take MASTER_ADDR from the external interface)."""
     from megaface.distributed import init_distributed
 
-    return init_distributed(timeout_s=timeout_s, require_group=True)
+    try:
+        return init_distributed(timeout_s=timeout_s, require_group=True)
+    except torch.distributed.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err) and "already in use" not in str(err):
+            raise
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        raise ValueError(f"MASTER_PORT={port} on MASTER_ADDR={addr} is already in use (another job or an earlier "
+                         "run still listening): export another MASTER_PORT, or unset MASTER_ADDR/MASTER_PORT for "
+                         "a single process (megaface then picks a free port)") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -236,10 +244,16 @@ def sample_rate_of(sample_rate: float, num_sample: int | None, num_classes: int)
 
 
 def load_initial_weights(model: nn.Module, path: str, network: str) -> None:
-    """model.init_from: a backbone file's weights, strictly (every key and shape must fit `network`)."""
-    from megaface.checkpoint import read_backbone_file, resolve_network
+    """model.init_from: a backbone file's or a checkpoint's weights (sha256 digests verified first), strictly
+    (every key and shape must fit `network`)."""
+    from megaface.checkpoint import checkpoint_backbone_state, read_backbone_file, read_meta, resolve_network
+    from megaface.checkpoint.integrity import open_checkpoint
 
-    state, meta = read_backbone_file(path)
+    if Path(path).is_dir():
+        tag_dir = open_checkpoint(path)
+        state, meta = checkpoint_backbone_state(tag_dir), read_meta(tag_dir)
+    else:
+        state, meta = read_backbone_file(path)
     resolve_network(meta, network, path)  # a file that names another network is refused with the fix
     try:
         model.load_state_dict(state, strict=True)
@@ -275,7 +289,8 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     # uint8 batches to the device, one batch ahead; flip, augmentations and normalisation run there
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
-                         skip_corrupt=cfg.data.skip_corrupt, on_device=True, augment=cfg.data.augment,
+                         skip_corrupt=cfg.data.skip_corrupt, strict_decode=cfg.data.strict_decode, on_device=True,
+                         augment=cfg.data.augment,
                          pin_memory=state.device.type == "cuda", device=state.device)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
                         **cfg.model.build_options())

@@ -11,7 +11,9 @@ import torch
 
 from megaface.checkpoint import find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
+from megaface.data.loader import WorkerDied, worker_death
 from megaface.distributed import comm, shutdown
+from megaface.distributed.heartbeat import EXIT_PEER_FAILED, Heartbeat
 from megaface.train.build import Run, build_run, init_process_group
 from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
@@ -33,7 +35,8 @@ def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
-    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss, 2 user error)."""
+    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss or a dead loader worker,
+    2 user error, 3 another rank failed first or a collective timed out)."""
     import torch.distributed as dist
 
     started = time.perf_counter()
@@ -46,6 +49,7 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             print(message, flush=True)
 
     lock = None
+    heartbeat = Heartbeat(state, cfg.train.collective_timeout_s).start()  # every rank learns why a peer ended
     try:
         lock = _lock_output(Path(cfg.train.output_dir), state, log)
         run = build_run(cfg, ds_raw, state, log)
@@ -55,19 +59,39 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             f"{run.ds['train_batch_size']}, {run.num_classes} classes, head {cfg.head.parallel}-parallel)")
         return _train(run, log)
     except (ValueError, FileNotFoundError) as err:
+        peer = heartbeat.peer_error()
+        if peer is not None and not peer.endswith(" ".join(str(err).split())):  # it follows another rank's
+            return _peer_failed(heartbeat, prefix, peer)
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        heartbeat.report_error(" ".join(str(err).split()))
+        return 1 if isinstance(err, WorkerDied) else 2  # a dead worker is the environment, not the input
     except RuntimeError as err:
+        if (peer := heartbeat.peer_error()) is not None:  # gloo's "Connection closed by peer" and the like
+            return _peer_failed(heartbeat, prefix, peer)
+        if (death := worker_death(err, cfg.data.workers)) is not None:  # raised by torch's SIGCHLD handler
+            print(f"{prefix}megaface train: error: {death}", file=sys.stderr, flush=True)
+            heartbeat.report_error(death)
+            return 1
         if not _is_timeout(err):
             raise
+        if (silent := heartbeat.explain_timeout()) is not None:  # the heartbeat names the silent rank
+            return _peer_failed(heartbeat, prefix, silent)
         print(f"{prefix}megaface train: error: {_timeout_message(err, cfg.train.collective_timeout_s)}",
               file=sys.stderr, flush=True)
         return 3
     finally:
+        heartbeat.stop()
         if lock is not None:
             lock.release()
         if owns_group:
             shutdown()
+
+
+def _peer_failed(heartbeat: Heartbeat, prefix: str, message: str) -> int:
+    """The line of a rank that ended because another rank failed first: that rank's own error."""
+    if heartbeat.take_report():
+        print(f"{prefix}megaface train: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_PEER_FAILED
 
 
 def _lock_output(output_dir: Path, state: Any, log: Callable[[str], None]) -> RunLock | None:

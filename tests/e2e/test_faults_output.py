@@ -170,7 +170,7 @@ def _raise(err: BaseException):
     (PermissionError(errno.EACCES, "Permission denied", "/data/out.npy"),
      "cannot access (/data/out.npy): permission denied [EACCES]; check the permissions"),
     (OSError(errno.ENOSPC, "No space left on device", "/ckpt/step_1"),
-     "cannot write (/ckpt/step_1): no space left on the device [ENOSPC]; free space there"),
+     "cannot write (/ckpt/step_1): no space left on the device [ENOSPC] ("),  # then the free space
     (pickle.UnpicklingError("invalid load key, 'x'."), "cannot unpickle a file: invalid load key"),
 ])
 def test_os_and_pickle_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

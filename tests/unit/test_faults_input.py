@@ -176,7 +176,7 @@ def test_skip_corrupt_key_and_class_count_warning(tmp_path: Path) -> None:
     loose = _raw_pack(tmp_path / "loose", [0, 0, 1, 1], classes=4)  # no header: only the labels tell
     logs.clear()
     list(TrainLoader(open_pack(loose), 2, workers=0, log=logs.append))
-    assert any("declares 4 classes but one epoch saw labels only up to 1" in line for line in logs)
+    assert any("declares 4 classes but the labels of one epoch use 2 of them (up to 1)" in line for line in logs)
 
 
 def test_nan_features_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
