@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megaface.distributed.netif import socket_ifname_env
+
 
 @dataclass(frozen=True)
 class DistState:
@@ -186,6 +188,20 @@ def exit_with_parent(interval_s: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _advertise_routable_interface(backend: str, launch: LaunchEnv) -> None:
+    """Export the backend's *_SOCKET_IFNAME (when unset) so that this rank advertises the address other hosts
+    reach it by, not its host name's (often loopback); logged once per node (local rank 0)."""
+    chosen = socket_ifname_env(backend, os.environ, multi_host=launch.local_world_size < launch.world_size)
+    if chosen is None:
+        return
+    var, iface = chosen
+    os.environ[var] = iface
+    if launch.local_rank == 0:
+        print(f"[rank {launch.rank}] network: {var}={iface} (the interface routing to MASTER_ADDR="
+              f"{os.environ['MASTER_ADDR']} on {socket.gethostname()}; export {var} to choose another)",
+              file=sys.stderr, flush=True)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
                      require_group: bool = False) -> DistState:
     """Join the job the launcher started (or stay a single process) and return its `DistState`.
@@ -194,6 +210,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
     this off, e.g. under a launcher that daemonises its workers). Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed, started afterwards, finds the same
     process group instead of running its own discovery. `require_group=True` gives a single process a
     1-rank group on a free loopback port (DeepSpeed would otherwise run its own, MPI-based discovery).
+    Unless the user set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, the interface routing to a non-loopback
+    MASTER_ADDR is exported as that variable (`netif.socket_ifname_env`).
     """
     launch = detect_launch_env()
     device = _default_device(launch.local_rank)
@@ -212,9 +230,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
                       LOCAL_RANK=str(launch.local_rank), LOCAL_WORLD_SIZE=str(launch.local_world_size))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    backend = backend or _default_backend(device)
     if not dist.is_initialized():
+        _advertise_routable_interface(backend, launch)
         dist.init_process_group(
-            backend=backend or _default_backend(device),
+            backend=backend,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
