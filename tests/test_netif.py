@@ -111,3 +111,18 @@ def test_this_host() -> None:
     assert any(a.address.is_loopback for a in addrs), addrs
     assert isinstance(read_routes(), list)
     assert socket_ifname_env("gloo", {"MASTER_ADDR": "127.0.0.1"}, True) is None
+
+
+def test_timeout_message_names_the_other_host() -> None:
+    """A rank that timed out names the host it waited for (gloo's message names no peer)."""
+    from megaface.train.loop import _timeout_message
+
+    err = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 15000ms for send operation")
+    hosts = ("10.0.0.1 (n1)", "10.0.0.1 (n1)", "10.0.0.2 (n2)", "10.0.0.2 (n2)")
+    assert "for a peer rank on 10.0.0.2 (n2): it is stopped" in _timeout_message(err, 15, hosts, rank=0)
+    assert "for a peer rank on 10.0.0.1 (n1): it is stopped" in _timeout_message(err, 15, hosts, rank=3)
+    three = (*hosts, "10.0.0.3 (n3)")
+    assert "on one of 10.0.0.2 (n2), 10.0.0.3 (n3):" in _timeout_message(err, 15, three, rank=0)
+    assert "for a peer rank: it is" in _timeout_message(err, 15, ("127.0.0.1 (n1)",) * 2, rank=0)  # one host
+    named = RuntimeError("Timed out waiting for rank 2")
+    assert "rank 2 (as the backend reports it) on 10.0.0.2 (n2)" in _timeout_message(named, 15, hosts, rank=0)

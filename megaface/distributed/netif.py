@@ -173,3 +173,22 @@ def socket_ifname_env(backend: str, environ: dict[str, str] | os._Environ[str], 
                          f"loopback): export {var}=<the interface on the network the nodes share> on every node")
     return var, iface
 
+
+
+def local_address(master_addr: str, iface: str | None) -> str:
+    """The address this host is reached by in the job: `iface`'s, else the source of the route to
+    MASTER_ADDR, else the host name's. For messages (which host a rank is on), never for connecting."""
+    if iface:
+        own = [a.address for a in read_interface_addrs() if a.iface == iface]
+        if own:
+            return str(own[0])
+    try:
+        master = resolve_master(master_addr)
+        if not master.is_loopback:
+            family = socket.AF_INET if master.version == 4 else socket.AF_INET6
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((str(master), 9))  # UDP: nothing is sent, the kernel only picks the route
+                return str(sock.getsockname()[0])
+        return socket.gethostbyname(socket.gethostname())
+    except (OSError, ValueError):
+        return "unknown address"

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megaface.distributed.netif import socket_ifname_env
+from megaface.distributed import comm
+from megaface.distributed.netif import SOCKET_IFNAME_VARS, local_address, socket_ifname_env
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class DistState:
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
     group: dist.ProcessGroup | None = None
+    #: per rank, the host it runs on as "address (host name)"; empty for one process. Names a lost host.
+    hosts: tuple[str, ...] = ()
 
     @property
     def is_main(self) -> bool:
@@ -239,7 +242,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
             world_size=launch.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return DistState(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, device, None)
+    iface = os.environ.get(SOCKET_IFNAME_VARS.get(backend, ""), "")
+    here = f"{local_address(os.environ['MASTER_ADDR'], iface.split(',')[0] or None)} ({socket.gethostname()})"
+    hosts = tuple(comm.all_gather_object(here)) if launch.world_size > 1 else ()
+    return DistState(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, device, None,
+                     hosts)
 
 
 def shutdown() -> None:

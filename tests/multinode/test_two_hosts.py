@@ -191,3 +191,51 @@ def test_seed_script_two_nodes(hosts: TwoHosts, tmp_path: Path, synthetic_cache:
                           env=script_env(hosts, tmp_path, synthetic_cache), timeout=JOB_TIMEOUT_S)
     check_training(without_pdsh_prefix(proc), world_size=2)
     assert_chose_interface(proc.stdout + proc.stderr)
+
+
+LOSS_TIMEOUT_S = 15  # train.collective_timeout_s of the node-loss case
+LOSS_LINE = re.compile(rf"error: a collective waited more than train.collective_timeout_s={LOSS_TIMEOUT_S} s "
+                       rf"for a peer rank on {re.escape(ADDRS[1])} \(")
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S * 3 + 60)
+def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path) -> None:  # noqa: F811
+    """Host 1 is lost mid-run (link down, then every process on it killed: no RST reaches host 0). Host 0
+    ends within train.collective_timeout_s (plus torchrun's teardown) with one line naming host 1; after
+    host 1 is back, `--resume latest` on both continues from the last checkpoint."""
+    out = tmp_path / "out"
+    args = [*tiny_args(out, synthetic_cache), "--max-steps", "300", "--save-every", "3",
+            f"--train.collective_timeout_s={LOSS_TIMEOUT_S}"]
+    port, env = free_port(), host_env(hosts)
+    procs = [subprocess.Popen(hosts.in_host(i, torchrun_static(i, port, args)), cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline, seen = time.monotonic() + JOB_TIMEOUT_S, []
+        assert procs[0].stdout is not None
+        for line in procs[0].stdout:  # ends at EOF or once two checkpoints are written
+            seen.append(line)
+            if "step_00000006" in line or time.monotonic() > deadline:
+                break
+        assert any("step_00000006" in line for line in seen), "".join(seen)[-4000:]
+        hosts.kill_host(1)
+        lost_at = time.monotonic()
+        rest = procs[0].communicate(timeout=LOSS_TIMEOUT_S + 60)[0]
+        ended_s = time.monotonic() - lost_at
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+        hosts.revive_host(1)
+    errors = [line for line in rest.splitlines() if "megaface train: error:" in line]
+    assert len(errors) == 1 and LOSS_LINE.search(errors[0]), rest[-4000:]
+    assert procs[0].returncode != 0
+    assert ended_s < LOSS_TIMEOUT_S + 20, f"host 0 ended {ended_s:.1f} s after host 1 was lost"
+
+    step = int((out / "checkpoints" / "latest").read_text().strip().rsplit("_", 1)[-1])
+    assert step >= 6
+    resume = [*tiny_args(out, synthetic_cache), "--resume", "latest", "--max-steps", str(step + 3)]
+    port = free_port()
+    node0, node1 = run_on_both(hosts, [torchrun_static(0, port, resume), torchrun_static(1, port, resume)], env)
+    assert node0.returncode == 0 and node1.returncode == 0, (node0.stdout + node0.stderr + node1.stderr)[-6000:]
+    iters = [int(i) for i, _, _ in TRAIN_LINE.findall(node0.stdout)]
+    assert iters == [step, step + 1, step + 2], node0.stdout[-4000:]
