@@ -132,7 +132,7 @@ def two_hosts(root: Path) -> Iterator[TwoHosts]:
             Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
             Path(f"/etc/netns/{ns}/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {socket.gethostname()}\n")
         _sh("ip", "link", "add", f"{tag}x", "type", "veth", "peer", "name", f"{tag}y")
-        for ns, end, addr in zip(namespaces, (f"{tag}x", f"{tag}y"), ADDRS):
+        for ns, end, addr in zip(namespaces, (f"{tag}x", f"{tag}y"), ADDRS, strict=True):
             _sh("ip", "link", "set", end, "netns", ns)
             _sh("ip", "-n", ns, "link", "set", end, "name", IFACE)
             _sh("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", IFACE)

@@ -11,7 +11,6 @@ where namespaces, root or OpenSSH's sshd are missing. Run: `python -m pytest -q 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
