@@ -32,6 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megaface.distributed import comm
+from megaface.distributed.netif import SOCKET_IFNAME_VARS, local_address, socket_ifname_env
+
 
 @dataclass(frozen=True)
 class DistState:
@@ -43,6 +46,8 @@ class DistState:
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
     group: dist.ProcessGroup | None = None
+    #: per rank, the host it runs on as "address (host name)"; empty for one process. Names a lost host.
+    hosts: tuple[str, ...] = ()
 
     @property
     def is_main(self) -> bool:
@@ -185,6 +190,20 @@ def exit_with_parent(interval_s: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _advertise_routable_interface(backend: str, launch: LaunchEnv) -> None:
+    """Export the backend's *_SOCKET_IFNAME (when unset) so that this rank advertises the address other hosts
+    reach it by, not its host name's (often loopback); logged once per node (local rank 0)."""
+    chosen = socket_ifname_env(backend, os.environ, multi_host=launch.local_world_size < launch.world_size)
+    if chosen is None:
+        return
+    var, iface = chosen
+    os.environ[var] = iface
+    if launch.local_rank == 0:
+        print(f"[rank {launch.rank}] network: {var}={iface} (the interface routing to MASTER_ADDR="
+              f"{os.environ['MASTER_ADDR']} on {socket.gethostname()}; export {var} to choose another)",
+              file=sys.stderr, flush=True)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
                      require_group: bool = False) -> DistState:
     """Join the job the launcher started (or stay a single process) and return its `DistState`.
@@ -193,6 +212,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
     this off, e.g. under a launcher that daemonises its workers). Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that DeepSpeed, started afterwards, finds the same
     process group instead of running its own discovery. `require_group=True` gives a single process a
     1-rank group on a free loopback port (DeepSpeed would otherwise run its own, MPI-based discovery).
+    Unless the user set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, the interface routing to a non-loopback
+    MASTER_ADDR is exported as that variable (`netif.socket_ifname_env`).
     """
     launch = detect_launch_env()
     device = _default_device(launch.local_rank)
@@ -211,14 +232,20 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0,
                       LOCAL_RANK=str(launch.local_rank), LOCAL_WORLD_SIZE=str(launch.local_world_size))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    backend = backend or _default_backend(device)
     if not dist.is_initialized():
+        _advertise_routable_interface(backend, launch)
         dist.init_process_group(
-            backend=backend or _default_backend(device),
+            backend=backend,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return DistState(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, device, None)
+    iface = os.environ.get(SOCKET_IFNAME_VARS.get(backend, ""), "")
+    here = f"{local_address(os.environ['MASTER_ADDR'], iface.split(',')[0] or None)} ({socket.gethostname()})"
+    hosts = tuple(comm.all_gather_object(here)) if launch.world_size > 1 else ()
+    return DistState(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, device, None,
+                     hosts)
 
 
 def shutdown() -> None:

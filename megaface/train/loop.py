@@ -76,8 +76,8 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
             raise
         if (silent := heartbeat.explain_timeout()) is not None:  # the heartbeat names the silent rank
             return _peer_failed(heartbeat, prefix, silent)
-        print(f"{prefix}megaface train: error: {_timeout_message(err, cfg.train.collective_timeout_s)}",
-              file=sys.stderr, flush=True)
+        message = _timeout_message(err, cfg.train.collective_timeout_s, state.hosts, state.rank)
+        print(f"{prefix}megaface train: error: {message}", file=sys.stderr, flush=True)
         return 3
     finally:
         heartbeat.stop()
@@ -113,13 +113,20 @@ def _is_timeout(err: RuntimeError) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def _timeout_message(err: RuntimeError, timeout_s: float) -> str:
-    """One line: which collective timed out, the peer gloo/nccl named (when it did) and what to do."""
+def _timeout_message(err: RuntimeError, timeout_s: float, hosts: tuple[str, ...] = (), rank: int = 0) -> str:
+    """One line: which collective timed out, the peer gloo/nccl named (when it did), the host it runs on
+    (`hosts`: per rank, from the start-up) and what to do."""
     import re
 
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     peer = re.search(r"(?:from|peer|rank)[ =]*\[?(\d+)\]?", str(err))
     who = f"rank {peer.group(1)} (as the backend reports it)" if peer else "a peer rank"
+    if peer and int(peer.group(1)) < len(hosts):
+        who += f" on {hosts[int(peer.group(1))]}"
+    elif not peer and hosts:
+        others = sorted(set(hosts) - {hosts[rank]})  # gloo does not say whom it waited for: another host
+        if others:
+            who += f" on {others[0]}" if len(others) == 1 else f" on one of {', '.join(others)}"
     return (f"a collective waited more than train.collective_timeout_s={timeout_s:g} s for {who}: it is stopped, "
             f"hung or dead ({first}); check that rank's log and host, then resume with --resume latest (raise "
             "train.collective_timeout_s if slow steps - first GPU steps, long validation - are expected)")
