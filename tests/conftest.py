@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import deepspeed  # noqa: F401  - imported before forking so that each rank starts in about a second
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 from megaface import train
+from megaface.checkpoint import load_backbone
 from megaface.distributed import DistState
 
 
@@ -182,3 +184,44 @@ def run_under_pty(argv: list[str], env: dict[str, str] | None = None, timeout: f
     os.close(leader)
     rc = proc.wait(timeout=10)
     return rc, b"".join(chunks).decode("utf-8", "replace")
+
+
+def commands(paths: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(label the progress shows, argv) of each long command."""
+    root = Path(paths["root"])
+    model = ["--checkpoint", paths["ckpt"], "--batch-size", "4"]
+    return [("pack", ["pack", "rec", "--images", paths["images"], "--output", str(root / "pack"), "--workers", "2"]),
+            ("pack", ["pack", "ofrecord", "--input", str(root / "pack"), "--output", str(root / "ofr")]),
+            ("embed", ["embed", *model, "--pack", str(root / "pack"), "--output", str(root / "emb.npy")]),
+            ("eval lfw", ["eval", *model, "--bin", paths["bin"], "--folds", "2"]),
+            ("fc7 reshard", ["convert", "fc7", paths["tag"], "--reshard", "3", "-o", str(root / "w3")])]
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "interop"
+
+
+MODELS = {"y1": "mobilefacenet", "r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100"}
+
+
+MIN_COSINE = 0.9999
+
+
+def megaface_embeddings(backbone: Path) -> np.ndarray:
+    """Embeddings of the fixture images, normalised as the import's meta says (the symbol's own (x-127.5)/128)."""
+    model, meta = load_backbone(backbone)
+    assert meta["normalize"] == "oneflow"
+    images = torch.from_numpy(np.load(FIXTURES / "images.npy").astype(np.float32))
+    with torch.no_grad():
+        return model.eval()(((images - 127.5) / 128.0)).numpy()
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def params_or_skip(name: str) -> Path:
+    prefix = FIXTURES / name / "model"
+    if not Path(f"{prefix}-0000.params").is_file():
+        pytest.skip(f"{name}'s MXNet weights are not committed (too large); regenerate them with "
+                    "INSIGHTFACE=... ONEFLOW_FACE=... ONEFLOW_SRC=... bash tests/fixtures/interop/make.sh")
+    return prefix

@@ -20,7 +20,7 @@ _SPATIAL = ("stride", "dilate", "pad")
 
 # op -> {attribute: default}; the default's type is the attribute's type (tuple = shape of ints). Attributes
 # whose default is None (Pooling's p_value, BatchNorm's calibration ranges) are not listed: kept as given.
-# tests/test_interop_mxnet.py checks this table against MXNet 1.9.1's own operator documentation.
+# tests/e2e/test_interop_mxnet.py checks this table against MXNet 1.9.1's own operator documentation.
 OP_DEFAULTS: dict[str, dict[str, Any]] = {
     "Convolution": {"stride": (), "dilate": (), "pad": (), "num_group": 1, "no_bias": False,
                     "workspace": 1024, "cudnn_tune": "None", "cudnn_off": False, "layout": "None"},

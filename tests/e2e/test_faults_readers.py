@@ -17,8 +17,8 @@ import pytest
 
 from megaface import cli
 from megaface.checkpoint import find_checkpoint
-from tests.support.fault_fixtures import flip_byte, megaface, one_error_line, train_checkpoint
 from tests.conftest import QUICKSTART
+from tests.support.fault_fixtures import flip_byte, megaface, one_error_line, train_checkpoint
 
 DIGEST = "does not match"
 

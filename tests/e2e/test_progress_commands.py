@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megaface.cli import main as megaface_main
-from tests.conftest import run_under_pty
+from tests.conftest import commands, run_under_pty
 from tests.support.image_folders import make_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,21 +56,10 @@ def make_inputs(root: Path) -> dict[str, str]:
             "root": str(root)}
 
 
-def commands(paths: dict[str, str]) -> list[tuple[str, list[str]]]:
-    """(label the progress shows, argv) of each long command."""
-    root = Path(paths["root"])
-    model = ["--checkpoint", paths["ckpt"], "--batch-size", "4"]
-    return [("pack", ["pack", "rec", "--images", paths["images"], "--output", str(root / "pack"), "--workers", "2"]),
-            ("pack", ["pack", "ofrecord", "--input", str(root / "pack"), "--output", str(root / "ofr")]),
-            ("embed", ["embed", *model, "--pack", str(root / "pack"), "--output", str(root / "emb.npy")]),
-            ("eval lfw", ["eval", *model, "--bin", paths["bin"], "--folds", "2"]),
-            ("fc7 reshard", ["convert", "fc7", paths["tag"], "--reshard", "3", "-o", str(root / "w3")])]
-
-
 SCRIPT = textwrap.dedent("""
     import json, sys
     from megaface.cli import main
-    from tests.e2e.test_progress_commands import commands
+    from tests.conftest import commands
     for label, argv in commands(json.loads(sys.argv[1])):
         print(f"== {label}", flush=True)
         assert main(argv) == 0, argv
@@ -104,8 +93,10 @@ def test_long_commands_print_plain_lines_when_piped(tmp_path: Path, capsys: pyte
 
 @pytest.mark.slow
 def test_consolidate_shows_progress_over_the_partition_files(tmp_path: Path) -> None:
-    from tests.conftest import run_distributed
-    from tests.e2e.test_convert_ckpt import save_tiny_checkpoints  # the ZeRO checkpoints its tests convert
+    from tests.conftest import (
+        run_distributed,
+        save_tiny_checkpoints,  # the ZeRO checkpoints its tests convert
+    )
 
     run_distributed(save_tiny_checkpoints, 2, [str(tmp_path / "zero1")], [(1, "model")], timeout=300)
     script = ("import sys; from megaface.cli import main; "

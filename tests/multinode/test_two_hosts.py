@@ -2,7 +2,7 @@
 
 No interface variable is set anywhere unless a case says so: each rank must advertise the address the other
 host reaches it by, although the host name resolves to 127.0.1.1 on both hosts. Every 2-rank job sees the
-same global batches as the single-host 2-rank run (`reference_losses` from tests/test_launchers.py), and the
+same global batches as the single-host 2-rank run (`reference_losses` from tests/e2e/test_launchers.py), and the
 FC7 shards are exact across hosts, so the losses must match it.
 
 Slow (each case is a real launcher + DeepSpeed job on a shared 2-core machine); skipped with the reason
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import free_port
+from tests.conftest import free_port
 from tests.multinode.hosts import ADDRS, IFACE, SSH_PORT, TwoHosts, missing, two_hosts
 from tests.test_launchers import (
     JOB_TIMEOUT_S,

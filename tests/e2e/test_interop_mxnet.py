@@ -22,31 +22,7 @@ import torch
 from megaface.checkpoint import load_backbone
 from megaface.convert.mxnet import export_mxnet, import_mxnet
 from megaface.convert.mxnet_ops import OP_DEFAULTS, REQUIRED, node_attrs
-
-FIXTURES = Path(__file__).parent / "fixtures" / "interop"
-MODELS = {"y1": "mobilefacenet", "r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100"}
-MIN_COSINE = 0.9999
-
-
-def megaface_embeddings(backbone: Path) -> np.ndarray:
-    """Embeddings of the fixture images, normalised as the import's meta says (the symbol's own (x-127.5)/128)."""
-    model, meta = load_backbone(backbone)
-    assert meta["normalize"] == "oneflow"
-    images = torch.from_numpy(np.load(FIXTURES / "images.npy").astype(np.float32))
-    with torch.no_grad():
-        return model.eval()(((images - 127.5) / 128.0)).numpy()
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
-def params_or_skip(name: str) -> Path:
-    prefix = FIXTURES / name / "model"
-    if not Path(f"{prefix}-0000.params").is_file():
-        pytest.skip(f"{name}'s MXNet weights are not committed (too large); regenerate them with "
-                    "INSIGHTFACE=... ONEFLOW_FACE=... ONEFLOW_SRC=... bash tests/fixtures/interop/make.sh")
-    return prefix
+from tests.conftest import FIXTURES, MIN_COSINE, MODELS, cosines, megaface_embeddings, params_or_skip
 
 
 @pytest.mark.parametrize("name", list(MODELS))

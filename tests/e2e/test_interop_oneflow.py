@@ -25,7 +25,7 @@ from megaface.data import build_dataset, load_bin, open_pack
 from megaface.data.ofrecord import decode_record, find_parts
 from megaface.data.ofrecord_pack import pack_ofrecord
 from megaface.eval.validation import read_bin
-from tests.test_interop_mxnet import FIXTURES, MIN_COSINE, MODELS, cosines, megaface_embeddings, params_or_skip
+from tests.conftest import FIXTURES, MIN_COSINE, MODELS, cosines, megaface_embeddings, params_or_skip
 
 SNAPSHOT = FIXTURES / "oneflow" / "y1_snapshot"
 MANIFEST = json.loads((FIXTURES / "pack" / "manifest.json").read_text())
