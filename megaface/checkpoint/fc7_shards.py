@@ -272,7 +272,7 @@ def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
         "interclass_filtering_threshold": head.interclass_filtering_threshold,
         # Extras (not needed to merge/reshard): the exact Partial FC sampler position and head settings.
         "sampler_rng": head.sampler_state(),
-        "margin": (head.margin.m1, head.margin.m2, head.margin.m3),
+        "margin": head.margin.describe(),
         "scale": head.scale,
         "sample_rate": head.sample_rate,
         "parallel": head.parallel,

@@ -28,6 +28,11 @@ Inter-class filtering (filter_threshold > 0): a non-target logit whose cosine ex
 backward. The filter is elementwise on this rank's columns, so the sharded result is exact with the same two
 all-reduces; the filtered positions (rare) are kept per block instead of a [B, c] mask.
 
+Host syncs (a device value the host must wait for; none of them is an `.item()`): `nonzero` of the targets
+present on this rank (it sizes the target tensors), and with inter-class filtering one `nonzero` per block of
+the filtered positions. The block bounds need no read on accelerators (one block); on CPU, several blocks,
+they are read from a CPU tensor, which is no sync.
+
 The gradient returned for emb_hat_global is this rank's partial sum over its own columns; the all-gather's
 backward (reduce-scatter, sum) completes it. The gradient for weight_rows is complete: every rank sees the
 whole global batch. Backward may run once per forward (the buffer is consumed in place).
@@ -41,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from megaface.distributed import comm
-from megaface.head.margin import CombinedMargin
+from megaface.head.margin import Margin
 
 NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
 CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per [B, c] block on CPU
@@ -65,7 +70,7 @@ def _block_columns(batch: int, k: int, device: torch.device) -> int:
 class _ShardedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, emb_hat: torch.Tensor, weight_rows: torch.Tensor, target_local: torch.Tensor,
-                margin: CombinedMargin, scale: float, group: dist.ProcessGroup | None, reduce: bool,
+                margin: Margin, scale: float, group: dist.ProcessGroup | None, reduce: bool,
                 compute_dtype: torch.dtype, filter_threshold: float) -> torch.Tensor:
         batch, k = emb_hat.shape[0], weight_rows.shape[0]
         inv_norm = torch.linalg.vector_norm(weight_rows, dim=1, dtype=torch.float32)  # [k], fp32 for bf16 rows
@@ -78,11 +83,10 @@ class _ShardedMarginCE(torch.autograd.Function):
         rows = rows.index_select(0, order)
         cos_t = (emb_hat.index_select(0, rows) * weight_rows.index_select(0, cols).float()).sum(dim=1)
         cos_t = cos_t * inv_norm.index_select(0, cols)
-        target_logit = margin(cos_t) * scale
+        target_logit = margin(cos_t, rows) * scale
         width = _block_columns(batch, k, emb_hat.device)
         starts = list(range(0, k, width))
-        # One host sync: block boundaries of the sorted target columns.
-        bounds = torch.searchsorted(cols, torch.tensor(starts + [k], device=cols.device)).tolist()
+        bounds = _block_bounds(cols, starts, k)
         # GEMM operands: the low-precision copies are made once per step (accumulation stays fp32).
         emb_op, weight_op = emb_hat.to(compute_dtype), weight_rows.to(compute_dtype)
         limit = filter_threshold * scale if filter_threshold > 0 else None
@@ -128,7 +132,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         k = weight_rows.shape[0]
         row_scale = (grad_loss / ctx.sum_exp).unsqueeze(1)  # softmax_ij * g_i = exp_ij * g_i / sum_i
         target_grad = grad_loss.index_select(0, rows)       # the one-hot part, g_i on the target column
-        target_factor = ctx.margin.derivative(ctx.cos_t)    # d margin / d cos on the target column
+        target_factor = ctx.margin.derivative(ctx.cos_t, rows)    # d margin / d cos on the target column
         want_emb, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_emb = torch.zeros_like(emb_hat) if want_emb else None
         grad_weight = torch.empty_like(weight_rows) if want_weight else None
@@ -154,6 +158,17 @@ class _ShardedMarginCE(torch.autograd.Function):
                 if grad_weight.dtype != torch.float32:
                     grad_weight[c0:c1].copy_(block_grad)
         return grad_emb, grad_weight, None, None, None, None, None, None, None
+
+
+def _block_bounds(cols: torch.Tensor, starts: list[int], k: int) -> list[int]:
+    """Where each block's targets begin in the sorted `cols` (and where the last ends), as host ints.
+
+    One block (every accelerator, and CPU shards under one block): [0, n], n the target count that `nonzero`
+    already brought to the host - no read. Several blocks (CPU only): a read of a CPU tensor, not a sync.
+    """
+    if len(starts) == 1:
+        return [0, cols.shape[0]]
+    return torch.searchsorted(cols, torch.tensor(starts + [k], device=cols.device)).tolist()
 
 
 def _filter_block(block: torch.Tensor, limit: float, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -193,7 +208,7 @@ def _project_out_rows(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.
 
 
 def sharded_margin_cross_entropy(emb_hat_global: torch.Tensor, weight_rows: torch.Tensor,
-                                 target_local: torch.Tensor, margin: CombinedMargin, scale: float,
+                                 target_local: torch.Tensor, margin: Margin, scale: float,
                                  group: dist.ProcessGroup | None = None, reduce: bool = True,
                                  compute_dtype: torch.dtype = torch.float32,
                                  filter_threshold: float = 0.0) -> torch.Tensor:

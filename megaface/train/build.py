@@ -200,6 +200,13 @@ def load_initial_weights(model: nn.Module, path: str, network: str) -> None:
                          f"(embedding_size={getattr(model, 'embedding_size', '?')}): {str(err)[:300]}") from None
 
 
+def build_margin(h: Any) -> Any:
+    """The head's margin object from the `head` config section (its gradient mode and fallback included)."""
+    from megaface.head import CombinedMargin
+
+    return CombinedMargin(h.margin, h.straight_through, h.margin_fallback)
+
+
 def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, log: Any) -> Run:
     ds = resolve_ds_config(check_optimizer_single_source(cfg, ds_raw), state.world_size, state.device.type)
     precision = ds_precision(ds)
@@ -236,12 +243,12 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
         load_initial_weights(model, cfg.model.init_from, cfg.model.network)
         log(f"model: starting from the weights in {cfg.model.init_from}")
     h = cfg.head
-    head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale,
+    head = PartialFC(model.embedding_size, num_classes, margin=build_margin(h), scale=h.scale,
                      sample_rate=sample_rate_of(h.sample_rate, h.num_sample, num_classes),
-                     group=state.group, parallel=h.parallel, straight_through=h.straight_through,
+                     group=state.group, parallel=h.parallel,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
-                     accumulation_steps=gas, margin_fallback=h.margin_fallback, init_std=h.init_std)
+                     accumulation_steps=gas, init_std=h.init_std)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
