@@ -36,6 +36,10 @@ MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
 }
 """Combined-margin presets (m1, m2, m3): target logit cos(m1*theta + m2) - m3."""
 
+AdaptiveMargin = Literal["adaface"]
+"""head.margin values that are not an (m1, m2, m3) triple: adaface (megaface.head.adaface)."""
+ADAPTIVE_MARGINS: tuple[str, ...] = get_args(AdaptiveMargin)
+
 ProgressMode = Literal["auto", "on", "off"]
 """Progress bar: auto = on a terminal only; on; off."""
 PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)

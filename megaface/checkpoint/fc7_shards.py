@@ -273,6 +273,7 @@ def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
         # Extras (not needed to merge/reshard): the exact Partial FC sampler position and head settings.
         "sampler_rng": head.sampler_state(),
         "margin": head.margin.describe(),
+        "margin_state": head.margin.state(),  # AdaFace's norm EMA (run-wide: the same on every rank)
         "scale": head.scale,
         "sample_rate": head.sample_rate,
         "parallel": head.parallel,
@@ -300,6 +301,7 @@ def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]
     with torch.no_grad():
         head.weight.copy_(weight)
     head.set_sampler_state(state.get("sampler_rng"))
+    head.margin.load_state(state.get("margin_state"), f"FC7 shard (rank {head.rank})")
     if optimizer is None:
         return
     optimizer.zero_grad()

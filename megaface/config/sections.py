@@ -55,12 +55,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AdaFaceConfig:
+    """AdaFace's quality-adaptive margin (head.margin = adaface; megaface.head.adaface)."""
+
+    m: float = 0.4
+    """Margin size: the target gets an angular margin -m*q and an additive one m + m*q, q in [-1, 1]."""
+    h: float = 0.333
+    """Concentration: q = clip(h * (norm - EMA mean) / (EMA std + 1e-3), -1, 1)."""
+    t_alpha: float = 0.01
+    """Momentum of the EMA of the global batch's norm mean and std (1 = this batch's only)."""
+
+
+@dataclass(frozen=True)
 class HeadConfig:
     """FC7: the classifier over all identities, with a combined margin and optional Partial FC."""
 
-    margin: tuple[float, float, float] = (1.0, 0.5, 0.0)
+    margin: tuple[float, float, float] | vocab.AdaptiveMargin = (1.0, 0.5, 0.0)
     """Combined margin (m1, m2, m3): target logit cos(m1*theta + m2) - m3. ArcFace = (1, 0.5, 0). A preset name
-    is accepted too: arcface, cosface, combined, sphereface (megaface.vocab.MARGIN_PRESETS)."""
+    is accepted too: arcface, cosface, combined, sphereface (megaface.vocab.MARGIN_PRESETS); or adaface, the
+    quality-adaptive margin set by head.adaface."""
+    adaface: AdaFaceConfig = field(default_factory=AdaFaceConfig)
+    """AdaFace's m, h, t_alpha (used when head.margin = adaface)."""
     scale: float = 64.0
     """Logit scale s."""
     sample_rate: float = 1.0

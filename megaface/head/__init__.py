@@ -8,6 +8,7 @@
 Modules:
     partial_fc.py  the head: shard rows, Partial FC sampling, margin, distributed softmax CE
     sharding.py    pure class-range math (no process group)
+    adaface.py     AdaFace's quality-adaptive margin (norm statistics all-gathered, EMA buffers)
     margin.py      the margin protocol and the combined angular margin cos(m1*theta + m2) - m3
     row_grads.py   SampledRowGrads: the Partial FC rows' gradients from the head's forward to the optimizer
     softmax.py     distributed margin softmax cross-entropy as one autograd Function
@@ -15,6 +16,7 @@ Modules:
     adamw.py       ShardAdamW, sparse over the sampled rows
 """
 
+from megaface.head.adaface import AdaFaceMargin
 from megaface.head.adamw import ShardAdamW
 from megaface.head.margin import MARGIN_PRESETS, CombinedMargin, Margin, resolve_margin
 from megaface.head.optim import ROW_STATE_KEYS, ShardSGD
@@ -23,7 +25,7 @@ from megaface.head.row_grads import SampledRowGrads
 from megaface.head.sharding import class_range, class_ranges
 
 __all__ = [
-    "MARGIN_PRESETS", "ROW_STATE_KEYS", "CombinedMargin", "Margin", "PartialFC", "SampledRowGrads", "ShardAdamW",
+    "AdaFaceMargin", "MARGIN_PRESETS", "ROW_STATE_KEYS", "CombinedMargin", "Margin", "PartialFC", "SampledRowGrads", "ShardAdamW",
     "ShardSGD",
     "class_range", "class_ranges", "resolve_compute_dtype", "resolve_margin",
 ]

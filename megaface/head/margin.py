@@ -62,14 +62,24 @@ def resolve_margin(margin: str | tuple[float, float, float] | list[float]) -> tu
 class Margin:
     """What the head and its softmax need of a margin (`CombinedMargin`, `megaface.head.adaface.AdaFaceMargin`).
 
-    `for_batch(embeddings_local, group, training)` is called once per head forward and returns the margin of
-    that forward (a per-sample margin binds the batch there; a fixed one returns itself). The softmax then
-    calls `margin(cos_t, rows)` on the target cosines [n] of global-batch samples `rows` [n] and
-    `margin.derivative(cos_t, rows)` in backward. `describe()` is the plain-value record the shard files keep.
+    `for_batch(embeddings_local, gather, training)` is called once per head forward and returns the margin of
+    that forward (a per-sample margin binds the batch there, `gather` all-gathering a [b] tensor to [B] or None
+    on one rank; a fixed margin returns itself). The softmax then calls `margin(cos_t, rows)` on the target
+    cosines [n] of global-batch samples `rows` [n] and `margin.derivative(cos_t, rows)` in backward.
+    `describe()` is the plain-value record the shard files keep; `state()` / `load_state()` the tensors a
+    resume needs (None for a margin without state).
     """
 
-    def for_batch(self, embeddings_local: torch.Tensor, group: Any, training: bool) -> Margin:
+    def for_batch(self, embeddings_local: torch.Tensor, gather: Any, training: bool) -> Margin:
         return self
+
+    def state(self) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def load_state(self, state: Any, where: str) -> None:
+        if state is not None:
+            raise ValueError(f"{where}: the checkpoint carries margin state {sorted(state)} (trained with "
+                             f"head.margin=adaface) but this head's margin is {self!r}; resume with its margin")
 
     def __call__(self, cos_t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

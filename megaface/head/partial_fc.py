@@ -172,7 +172,8 @@ class PartialFC(nn.Module):
         _check_labels(labels, self.num_classes)
         index, weight_rows = self._select_rows(labels)
         target = self._local_targets(labels, index)
-        margin = self.margin.for_batch(embeddings_local, self.group if distributed else None, self.training)
+        gather = (lambda x: comm.all_gather(x, self.group)) if self.world_size > 1 else None  # also "data"
+        margin = self.margin.for_batch(embeddings_local, gather, self.training)
         per_sample = sharded_margin_cross_entropy(emb, weight_rows, target, margin, self.scale,
                                                   self.group, reduce=distributed,
                                                   compute_dtype=COMPUTE_DTYPES[self.compute_dtype],

@@ -202,8 +202,11 @@ def load_initial_weights(model: nn.Module, path: str, network: str) -> None:
 
 def build_margin(h: Any) -> Any:
     """The head's margin object from the `head` config section (its gradient mode and fallback included)."""
-    from megaface.head import CombinedMargin
+    from megaface.head import AdaFaceMargin, CombinedMargin
 
+    if h.margin == "adaface":
+        a = h.adaface
+        return AdaFaceMargin(a.m, a.h, a.t_alpha, h.straight_through)
     return CombinedMargin(h.margin, h.straight_through, h.margin_fallback)
 
 
