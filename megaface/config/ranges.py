@@ -27,6 +27,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "head.adaface.m": (0.0, math.pi / 2, False, True),  # AdaFace margin size (0.4)
     "head.adaface.h": (0.0, INF, False, True),  # AdaFace concentration (0.333)
     "head.adaface.t_alpha": (0.0, 1.0, False, False),  # AdaFace EMA momentum (0.01)
+    "head.subcenters": (1, 64, False, False),  # sub-center ArcFace's K rows per class; 1 = plain
     "head.scale": (0.0, INF, True, True),
     "head.sample_rate": (0.0, 1.0, True, False),
     "head.num_sample": (1, INF, False, True),

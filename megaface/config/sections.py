@@ -97,6 +97,9 @@ class HeadConfig:
     momentum_dtype: vocab.MomentumDtype = "fp32"
     """FC7 momentum storage (model-parallel head): fp32, or bf16 to hold 3 KB instead of 4 KB per class
     (D=512), i.e. about 1.33x the classes per GB; the update itself is computed in fp32."""
+    subcenters: int = 1
+    """Sub-center ArcFace: K rows per class, the class cosine is the max over them and the margin applies to
+    that max (noisy web data; the paper uses 3). Costs K x the FC7 memory and GEMM work of the sampled classes."""
     interclass_filtering_threshold: float = 0.0
     """Non-target cosines above this are treated as label noise and set to 0 before margin and scale (in the
     softmax as exp(0), no gradient), as arcface_torch does for its WebFace12M "conflict" runs; 0 disables it."""

@@ -39,6 +39,9 @@ START_MEAN, START_STD = 20.0, 100.0
 class AdaFaceMargin(nn.Module, Margin):
     """The AdaFace margin with its norm statistics (buffers); `for_batch` binds one forward's margins."""
 
+    batch_mean: torch.Tensor  # [1] fp32 buffers: the EMA of the global batch's norm mean and std
+    batch_std: torch.Tensor
+
     def __init__(self, m: float = 0.4, h: float = 0.333, t_alpha: float = 0.01,
                  straight_through: bool = False) -> None:
         super().__init__()

@@ -107,6 +107,9 @@ class PartialFC(nn.Module):
         compute_dtype: "fp32", "bf16" or "fp16": operand dtype of the three GEMMs (fp32 accumulation).
             Row max, sum-exp, target logit, margin, loss and the weight itself stay fp32; the rows taking
             part are copied to the compute dtype once per step. Resolve "auto" with `resolve_compute_dtype`.
+        subcenters: K rows per class (sub-center ArcFace): the class cosine is the max over its K rows and
+            the margin applies to that max; a rank holds all K rows of each of its classes and Partial FC
+            samples classes (all K rows of a sampled class). 1 = one row per class.
         interclass_filtering_threshold: > 0 treats every non-target cosine above it as label noise: set to
             0 before margin and scale (it stays in the softmax as exp(0), with no gradient); 0 disables it.
         accumulation_steps: training forwards allowed between two optimizer steps (gradient accumulation).
@@ -127,7 +130,7 @@ class PartialFC(nn.Module):
                  margin: Margin | str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
                  sample_rate: float = 1.0, group: dist.ProcessGroup | None = None, parallel: str = "model",
                  seed: int = 0, compute_dtype: str = "fp32", interclass_filtering_threshold: float = 0.0,
-                 accumulation_steps: int = 1, init_std: float = INIT_STD) -> None:
+                 accumulation_steps: int = 1, init_std: float = INIT_STD, subcenters: int = 1) -> None:
         super().__init__()
         _check_config(embedding_size, num_classes, scale, sample_rate, parallel)
         _check_precision(compute_dtype, interclass_filtering_threshold)
@@ -144,8 +147,13 @@ class PartialFC(nn.Module):
         self.margin = margin if isinstance(margin, Margin) else CombinedMargin(margin)
         if not (math.isfinite(float(init_std)) and float(init_std) > 0):
             raise ValueError(f"init_std={init_std} must be a positive finite number (0.01 is usual)")
-        self.weight = nn.Parameter(init_shard(self.class_start, self.num_local, self.embedding_size, seed,
-                                              float(init_std)))
+        if not (isinstance(subcenters, int) and 1 <= subcenters):
+            raise ValueError(f"subcenters={subcenters} must be an integer >= 1 (1 = plain ArcFace; the paper uses 3)")
+        self.subcenters = subcenters
+        # K rows per class, class c's at rows c*K .. c*K + K - 1: drawn as "row classes" c*K + j, so the full
+        # [C*K, D] matrix is the same at any world size and a rank's rows are one contiguous slice of it.
+        self.weight = nn.Parameter(init_shard(self.class_start * subcenters, self.num_local * subcenters,
+                                              self.embedding_size, seed, float(init_std)))
         self.sampled_index: torch.Tensor | None = None  # rows of the last forward (None: all rows)
         self._generator: torch.Generator | None = None
         self.row_grads = SampledRowGrads(self.embedding_size, accumulation_steps, self.weight.dtype)
@@ -154,7 +162,7 @@ class PartialFC(nn.Module):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, margin={self.margin}, "
                 f"scale={self.scale}, sample_rate={self.sample_rate}, parallel={self.parallel!r}, "
-                f"compute_dtype={self.compute_dtype!r}, "
+                f"compute_dtype={self.compute_dtype!r}, subcenters={self.subcenters}, "
                 f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -177,11 +185,13 @@ class PartialFC(nn.Module):
         per_sample = sharded_margin_cross_entropy(emb, weight_rows, target, margin, self.scale,
                                                   self.group, reduce=distributed,
                                                   compute_dtype=COMPUTE_DTYPES[self.compute_dtype],
-                                                  filter_threshold=self.interclass_filtering_threshold)
+                                                  filter_threshold=self.interclass_filtering_threshold,
+                                                  subcenters=self.subcenters)
         return per_sample.mean()
 
     def _select_rows(self, labels_global: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(index [k] sorted or None, rows [k, D]): positives of this shard plus random negatives."""
+        """(class index [k] sorted or None, rows [k*K, D]): positives of this shard plus random negatives;
+        with K sub-centers a sampled class brings all its K rows (`sampled_index` holds the row index)."""
         if self.training:
             self.row_grads.check_room()
         self.sampled_index = None
@@ -195,11 +205,12 @@ class PartialFC(nn.Module):
         scores = torch.rand(self.num_local, generator=self._rng(), device=self.weight.device)
         scores[positives] = 2.0  # above every uniform draw: positives are always kept
         index = torch.topk(scores, k, sorted=False).indices.sort().values
-        rows = _gather_rows(self.weight.detach(), index, self._row_dtype())
+        row_index = index if self.subcenters == 1 else _subcenter_rows(index, self.subcenters)
+        rows = _gather_rows(self.weight.detach(), row_index, self._row_dtype())
         if torch.is_grad_enabled() and self.weight.requires_grad:
             rows.requires_grad_(True)
-            self.row_grads.record(index, rows)
-        self.sampled_index = index
+            self.row_grads.record(row_index, rows)
+        self.sampled_index = row_index
         return index, rows
 
     def _row_dtype(self) -> torch.dtype:
@@ -239,6 +250,12 @@ class PartialFC(nn.Module):
 # Rows per chunk wherever FC7 rows change dtype on the way (the bf16 gather here, ShardSGD's bf16-momentum
 # update): an 8 MiB fp32 temporary at D=512, a fixed cost whatever the class count.
 ROW_CHUNK = 1 << 12
+
+
+def _subcenter_rows(classes: torch.Tensor, subcenters: int) -> torch.Tensor:
+    """Local class indices [k] -> their rows [k*K] (c*K .. c*K + K - 1 per class, in class order)."""
+    offsets = torch.arange(subcenters, device=classes.device, dtype=classes.dtype)
+    return (classes.unsqueeze(1) * subcenters + offsets).reshape(-1)
 
 
 def _gather_rows(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -131,7 +131,8 @@ class Run:
         return {"network": self.network, "embedding_size": self.embedding_size, "num_classes": self.num_classes,
                 "world_size": w, "class_ranges": ranges, "zero_stage": zero_stage(self.ds),
                 "precision": self.parts.precision, "parallel": self.cfg.head.parallel,
-                "normalize": self.cfg.data.normalize, "config": self.cfg.to_dict(), "ds_config": self.ds}
+                "normalize": self.cfg.data.normalize, "config": self.cfg.to_dict(), "ds_config": self.ds,
+                "subcenters": self.cfg.head.subcenters}
 
     def expected(self) -> dict[str, Any]:
         return {"network": self.network, "embedding_size": self.embedding_size, "num_classes": self.num_classes,
@@ -251,7 +252,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
                      group=state.group, parallel=h.parallel,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(h.compute_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
-                     accumulation_steps=gas, init_std=h.init_std)
+                     accumulation_steps=gas, init_std=h.init_std, subcenters=h.subcenters)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
