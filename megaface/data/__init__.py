@@ -7,6 +7,7 @@
     ofrecord_pack.py  `megaface pack ofrecord`
     decode.py         JPEG/PNG decoding and pixel normalisation
     synthetic.py      synthetic face-like identities, deterministic from a seed, and their one set of defaults
+    synthetic_noise.py  label noise and low-quality faces for the synthetic set (pack synthetic options)
     datasets.py       training datasets by source (`build_dataset`)
     loader.py         TrainLoader: each rank's share of the global batch, exact resume
     cli.py            `megaface pack`
