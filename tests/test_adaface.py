@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from megaface.checkpoint.fc7_shards import load_shard_state_dict, merge_shards, shard_state_dict, split_merged
-from megaface.distributed import comm
 from megaface.head import AdaFaceMargin, PartialFC, ShardSGD
 from megaface.head.partial_fc import init_shard
 from tests.dist_utils import run_distributed

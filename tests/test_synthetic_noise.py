@@ -53,7 +53,7 @@ def test_noisy_pack_records_its_noise(tmp_path) -> None:
     lq_images, lq_same = load_bin(noisy / "val_lq.bin")
     hq_images, hq_same = load_bin(noisy / "val.bin")
     assert lq_same == hq_same and len(lq_images) == len(hq_images) == 2 * PAIRS
-    assert all(x != y for x, y in zip(lq_images, hq_images))
+    assert all(x != y for x, y in zip(lq_images, hq_images, strict=True))
     assert (clean / "val.bin").read_bytes() == (noisy / "val.bin").read_bytes()
 
 

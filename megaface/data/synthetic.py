@@ -300,7 +300,7 @@ def _write_all(tmp: Path, identities: int, k: int, val_pairs: int, seed: int, ch
         for a in range(0, len(labels), chunk):
             images = generate(labels[a:a + chunk], index[a:a + chunk], seed)
             images = degrade_batch(images, low[a:a + chunk], seed, a)
-            for lab, im in zip(written[a:a + chunk], images):
+            for lab, im in zip(written[a:a + chunk], images, strict=True):
                 writer.add(int(lab), encode_jpeg(im))
     if val_pairs > 0:
         table, issame = verification_pairs(val_pairs, seed)
