@@ -2,6 +2,8 @@
 
     python benchmarks/head.py --world-size 2 --classes 100000,1000000 --sample-rates 1.0,0.1 \
         --precisions fp32,bf16 --steps 2 --memory-search --block-dtype-probe
+    python benchmarks/head.py --heads arcface,adaface,subcenter3 --classes 100000 --sample-rates 0.1 \
+        --no-dense-baseline     # the cost of AdaFace and sub-center K=3 next to ArcFace, same run
 
 Precision axis (--precisions): "fp32" is the fp32 head with fp32 momentum; "bf16" / "fp16" set the head's
 compute_dtype AND momentum_dtype=bf16 (the smallest state per class). The GEMM floor of a case is measured with
@@ -36,7 +38,7 @@ import torch
 import torch._dynamo  # noqa: F401 - imported by torch.optim.Optimizer(); load once before forking the ranks
 import torch.distributed as dist
 
-from megaface.head import PartialFC, ShardSGD
+from megaface.head import AdaFaceMargin, PartialFC, ShardSGD
 from megaface.head.softmax import COMPUTE_DTYPES
 
 MOMENTUM_OF = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16"}
@@ -74,7 +76,7 @@ def _worker(rank: int, world: int, port: int, case: dict, queue: mp.Queue) -> No
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         head = PartialFC(case["dim"], case["classes"], sample_rate=case["sample_rate"],
-                         compute_dtype=case["precision"])
+                         compute_dtype=case["precision"], **_head_kind(case.get("head", "arcface")))
         opt = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sparse=case["sparse"],
                        momentum_dtype=MOMENTUM_OF[case["precision"]])
         emb = torch.randn(case["batch"], case["dim"], generator=torch.Generator().manual_seed(rank))
@@ -89,7 +91,7 @@ def _worker(rank: int, world: int, port: int, case: dict, queue: mp.Queue) -> No
             opt.zero_grad()
             emb.grad = None
             times.append(time.perf_counter() - start)
-        rows = head.num_local if head.sampled_index is None else head.sampled_index.numel()
+        rows = head.weight.shape[0] if head.sampled_index is None else head.sampled_index.numel()  # x K
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
         del head, opt
         floor = math.nan
@@ -102,6 +104,20 @@ def _worker(rank: int, world: int, port: int, case: dict, queue: mp.Queue) -> No
         queue.put((rank, {"error": repr(exc)}))
     finally:
         dist.destroy_process_group()
+
+
+HEAD_KINDS = ("arcface", "adaface", "subcenterK (e.g. subcenter3)")
+
+
+def _head_kind(name: str) -> dict:
+    """--heads entry -> PartialFC keyword arguments: arcface, adaface, or subcenterK (K rows per class)."""
+    if name == "arcface":
+        return {"margin": "arcface"}
+    if name == "adaface":
+        return {"margin": AdaFaceMargin()}
+    if name.startswith("subcenter") and name[len("subcenter"):].isdigit():
+        return {"margin": "arcface", "subcenters": int(name[len("subcenter"):])}
+    raise SystemExit(f"--heads: {name!r} is not one of {list(HEAD_KINDS)}")
 
 
 def run_case(case: dict, world: int) -> dict:
@@ -121,7 +137,8 @@ def run_case(case: dict, world: int) -> dict:
     step_s = max(r["step_s"] for r in ranks)
     floor_s = max(r["floor_s"] for r in ranks)
     return {
-        "world_size": world, "precision": case["precision"], "classes": case["classes"],
+        "world_size": world, "head": case.get("head", "arcface"), "precision": case["precision"],
+        "classes": case["classes"],
         "sample_rate": case["sample_rate"],
         "sparse": case["sparse"], "dim": case["dim"], "batch_per_rank": case["batch"],
         "sampled_rows_per_rank": [r["rows"] for r in ranks], "steps": case["steps"],
@@ -147,6 +164,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-dense-baseline", action="store_true",
                         help="skip the sparse=False cases at the largest class count")
     parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--heads", default="arcface",
+                        help="comma-separated: arcface, adaface, subcenterK (K rows per class, e.g. subcenter3)")
     parser.add_argument("--memory-search", action="store_true",
                         help="fit peak RSS at rate 0.1 and print the largest class count per --memory-cap-gb")
     parser.add_argument("--memory-classes", default="200000,1000000",
@@ -211,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     for precision in precisions:
         if precision not in COMPUTE_DTYPES:
             raise SystemExit(f"--precisions: {precision!r} is not one of {sorted(COMPUTE_DTYPES)}")
-    cases = [dict(base, classes=c, sample_rate=r, sparse=True, precision=p)
-             for c in classes for r in rates for p in precisions]
+    heads = args.heads.split(",")
+    for name in heads:
+        _head_kind(name)  # a bad name fails before any case runs
+    cases = [dict(base, classes=c, sample_rate=r, sparse=True, precision=p, head=h)
+             for c in classes for r in rates for p in precisions for h in heads]
     if not args.no_dense_baseline:
         cases += [dict(base, classes=max(classes), sample_rate=r, sparse=False, precision=p)
                   for r in rates if r < 1.0 for p in precisions]

@@ -45,6 +45,10 @@ IjbPooling = Literal["arcface_torch", "unit"]
 template sum, L2); unit = every image L2-normalised, no score, media mean, template mean, L2."""
 IJB_POOLINGS: tuple[str, ...] = get_args(IjbPooling)
 
+AdaptiveMargin = Literal["adaface"]
+"""head.margin values that are not an (m1, m2, m3) triple: adaface (megaface.head.adaface)."""
+ADAPTIVE_MARGINS: tuple[str, ...] = get_args(AdaptiveMargin)
+
 ProgressMode = Literal["auto", "on", "off"]
 """Progress bar: auto = on a terminal only; on; off."""
 PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)

@@ -1,7 +1,9 @@
 """The FC7 shard file format: one file per rank, its one validator, merge, split and reshard.
 
 A checkpoint saved at world size W holds `fc7/shard_RRRRR_of_WWWWW.pt` for r < W, each the dict of
-`shard_state_dict` (format megaface.fc7_shard.v1): the rank's classifier rows `weight [num_local, D]`, the
+`shard_state_dict` (format megaface.fc7_shard.v1): the rank's classifier rows `weight [num_local * K, D]`
+(K = `subcenters`, rows per class, 1 unless sub-center ArcFace; a class's K rows are adjacent and never
+split between ranks), the
 optimizer's per-row state (`megaface.head.optim.ROW_STATE_KEYS`: SGD momentum, or AdamW moments and row
 steps), the class range (`class_start`, `num_local`, `num_classes`), `rank`, `world_size`, the Partial FC
 sampler state and the optimizer's hyper-parameters. `merge_shards` stacks a set into the full
@@ -32,7 +34,7 @@ _REQUIRED = ("weight", "class_start", "num_local", "num_classes", "embedding_siz
 _PER_RANK = {"format", "weight", *ROW_STATE_KEYS, "class_start", "num_local", "rank", "world_size", "sampler_rng"}
 
 __all__ = ["SHARD_FORMAT", "MERGED_FORMAT", "shard_file_name", "merge_shards", "reshard", "split_merged",
-           "load_rank_shard", "load_checkpoint_shards", "shard_state_dict", "load_shard_state_dict"]
+           "load_rank_shard", "load_checkpoint_shards", "shard_state_dict", "load_shard_state_dict", "subcenters_of"]
 
 
 def shard_file_name(rank: int, world_size: int) -> str:
@@ -49,16 +51,26 @@ def _check_one(state: Any, name: str) -> None:
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ValueError(f"{name}: FC7 shard lacks {missing}; the file is damaged or from another tool")
-    num_local, dim = int(state["num_local"]), int(state["embedding_size"])
+    num_local, dim, k = int(state["num_local"]), int(state["embedding_size"]), subcenters_of(state)
+    rows = num_local * k
     for key in ("weight", *ROW_STATE_KEYS):
         value = state.get(key)
         if value is None and key != "weight":
             continue
-        expected = (num_local,) if key == "row_step" else (num_local, dim)
+        expected = (rows,) if key == "row_step" else (rows, dim)
         if not torch.is_tensor(value) or tuple(value.shape) != expected:
             shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(f"{name}: FC7 {key} has shape {shape}, expected [num_local={num_local}"
+            per_class = f" x subcenters={k}" if k > 1 else ""
+            raise ValueError(f"{name}: FC7 {key} has shape {shape}, expected [num_local={num_local}{per_class}"
                              f"{'' if key == 'row_step' else f', embedding_size={dim}'}]")
+
+
+def subcenters_of(state: dict) -> int:
+    """Rows per class of a shard or merged FC7 (sub-center ArcFace's K; files without the key have 1)."""
+    k = state.get("subcenters", 1)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"FC7 subcenters={k!r} must be an integer >= 1; the file is damaged")
+    return k
 
 
 def _check_same(states: Sequence[dict], names: Sequence[str], key: str) -> int:
@@ -111,6 +123,10 @@ def _validate(states: Sequence[dict], names: Sequence[str] | None) -> tuple[list
         _check_one(state, name)
     num_classes = _check_same(states, names, "num_classes")
     _check_same(states, names, "embedding_size")
+    for state, name in zip(states, names):
+        if subcenters_of(state) != subcenters_of(states[0]):
+            raise ValueError(f"{name}: subcenters={subcenters_of(state)} but {names[0]} has "
+                             f"{subcenters_of(states[0])}; all shards of one checkpoint must agree")
     world_size = _check_same(states, names, "world_size")
     _check_ranks(states, names, world_size)
     for key in ROW_STATE_KEYS:
@@ -157,13 +173,13 @@ def split_merged(merged: dict[str, Any], world_size: int) -> list[dict[str, Any]
     if merged.get("format") != MERGED_FORMAT:
         raise ValueError(f"not a merged FC7 (format {merged.get('format')!r}, expected {MERGED_FORMAT!r})")
     world_size = int(world_size)
-    num_classes = int(merged["num_classes"])
+    num_classes, k = int(merged["num_classes"]), subcenters_of(merged)
     extras = {k: v for k, v in merged.items()
               if k not in _PER_RANK and k not in ("source_world_size", "class_ranges")}
     shards = []
     for rank in range(world_size):
         start, count = class_range(num_classes, world_size, rank)
-        rows = slice(start, start + count)
+        rows = slice(start * k, (start + count) * k)  # a class's K rows stay together on one rank
         optimizer_rows = {key: merged[key][rows].clone() for key in ROW_STATE_KEYS if merged.get(key) is not None}
         shards.append({
             **extras,
@@ -264,6 +280,7 @@ def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
         "num_local": head.num_local,
         "num_classes": head.num_classes,
         "embedding_size": head.embedding_size,
+        "subcenters": head.subcenters,
         "rank": head.rank,
         "world_size": head.world_size,
         "hyper": {key: group.get(key) for key in ("lr", "momentum", "weight_decay", "sparse", "betas", "eps")
@@ -272,7 +289,8 @@ def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
         "interclass_filtering_threshold": head.interclass_filtering_threshold,
         # Extras (not needed to merge/reshard): the exact Partial FC sampler position and head settings.
         "sampler_rng": head.sampler_state(),
-        "margin": (head.margin.m1, head.margin.m2, head.margin.m3),
+        "margin": head.margin.describe(),
+        "margin_state": head.margin.state(),  # AdaFace's norm EMA (run-wide: the same on every rank)
         "scale": head.scale,
         "sample_rate": head.sample_rate,
         "parallel": head.parallel,
@@ -288,8 +306,8 @@ def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]
     refused when it carries that optimizer's state.
     """
     _check_one(state, f"FC7 shard (rank {head.rank})")  # the file itself: format, keys, shapes
-    for key in ("num_classes", "embedding_size", "class_start", "num_local"):  # ... and that it is this rank's
-        if int(state[key]) != getattr(head, key):
+    for key in ("num_classes", "embedding_size", "class_start", "num_local", "subcenters"):  # ...this rank's
+        if int(state.get(key, 1)) != getattr(head, key):
             raise ValueError(
                 f"FC7 shard {key}={state[key]} but this rank's head has {key}={getattr(head, key)} "
                 f"(rank {head.rank} of {head.world_size}); a shard saved on world size "
@@ -300,6 +318,7 @@ def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]
     with torch.no_grad():
         head.weight.copy_(weight)
     head.set_sampler_state(state.get("sampler_rng"))
+    head.margin.load_state(state.get("margin_state"), f"FC7 shard (rank {head.rank})")
     if optimizer is None:
         return
     optimizer.zero_grad()

@@ -50,7 +50,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        named = [a for a in inner if typing.get_origin(a) is typing.Literal and value in typing.get_args(a)]
+        return _coerce(value, (named or inner)[0], where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value] if origin is list else value
@@ -117,7 +118,7 @@ def _build(cls: type, raw: dict[str, Any], base: Path | None, where: str) -> Any
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, base, f"{where}{key}.")
             continue
-        if where == "head." and key == "margin" and isinstance(value, str):
+        if where == "head." and key == "margin" and isinstance(value, str) and value not in vocab.ADAPTIVE_MARGINS:
             value = _margin_preset(value)
         value = _coerce(value, hint, f"{where}{key}")
         if fields[key].metadata.get("path"):
@@ -128,9 +129,10 @@ def _build(cls: type, raw: dict[str, Any], base: Path | None, where: str) -> Any
 
 def _margin_preset(name: str) -> tuple[float, float, float]:
     if name not in vocab.MARGIN_PRESETS:
-        near = difflib.get_close_matches(name, vocab.MARGIN_PRESETS, n=1)
+        names = [*vocab.MARGIN_PRESETS, *vocab.ADAPTIVE_MARGINS]
+        near = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"head.margin={name!r} is not a preset{hint}; use one of {sorted(vocab.MARGIN_PRESETS)} "
+        raise ValueError(f"head.margin={name!r} is not a preset{hint}; use one of {sorted(names)} "
                          "or three numbers [m1, m2, m3]")
     return vocab.MARGIN_PRESETS[name]
 

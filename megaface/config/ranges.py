@@ -25,6 +25,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "head.margin[0]": (0.0, 10.0, True, False),  # m1: multiplies theta (SphereFace); 1 = none
     "head.margin[1]": (0.0, math.pi / 2, False, True),  # m2: additive angle in radians (ArcFace 0.5)
     "head.margin[2]": (0.0, 2.0, False, True),  # m3: subtracted cosine (CosFace 0.35); cos spans 2
+    "head.adaface.m": (0.0, math.pi / 2, False, True),  # AdaFace margin size (0.4)
+    "head.adaface.h": (0.0, INF, False, True),  # AdaFace concentration (0.333)
+    "head.adaface.t_alpha": (0.0, 1.0, False, False),  # AdaFace EMA momentum (0.01)
+    "head.subcenters": (1, 64, False, False),  # sub-center ArcFace's K rows per class; 1 = plain
     "head.scale": (0.0, INF, True, True),
     "head.sample_rate": (0.0, 1.0, True, False),
     "head.num_sample": (1, INF, False, True),
@@ -119,7 +123,7 @@ def _values(cfg: Any, key: str) -> list[tuple[str, Any]]:
     value: Any = cfg
     for part in path.split("."):
         value = getattr(value, part)
-    if value is None:
+    if value is None or isinstance(value, str):  # None = the default; a name (head.margin=adaface) has no range
         return []
     if key.endswith("[]"):
         return [(f"{path}[{i}]", v) for i, v in enumerate(value)]

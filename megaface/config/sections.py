@@ -64,12 +64,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AdaFaceConfig:
+    """AdaFace's quality-adaptive margin (head.margin = adaface; megaface.head.adaface)."""
+
+    m: float = 0.4
+    """Margin size: the target gets an angular margin -m*q and an additive one m + m*q, q in [-1, 1]."""
+    h: float = 0.333
+    """Concentration: q = clip(h * (norm - EMA mean) / (EMA std + 1e-3), -1, 1)."""
+    t_alpha: float = 0.01
+    """Momentum of the EMA of the global batch's norm mean and std (1 = this batch's only)."""
+
+
+@dataclass(frozen=True)
 class HeadConfig:
     """FC7: the classifier over all identities, with a combined margin and optional Partial FC."""
 
-    margin: tuple[float, float, float] = (1.0, 0.5, 0.0)
+    margin: tuple[float, float, float] | vocab.AdaptiveMargin = (1.0, 0.5, 0.0)
     """Combined margin (m1, m2, m3): target logit cos(m1*theta + m2) - m3. ArcFace = (1, 0.5, 0). A preset name
-    is accepted too: arcface, cosface, combined, sphereface (megaface.vocab.MARGIN_PRESETS)."""
+    is accepted too: arcface, cosface, combined, sphereface (megaface.vocab.MARGIN_PRESETS); or adaface, the
+    quality-adaptive margin set by head.adaface."""
+    adaface: AdaFaceConfig = field(default_factory=AdaFaceConfig)
+    """AdaFace's m, h, t_alpha (used when head.margin = adaface)."""
     scale: float = 64.0
     """Logit scale s."""
     sample_rate: float = 1.0
@@ -91,6 +106,9 @@ class HeadConfig:
     momentum_dtype: vocab.MomentumDtype = "fp32"
     """FC7 momentum storage (model-parallel head): fp32, or bf16 to hold 3 KB instead of 4 KB per class
     (D=512), i.e. about 1.33x the classes per GB; the update itself is computed in fp32."""
+    subcenters: int = 1
+    """Sub-center ArcFace: K rows per class, the class cosine is the max over them and the margin applies to
+    that max (noisy web data; the paper uses 3). Costs K x the FC7 memory and GEMM work of the sampled classes."""
     interclass_filtering_threshold: float = 0.0
     """Non-target cosines above this are treated as label noise and set to 0 before margin and scale (in the
     softmax as exp(0), no gradient), as arcface_torch does for its WebFace12M "conflict" runs; 0 disables it."""

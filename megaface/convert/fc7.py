@@ -38,10 +38,11 @@ def _data_parallel_fc7(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     if "head.weight" not in state:
         raise ValueError(f"{tag_dir / 'ds'}: no 'head.weight' although meta.json says parallel='data' "
                          f"(found e.g. {list(state)[:4]})")
-    weight = state["head.weight"]
-    return {"format": MERGED_FORMAT, "weight": weight, "momentum": None, "num_classes": int(weight.shape[0]),
+    weight, k = state["head.weight"], int(meta.get("subcenters", 1))  # K rows per class (sub-center ArcFace)
+    classes = int(weight.shape[0]) // k
+    return {"format": MERGED_FORMAT, "weight": weight, "momentum": None, "num_classes": classes,
             "embedding_size": int(weight.shape[1]), "source_world_size": int(meta.get("world_size", 1)),
-            "class_ranges": [[0, int(weight.shape[0])]], "parallel": "data", "hyper": None}
+            "class_ranges": [[0, classes]], "parallel": "data", "hyper": None, "subcenters": k}
 
 
 def merge_checkpoint(tag_dir: str | os.PathLike, output: str | os.PathLike) -> Path:

@@ -38,7 +38,7 @@ def _fc7_section(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     first = states[0]
     return {"parallel": meta.get("parallel", "model"), "world_size": int(first["world_size"]),
             "num_classes": int(first["num_classes"]), "embedding_size": int(first["embedding_size"]),
-            "hyper": first.get("hyper"), "shards": sorted(shards, key=lambda s: s["rank"])}
+            "subcenters": int(first.get("subcenters", 1)), "hyper": first.get("hyper"), "shards": sorted(shards, key=lambda s: s["rank"])}
 
 
 def _ds_section(tag_dir: Path) -> dict[str, Any]:
@@ -115,10 +115,12 @@ def format_report(report: dict[str, Any]) -> str:
     fc7 = report["fc7"]
     if fc7.get("shards"):
         lines.append(f"  fc7 shards       {len(fc7['shards'])} (world size {fc7['world_size']}, "
-                     f"{fc7['num_classes']} classes x {fc7['embedding_size']})")
+                     f"{fc7['num_classes']} classes x {fc7['embedding_size']}"
+                     f"{f', {sub} sub-centers per class' if (sub := fc7.get('subcenters', 1)) > 1 else ''})")
         for s in fc7["shards"]:
             end = s["class_start"] + s["num_local"]
-            lines.append(f"    rank {s['rank']:<4} classes [{s['class_start']}, {end})  {s['num_local']} rows"
+            rows = s["num_local"] * fc7.get("subcenters", 1)
+            lines.append(f"    rank {s['rank']:<4} classes [{s['class_start']}, {end})  {rows} rows"
                          f"{'  + momentum' if s['momentum'] else ''}{'  + AdamW moments' if s.get('adamw') else ''}"
                          f"  {s['file']}")
         if "fc7_resharded_from" in report:

@@ -12,6 +12,7 @@
     decode.py         JPEG/PNG decoding and pixel normalisation
     align.py          5-point landmarks -> 112x112 ArcFace crops; `megaface align`
     synthetic.py      synthetic face-like identities, deterministic from a seed, and their one set of defaults
+    synthetic_noise.py  label noise and low-quality faces for the synthetic set (pack synthetic options)
     datasets.py       training datasets by source (`build_dataset`)
     loader.py         TrainLoader: each rank's share of the global batch, exact resume
     augment.py        the input path on the device: uint8 batches, one ahead; augmentations and normalisation

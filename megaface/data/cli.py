@@ -4,6 +4,7 @@
   megaface pack rec --list X.lst [--images ROOT] --output DIR [--workers N] [--shards K] [--resume]
   megaface pack bin --pairs PAIRS --images ROOT --output X.bin
   megaface pack synthetic --output DIR --identities N --images-per-identity K --val-pairs P --seed S
+      [--mislabel-share F --low-quality-share Q]   (label noise / degraded faces, val_lq.bin, noise.json)
   megaface pack ofrecord --input PACK_DIR|ROOT|X.bin --output DIR --parts N [--suffix-length 5]
 
 Pairs list (``pack bin``): one pair per line, ``path_a path_b same`` separated by whitespace, ``same`` one of
@@ -122,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--images-per-identity", type=int, default=synthetic.DEFAULT_IMAGES_PER_IDENTITY)
     syn.add_argument("--val-pairs", type=int, default=synthetic.DEFAULT_VAL_PAIRS)
     syn.add_argument("--seed", type=int, default=synthetic.DEFAULT_SEED)
+    syn.add_argument("--mislabel-share", type=float, default=0.0,
+                     help="share of training images written with a wrong identity (label noise); 0 = none")
+    syn.add_argument("--low-quality-share", type=float, default=0.0,
+                     help="share of training images degraded (low resolution, blur, occlusion); > 0 also "
+                     "writes val_lq.bin, the verification pairs degraded; 0 = none")
     ofr = sub.add_parser("ofrecord", help="RecordIO pack, image folder or .bin -> OFRecord part files",
                          description="A RecordIO pack directory or an image folder gives training parts "
                          "(encoded + label); a .bin gives verification parts (encoded + issame).")
@@ -157,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                                 progress="auto")
     else:
         from megaface.data.synthetic import write_synthetic
+        from megaface.data.synthetic_noise import SyntheticNoise
 
+        noise = SyntheticNoise(args.mislabel_share, args.low_quality_share)
         out, bin_path = write_synthetic(args.output, args.identities, args.images_per_identity,
-                                        args.val_pairs, args.seed, overwrite=args.force)
+                                        args.val_pairs, args.seed, overwrite=args.force, noise=noise)
         summary = {"output": str(out), "val_bin": str(bin_path), "identities": args.identities,
                    "images": args.identities * args.images_per_identity, "val_pairs": args.val_pairs}
     summary["seconds"] = round(time.perf_counter() - start, 2)

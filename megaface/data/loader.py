@@ -87,6 +87,10 @@ class _BatchTask(torch.utils.data.Dataset):
             label, item = self.dataset[int(i)]
         except (ValueError, OSError, EOFError) as err:  # a damaged record, an unreadable file
             raise DataError(_located(dataset_where(self.dataset, int(i)), err)) from None
+        num_classes = getattr(self.dataset, "num_classes", None)
+        if num_classes is not None and not 0 <= int(label) < int(num_classes):  # once per record, on the host
+            raise DataError(f"{dataset_where(self.dataset, int(i))}: label {label} is outside [0, {num_classes}) "
+                            "(the data's class count); fix the labels or the pack's class count")
         if isinstance(item, np.ndarray) and item.ndim == 3:
             return label, item, None
         try:

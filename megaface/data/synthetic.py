@@ -15,6 +15,7 @@ regenerated alone, in any order, in any process.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,14 @@ import numpy as np
 from megaface.data.bin_pack import save_bin
 from megaface.data.decode import encode_jpeg
 from megaface.data.packs import PackWriter
+from megaface.data.synthetic_noise import (
+    LOW_QUALITY_BIN,
+    NOISE_FILE,
+    SyntheticNoise,
+    degrade_batch,
+    low_quality_mask,
+    noisy_labels,
+)
 from megaface.fileio import atomic_output_dir, make_temp_dir
 
 # The one set of defaults for synthetic data: the config section (data.synthetic), `megaface pack synthetic`
@@ -277,29 +286,55 @@ def verification_pairs(pairs: int, seed: int = 0, held_out: int | None = None) -
     return np.stack([ids, idx], axis=1), issame
 
 
-def _write_all(tmp: Path, identities: int, k: int, val_pairs: int, seed: int, chunk: int = 256) -> None:
+def _write_all(tmp: Path, identities: int, k: int, val_pairs: int, seed: int, chunk: int = 256,
+               noise: SyntheticNoise | None = None) -> None:
+    noise = noise or SyntheticNoise()
     labels = np.repeat(np.arange(identities), k)
     index = np.tile(np.arange(k), identities)
+    written = noisy_labels(labels, identities, noise.mislabel_share, seed)
+    # a pack groups records by (written) class: a mislabelled image sits among its wrong class's images
+    order = np.argsort(written, kind="stable")
+    labels, index, written = labels[order], index[order], written[order]
+    low = low_quality_mask(len(labels), noise.low_quality_share, seed)
     with PackWriter(tmp, (SIZE, SIZE), overwrite=True) as writer:
         for a in range(0, len(labels), chunk):
-            for lab, im in zip(labels[a:a + chunk], generate(labels[a:a + chunk], index[a:a + chunk], seed)):
+            images = generate(labels[a:a + chunk], index[a:a + chunk], seed)
+            images = degrade_batch(images, low[a:a + chunk], seed, a)
+            for lab, im in zip(written[a:a + chunk], images, strict=True):
                 writer.add(int(lab), encode_jpeg(im))
     if val_pairs > 0:
         table, issame = verification_pairs(val_pairs, seed)
         images = generate(table[:, 0], table[:, 1], seed, stream=_VAL_STREAM)
         save_bin(tmp / "val.bin", [encode_jpeg(im) for im in images], issame.tolist())
+        if noise.low_quality_share > 0:
+            every = np.ones(len(images), dtype=bool)
+            degraded = degrade_batch(images, every, seed, 0, stream=1)
+            save_bin(tmp / LOW_QUALITY_BIN, [encode_jpeg(im) for im in degraded], issame.tolist())
+    if noise.any:
+        wrong = np.flatnonzero(written != labels)
+        record = {"mislabel_share": noise.mislabel_share, "low_quality_share": noise.low_quality_share,
+                  "seed": seed, "records": int(len(labels)),
+                  "mislabelled": {"index": wrong.tolist(), "true_label": labels[wrong].tolist(),
+                                  "written_label": written[wrong].tolist()},
+                  "low_quality_index": np.flatnonzero(low).tolist()}
+        (tmp / NOISE_FILE).write_text(json.dumps(record) + "\n")
 
 
 def write_synthetic(directory: str | os.PathLike, identities: int, images_per_identity: int,
-                    val_pairs: int = DEFAULT_VAL_PAIRS, seed: int = DEFAULT_SEED, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write a synthetic pack + ``val.bin`` into `directory` (atomically: built aside, then moved in)."""
+                    val_pairs: int = DEFAULT_VAL_PAIRS, seed: int = DEFAULT_SEED, overwrite: bool = False,
+                    noise: SyntheticNoise | None = None) -> tuple[Path, Path]:
+    """Write a synthetic pack + ``val.bin`` into `directory` (atomically: built aside, then moved in).
+
+    `noise`: mislabelled and degraded training images, ``val_lq.bin`` and ``noise.json``
+    (`megaface.data.synthetic_noise`).
+    """
     SyntheticDataset(identities, images_per_identity, seed)  # validates the arguments
     directory = Path(directory)
     if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"output {directory} exists and is not empty; pass overwrite (--force) to replace it")
     # built aside, moved in at the end; any failure (a full disk too) removes the temporary directory
     with atomic_output_dir(directory, replace=True) as tmp:
-        _write_all(tmp, identities, images_per_identity, val_pairs, seed)
+        _write_all(tmp, identities, images_per_identity, val_pairs, seed, noise=noise)
     return directory, directory / "val.bin"
 
 

@@ -8,7 +8,7 @@ Per row r of the shard, with gradient g_r at the r-th row's n_r-th update (n_r =
 which is torch.optim.AdamW's update (amsgrad off, maximize off) written per row.
 
 Sparse update (sparse=True): with Partial FC the head hands over (index [k], grad [k, D]) of the sampled rows
-(`PartialFC.take_sampled_grads`); only those k rows of weight, exp_avg and exp_avg_sq are gathered, updated
+(`PartialFC.row_grads`, a `megaface.head.row_grads.SampledRowGrads`); only those k rows of weight, exp_avg and exp_avg_sq are gathered, updated
 and written back, and only their step counts advance. Unsampled rows keep weight, moments and step count
 bit-for-bit: no weight decay, no moment decay, no drift along an old momentum. No [num_local, D] gradient is
 allocated.

@@ -28,6 +28,7 @@ Boundaries (decided here, tested in tests/unit/test_margin.py)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -58,7 +59,43 @@ def resolve_margin(margin: str | tuple[float, float, float] | list[float]) -> tu
     return m1, m2, m3
 
 
-class CombinedMargin:
+class Margin:
+    """What the head and its softmax need of a margin (`CombinedMargin`, `megaface.head.adaface.AdaFaceMargin`).
+
+    `for_batch(embeddings_local, gather, training)` is called once per head forward and returns the margin of
+    that forward (a per-sample margin binds the batch there, `gather` all-gathering a [b] tensor to [B] or None
+    on one rank; a fixed margin returns itself). The softmax then calls `margin(cos_t, rows)` on the target
+    cosines [n] of global-batch samples `rows` [n] and `margin.derivative(cos_t, rows)` in backward.
+    `describe()` is the plain-value record the shard files keep; `state()` / `load_state()` the tensors a
+    resume needs (None for a margin without state).
+    """
+
+    def for_batch(self, embeddings_local: torch.Tensor, gather: Any, training: bool) -> Margin:
+        return self
+
+    def state(self) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def load_state(self, state: Any, where: str) -> None:
+        if state is not None:
+            raise ValueError(f"{where}: the checkpoint carries margin state {sorted(state)} (trained with "
+                             f"head.margin=adaface) but this head's margin is {self!r}; resume with its margin")
+
+    def __call__(self, cos_t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def derivative(self, cos_t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """d margin / d cos_t, elementwise, computed by autograd on a tiny graph."""
+        with torch.enable_grad():
+            c = cos_t.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self(c, rows).sum(), c)
+        return grad
+
+    def describe(self) -> Any:
+        raise NotImplementedError
+
+
+class CombinedMargin(Margin):
     """Elementwise target-cosine -> margined target cosine (unscaled); see the module docstring."""
 
     def __init__(self, margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0),
@@ -88,17 +125,13 @@ class CombinedMargin:
         beyond = c - (self.cos_limit + 1.0 + self.m3)
         return torch.where(theta <= self.theta_limit, inside, beyond)
 
-    def __call__(self, cos_t: torch.Tensor) -> torch.Tensor:
+    def describe(self) -> tuple[float, float, float]:
+        return (self.m1, self.m2, self.m3)
+
+    def __call__(self, cos_t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """cos_t [n] (target cosines) -> [n]: cos(m1*theta + m2) - m3 with the documented fallback."""
         if not self.straight_through:
             return self._value(cos_t)
         with torch.no_grad():
             shift = self._value(cos_t) - cos_t
         return cos_t + shift
-
-    def derivative(self, cos_t: torch.Tensor) -> torch.Tensor:
-        """d margin / d cos_t, elementwise (1 for straight-through), computed by autograd on a tiny graph."""
-        with torch.enable_grad():
-            c = cos_t.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self(c).sum(), c)
-        return grad

@@ -30,23 +30,24 @@ MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class ShardOptimizer(torch.optim.Optimizer):
     """What both FC7 shard optimizers share: the one parameter (the shard's weight), the Partial FC protocol
-    (sampled rows' gradients taken from the head with `take_sampled_grads`), dense vs sparse dispatch.
+    (the sampled rows' gradients, taken from the head's `row_grads` object), dense vs sparse dispatch.
     Subclasses implement `_update(index, grad)`: index None = a dense [num_local, D] gradient, else [k] rows."""
 
     def __init__(self, head: PartialFC, defaults: dict[str, Any]) -> None:
         super().__init__([head.weight], defaults)
         self.head = head
+        self.row_grads = head.row_grads  # the sampled rows' gradients: this optimizer is their one consumer
 
     def grads(self) -> list[torch.Tensor]:
         """The live gradient tensors of the next step (dense weight.grad and/or sampled [k, D] grads)."""
-        out = self.head.sampled_grads()
+        out = self.row_grads.grads()
         if self.head.weight.grad is not None:
             out.append(self.head.weight.grad)
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        self.head.clear_sampled()
+        self.row_grads.clear()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -55,7 +56,7 @@ class ShardOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         weight = self.head.weight
-        sampled = self.head.take_sampled_grads()
+        sampled = self.row_grads.take()
         if weight.grad is not None:  # all rows took part (sample_rate 1.0 or eval-mode forward)
             if sampled is not None:
                 weight.grad.index_add_(0, sampled[0], sampled[1])

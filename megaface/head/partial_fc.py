@@ -30,6 +30,8 @@ Partial FC (sample_rate < 1, training mode)
     `ShardSGD` then updates only those rows (sparse=True) or, for the dense behaviour, all rows. The draw uses a
     torch.Generator seeded from (seed, rank); its state is part of the shard file (`megaface.checkpoint.fc7_shards`), so a resume is exact.
     At sample_rate 1.0 (or in eval mode) the Parameter itself is used and gets an ordinary dense gradient.
+    Host syncs: the sampler's `unique` of the positives sizes k (an implicit sync on a GPU, once per step);
+    labels are range-checked by the data loader per record and here only by a device-side assert (no read).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaface.distributed import comm
-from megaface.head.margin import CombinedMargin
+from megaface.head.margin import CombinedMargin, Margin
+from megaface.head.row_grads import SampledRowGrads
 from megaface.head.sharding import class_range
 from megaface.head.softmax import COMPUTE_DTYPES, sharded_margin_cross_entropy
 
@@ -87,15 +90,15 @@ class PartialFC(nn.Module):
 
     Args:
         embedding_size, num_classes: D and C (C >= world size in model-parallel mode).
-        margin: (m1, m2, m3) or a preset name of `megaface.head.margin.MARGIN_PRESETS`.
+        margin: the target-logit margin object: `megaface.head.margin.CombinedMargin` (its gradient mode and
+            fallback are its own settings) or `megaface.head.adaface.AdaFaceMargin`; an (m1, m2, m3) triple
+            or a preset name of `megaface.head.margin.MARGIN_PRESETS` is shorthand for CombinedMargin(margin).
         scale: s, applied to every logit.
         sample_rate: Partial FC rate in (0, 1]; 1.0 = every row of the shard takes part.
         group: process group of the classifier (None = default group, or no group at all).
         parallel: "model" - rank r of `group` holds classes [class_start, class_start + num_local);
             "data" - the full weight on every rank, local-batch loss, no collectives (goes inside the
             DeepSpeed engine with the backbone).
-        straight_through, margin_fallback: margin gradient mode and the branch past theta_limit (see
-            `megaface.head.margin`).
         init_std: std of the N(0, std) initial rows. The rows are normalised in the forward, so only the
             direction counts, but the norm sets the rows' effective step size (an update of size lr*g turns
             a row by about lr*g/||w||): a smaller std makes FC7 learn faster at first.
@@ -104,15 +107,19 @@ class PartialFC(nn.Module):
         compute_dtype: "fp32", "bf16" or "fp16": operand dtype of the three GEMMs (fp32 accumulation).
             Row max, sum-exp, target logit, margin, loss and the weight itself stay fp32; the rows taking
             part are copied to the compute dtype once per step. Resolve "auto" with `resolve_compute_dtype`.
+        subcenters: K rows per class (sub-center ArcFace): the class cosine is the max over its K rows and
+            the margin applies to that max; a rank holds all K rows of each of its classes and Partial FC
+            samples classes (all K rows of a sampled class). 1 = one row per class.
         interclass_filtering_threshold: > 0 treats every non-target cosine above it as label noise: set to
             0 before margin and scale (it stays in the softmax as exp(0), with no gradient); 0 disables it.
         accumulation_steps: training forwards allowed between two optimizer steps (gradient accumulation).
 
     The optimizer contract (Partial FC, sample_rate < 1): the sampled rows are detached copies whose
-    gradients the shard optimizer collects with `take_sampled_grads()` at its step (`megaface.head.ShardSGD`
-    and `ShardAdamW` do; they also write the rows back). A generic torch optimizer over `head.parameters()`
-    would see no gradient at all, so a training forward raises when more than `accumulation_steps`
-    backpropagated sampled forwards are waiting: nothing ever trains FC7 silently without an update.
+    gradients wait in `head.row_grads` (`megaface.head.row_grads.SampledRowGrads`) until the shard optimizer
+    takes them at its step (`megaface.head.ShardSGD` and `ShardAdamW` do; they also write the rows back). A
+    generic torch optimizer over `head.parameters()` would see no gradient at all, so a training forward
+    raises when more than `accumulation_steps` backpropagated sampled forwards are waiting: nothing ever
+    trains FC7 silently without an update.
     Data-parallel gradient factor: a "data" head returns its rank's local-batch mean loss and relies on
     DeepSpeed's gradient averaging over ranks for the global-batch mean (the engine holds it).
 
@@ -120,11 +127,10 @@ class PartialFC(nn.Module):
     """
 
     def __init__(self, embedding_size: int, num_classes: int,
-                 margin: str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
+                 margin: Margin | str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
                  sample_rate: float = 1.0, group: dist.ProcessGroup | None = None, parallel: str = "model",
-                 straight_through: bool = False, seed: int = 0, compute_dtype: str = "fp32",
-                 interclass_filtering_threshold: float = 0.0, accumulation_steps: int = 1,
-                 margin_fallback: str = "shifted", init_std: float = INIT_STD) -> None:
+                 seed: int = 0, compute_dtype: str = "fp32", interclass_filtering_threshold: float = 0.0,
+                 accumulation_steps: int = 1, init_std: float = INIT_STD, subcenters: int = 1) -> None:
         super().__init__()
         _check_config(embedding_size, num_classes, scale, sample_rate, parallel)
         _check_precision(compute_dtype, interclass_filtering_threshold)
@@ -138,23 +144,25 @@ class PartialFC(nn.Module):
             self.class_start, self.num_local = class_range(num_classes, self.world_size, self.rank)
         else:
             self.class_start, self.num_local = 0, self.num_classes
-        self.margin = CombinedMargin(margin, straight_through, margin_fallback)
+        self.margin = margin if isinstance(margin, Margin) else CombinedMargin(margin)
         if not (math.isfinite(float(init_std)) and float(init_std) > 0):
             raise ValueError(f"init_std={init_std} must be a positive finite number (0.01 is usual)")
-        self.weight = nn.Parameter(init_shard(self.class_start, self.num_local, self.embedding_size, seed,
-                                              float(init_std)))
+        if not (isinstance(subcenters, int) and 1 <= subcenters):
+            raise ValueError(f"subcenters={subcenters} must be an integer >= 1 (1 = plain ArcFace; the paper uses 3)")
+        self.subcenters = subcenters
+        # K rows per class, class c's at rows c*K .. c*K + K - 1: drawn as "row classes" c*K + j, so the full
+        # [C*K, D] matrix is the same at any world size and a rank's rows are one contiguous slice of it.
+        self.weight = nn.Parameter(init_shard(self.class_start * subcenters, self.num_local * subcenters,
+                                              self.embedding_size, seed, float(init_std)))
         self.sampled_index: torch.Tensor | None = None  # rows of the last forward (None: all rows)
         self._generator: torch.Generator | None = None
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (index [k], leaf [k, D]) until step
-        if int(accumulation_steps) < 1:
-            raise ValueError(f"accumulation_steps={accumulation_steps} must be >= 1 (gradient_accumulation_steps)")
-        self.accumulation_steps = int(accumulation_steps)
+        self.row_grads = SampledRowGrads(self.embedding_size, accumulation_steps, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, margin={self.margin}, "
                 f"scale={self.scale}, sample_rate={self.sample_rate}, parallel={self.parallel!r}, "
-                f"compute_dtype={self.compute_dtype!r}, "
+                f"compute_dtype={self.compute_dtype!r}, subcenters={self.subcenters}, "
                 f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -172,21 +180,20 @@ class PartialFC(nn.Module):
         _check_labels(labels, self.num_classes)
         index, weight_rows = self._select_rows(labels)
         target = self._local_targets(labels, index)
-        per_sample = sharded_margin_cross_entropy(emb, weight_rows, target, self.margin, self.scale,
+        gather = (lambda x: comm.all_gather(x, self.group)) if self.world_size > 1 else None  # also "data"
+        margin = self.margin.for_batch(embeddings_local, gather, self.training)
+        per_sample = sharded_margin_cross_entropy(emb, weight_rows, target, margin, self.scale,
                                                   self.group, reduce=distributed,
                                                   compute_dtype=COMPUTE_DTYPES[self.compute_dtype],
-                                                  filter_threshold=self.interclass_filtering_threshold)
+                                                  filter_threshold=self.interclass_filtering_threshold,
+                                                  subcenters=self.subcenters)
         return per_sample.mean()
 
     def _select_rows(self, labels_global: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(index [k] sorted or None, rows [k, D]): positives of this shard plus random negatives."""
-        self._pending = [p for p in self._pending if p[1].grad is not None]  # drop forwards never backpropagated
-        if self.training and len(self._pending) >= self.accumulation_steps:
-            raise RuntimeError(
-                f"PartialFC: {len(self._pending)} sampled forward(s) were backpropagated but no optimizer step "
-                f"consumed their row gradients (accumulation_steps={self.accumulation_steps}): step FC7 with "
-                "megaface.head.ShardSGD / ShardAdamW (they call take_sampled_grads()), or raise accumulation_steps "
-                "to your gradient accumulation")
+        """(class index [k] sorted or None, rows [k*K, D]): positives of this shard plus random negatives;
+        with K sub-centers a sampled class brings all its K rows (`sampled_index` holds the row index)."""
+        if self.training:
+            self.row_grads.check_room()
         self.sampled_index = None
         if self.sample_rate >= 1.0 or not self.training:
             return None, self.weight
@@ -198,11 +205,12 @@ class PartialFC(nn.Module):
         scores = torch.rand(self.num_local, generator=self._rng(), device=self.weight.device)
         scores[positives] = 2.0  # above every uniform draw: positives are always kept
         index = torch.topk(scores, k, sorted=False).indices.sort().values
-        rows = _gather_rows(self.weight.detach(), index, self._row_dtype())
+        row_index = index if self.subcenters == 1 else _subcenter_rows(index, self.subcenters)
+        rows = _gather_rows(self.weight.detach(), row_index, self._row_dtype())
         if torch.is_grad_enabled() and self.weight.requires_grad:
             rows.requires_grad_(True)
-            self._pending.append((index, rows))
-        self.sampled_index = index
+            self.row_grads.record(row_index, rows)
+        self.sampled_index = row_index
         return index, rows
 
     def _row_dtype(self) -> torch.dtype:
@@ -220,7 +228,7 @@ class PartialFC(nn.Module):
             local = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
         return torch.where(here, local, torch.full_like(local, -1))
 
-    # ---- sampler state and sparse gradients (used by ShardSGD and the shard files) -----------------
+    # ---- sampler state (the shard files) -------------------------------------------------------------
 
     def _rng(self) -> torch.Generator:
         if self._generator is None or self._generator.device != self.weight.device:
@@ -238,32 +246,16 @@ class PartialFC(nn.Module):
         if state is not None:
             self._rng().set_state(state.cpu())  # generator states are CPU byte tensors on every device
 
-    def take_sampled_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(index [k], grad [k, D]) of the sampled rows since the last step, merged over accumulated
-        micro-batches; None when no sampled forward was backpropagated. Clears the pending list."""
-        pairs = [(i, r.grad) for i, r in self._pending if r.grad is not None]
-        self._pending = []
-        if not pairs:
-            return None
-        if len(pairs) == 1:
-            return pairs[0]
-        index, inverse = torch.unique(torch.cat([i for i, _ in pairs]), return_inverse=True)
-        # summed in the weight's dtype (fp32): bf16 row gradients are widened, not accumulated in bf16
-        grad = torch.zeros((index.numel(), self.embedding_size), dtype=self.weight.dtype,
-                           device=pairs[0][1].device)
-        return index, grad.index_add_(0, inverse, torch.cat([g for _, g in pairs]).to(grad.dtype))
-
-    def sampled_grads(self) -> list[torch.Tensor]:
-        """The live [k, D] gradients of pending sampled rows (for unscaling / clipping in place)."""
-        return [r.grad for _, r in self._pending if r.grad is not None]
-
-    def clear_sampled(self) -> None:
-        self._pending = []
-
 
 # Rows per chunk wherever FC7 rows change dtype on the way (the bf16 gather here, ShardSGD's bf16-momentum
 # update): an 8 MiB fp32 temporary at D=512, a fixed cost whatever the class count.
 ROW_CHUNK = 1 << 12
+
+
+def _subcenter_rows(classes: torch.Tensor, subcenters: int) -> torch.Tensor:
+    """Local class indices [k] -> their rows [k*K] (c*K .. c*K + K - 1 per class, in class order)."""
+    offsets = torch.arange(subcenters, device=classes.device, dtype=classes.dtype)
+    return (classes.unsqueeze(1) * subcenters + offsets).reshape(-1)
 
 
 def _gather_rows(weight: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -333,10 +325,10 @@ def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, embedding_size
 
 
 def _check_labels(labels_global: torch.Tensor, num_classes: int) -> None:
-    # Checked on the GLOBAL labels so every rank raises together (a one-rank raise would leave the others
-    # waiting in a collective). One device->host sync per step for both bounds.
-    low, high = torch.stack([labels_global.min(), labels_global.max()]).tolist()
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise ValueError(f"label {bad} is outside [0, num_classes={num_classes}); check the dataset's "
-                         "class count against the head's num_classes")
+    # The data path range-checks every record's label where it is read (megaface.data.loader), so this is a
+    # guard for direct library use only, and it must not read the device: `_assert_async` raises at once on
+    # CPU and is a device-side assert on accelerators (no host sync; the run stops at the next sync point).
+    # Checked on the GLOBAL labels, so every rank fails alike rather than one leaving the others in a collective.
+    inside = (labels_global.min() >= 0) & (labels_global.max() < num_classes)
+    torch._assert_async(inside, f"a label is outside [0, num_classes={num_classes}); check the dataset's class "
+                                "count against the head's num_classes")

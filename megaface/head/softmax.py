@@ -28,6 +28,11 @@ Inter-class filtering (filter_threshold > 0): a non-target logit whose cosine ex
 backward. The filter is elementwise on this rank's columns, so the sharded result is exact with the same two
 all-reduces; the filtered positions (rare) are kept per block instead of a [B, c] mask.
 
+Host syncs (a device value the host must wait for; none of them is an `.item()`): `nonzero` of the targets
+present on this rank (it sizes the target tensors), and with inter-class filtering one `nonzero` per block of
+the filtered positions. The block bounds need no read on accelerators (one block); on CPU, several blocks,
+they are read from a CPU tensor, which is no sync.
+
 The gradient returned for emb_hat_global is this rank's partial sum over its own columns; the all-gather's
 backward (reduce-scatter, sum) completes it. The gradient for weight_rows is complete: every rank sees the
 whole global batch. Backward may run once per forward (the buffer is consumed in place).
@@ -41,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from megaface.distributed import comm
-from megaface.head.margin import CombinedMargin
+from megaface.head.margin import Margin
 
 NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
 CPU_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per [B, c] block on CPU
@@ -65,9 +70,10 @@ def _block_columns(batch: int, k: int, device: torch.device) -> int:
 class _ShardedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, emb_hat: torch.Tensor, weight_rows: torch.Tensor, target_local: torch.Tensor,
-                margin: CombinedMargin, scale: float, group: dist.ProcessGroup | None, reduce: bool,
-                compute_dtype: torch.dtype, filter_threshold: float) -> torch.Tensor:
-        batch, k = emb_hat.shape[0], weight_rows.shape[0]
+                margin: Margin, scale: float, group: dist.ProcessGroup | None, reduce: bool,
+                compute_dtype: torch.dtype, filter_threshold: float, subcenters: int) -> torch.Tensor:
+        K = subcenters  # noqa: N806 - the paper's K
+        batch, k = emb_hat.shape[0], weight_rows.shape[0] // K  # k classes of K rows each
         inv_norm = torch.linalg.vector_norm(weight_rows, dim=1, dtype=torch.float32)  # [k], fp32 for bf16 rows
         inv_norm = inv_norm.clamp_min_(NORM_EPS).reciprocal_()
         col_scale = inv_norm * scale
@@ -76,21 +82,23 @@ class _ShardedMarginCE(torch.autograd.Function):
         rows = (target_local >= 0).nonzero().squeeze(1)
         cols, order = target_local.index_select(0, rows).sort()
         rows = rows.index_select(0, order)
-        cos_t = (emb_hat.index_select(0, rows) * weight_rows.index_select(0, cols).float()).sum(dim=1)
-        cos_t = cos_t * inv_norm.index_select(0, cols)
-        target_logit = margin(cos_t) * scale
-        width = _block_columns(batch, k, emb_hat.device)
+        cos_t, sub_t = _target_cosines(emb_hat, weight_rows, inv_norm, rows, cols, K)
+        target_logit = margin(cos_t, rows) * scale
+        width = max(_block_columns(batch, k * K, emb_hat.device) // K, 1)  # classes per block
         starts = list(range(0, k, width))
-        # One host sync: block boundaries of the sorted target columns.
-        bounds = torch.searchsorted(cols, torch.tensor(starts + [k], device=cols.device)).tolist()
+        bounds = _block_bounds(cols, starts, k)
         # GEMM operands: the low-precision copies are made once per step (accumulation stays fp32).
         emb_op, weight_op = emb_hat.to(compute_dtype), weight_rows.to(compute_dtype)
         limit = filter_threshold * scale if filter_threshold > 0 else None
 
-        blocks, filtered, shift = [], [], None
+        blocks, filtered, winners, shift = [], [], [], None
         for i, c0 in enumerate(starts):
             c1 = min(c0 + width, k)
-            block = torch.matmul(emb_op, weight_op[c0:c1].t()).to(BLOCK_DTYPE).mul_(col_scale[c0:c1])  # [B, c]
+            block = torch.matmul(emb_op, weight_op[c0 * K:c1 * K].t()).to(BLOCK_DTYPE)  # [B, c*K]
+            block.mul_(col_scale[c0 * K:c1 * K])
+            if K > 1:  # a class's logit is its best sub-center's; backward routes the gradient to that row
+                block, winner = block.view(batch, c1 - c0, K).max(dim=2)  # [B, c], [B, c]
+                winners.append(winner)
             a, b = bounds[i], bounds[i + 1]
             if limit is not None:
                 filtered.append(_filter_block(block, limit, rows[a:b], cols[a:b] - c0))
@@ -115,6 +123,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         ctx.blocks, ctx.filtered, ctx.starts, ctx.bounds, ctx.width = blocks, filtered, starts, bounds, width
         ctx.col_scale, ctx.inv_norm, ctx.sum_exp = col_scale, inv_norm, sum_exp
         ctx.rows, ctx.cols, ctx.cos_t, ctx.margin = rows, cols, cos_t, margin
+        ctx.subcenters, ctx.winners, ctx.sub_t = K, winners, sub_t
         return sum_exp.log() - target_shifted
 
     @staticmethod
@@ -124,11 +133,11 @@ class _ShardedMarginCE(torch.autograd.Function):
             raise RuntimeError("the FC7 softmax backward ran twice; it consumes its buffer (no retain_graph)")
         blocks, ctx.blocks = ctx.blocks, None
         emb_op, weight_op = ctx.operands
-        rows, cols, bounds = ctx.rows, ctx.cols, ctx.bounds
-        k = weight_rows.shape[0]
+        rows, cols, bounds, K = ctx.rows, ctx.cols, ctx.bounds, ctx.subcenters  # noqa: N806
+        k = weight_rows.shape[0] // K
         row_scale = (grad_loss / ctx.sum_exp).unsqueeze(1)  # softmax_ij * g_i = exp_ij * g_i / sum_i
         target_grad = grad_loss.index_select(0, rows)       # the one-hot part, g_i on the target column
-        target_factor = ctx.margin.derivative(ctx.cos_t)    # d margin / d cos on the target column
+        target_factor = ctx.margin.derivative(ctx.cos_t, rows)    # d margin / d cos on the target column
         want_emb, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_emb = torch.zeros_like(emb_hat) if want_emb else None
         grad_weight = torch.empty_like(weight_rows) if want_weight else None
@@ -140,20 +149,61 @@ class _ShardedMarginCE(torch.autograd.Function):
             # d/d dot_ij = g_i (softmax_ij - onehot_ij) * s / ||w_j||  (target: times margin'(cos))
             block.mul_(row_scale)
             block[r, c] -= target_grad[a:b]
-            block.mul_(ctx.col_scale[c0:c1])
+            if K == 1:
+                block.mul_(ctx.col_scale[c0:c1])
             block[r, c] *= target_factor[a:b]
             if ctx.filtered:  # filtered logits are constants (0): no gradient reaches their dot products
                 block.view(-1).index_fill_(0, ctx.filtered[i], 0.0)
+            if K > 1:  # d/d class logit -> d/d dot of the winning sub-center row (the others get 0)
+                block = _to_subcenter_rows(block, ctx.winners[i], r, c, ctx.sub_t[a:b], K)
+                block.mul_(ctx.col_scale[c0 * K:c1 * K])
+            r0, r1 = c0 * K, c1 * K  # this block's weight rows
             block_grad = None
             if want_weight:  # fp32 rows: written in place; bf16 rows: formed and projected in fp32, rounded once
-                block_grad = grad_weight[c0:c1] if grad_weight.dtype == torch.float32 else torch.empty(
-                    (c1 - c0, weight_rows.shape[1]), dtype=torch.float32, device=block.device)
-            _backward_gemms(block, emb_op, weight_op[c0:c1], grad_emb, block_grad)
+                block_grad = grad_weight[r0:r1] if grad_weight.dtype == torch.float32 else torch.empty(
+                    (r1 - r0, weight_rows.shape[1]), dtype=torch.float32, device=block.device)
+            _backward_gemms(block, emb_op, weight_op[r0:r1], grad_emb, block_grad)
             if block_grad is not None:
-                _project_out_rows(block_grad, weight_rows[c0:c1].float(), ctx.inv_norm[c0:c1])
+                _project_out_rows(block_grad, weight_rows[r0:r1].float(), ctx.inv_norm[r0:r1])
                 if grad_weight.dtype != torch.float32:
-                    grad_weight[c0:c1].copy_(block_grad)
-        return grad_emb, grad_weight, None, None, None, None, None, None, None
+                    grad_weight[r0:r1].copy_(block_grad)
+        return grad_emb, grad_weight, None, None, None, None, None, None, None, None
+
+
+def _target_cosines(emb_hat: torch.Tensor, weight_rows: torch.Tensor, inv_norm: torch.Tensor, rows: torch.Tensor,
+                    cols: torch.Tensor, subcenters: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cos of each target [n] (fp32, from a row gather) and, with K > 1 sub-centers, which of its class's K
+    rows is the nearest [n] (the class cosine is their max)."""
+    if subcenters == 1:
+        cos_t = (emb_hat.index_select(0, rows) * weight_rows.index_select(0, cols).float()).sum(dim=1)
+        return cos_t * inv_norm.index_select(0, cols), None
+    dim = weight_rows.shape[1]
+    w = weight_rows.view(-1, subcenters, dim).index_select(0, cols).float()  # [n, K, D]
+    cos_all = (emb_hat.index_select(0, rows).unsqueeze(1) * w).sum(dim=2)  # [n, K]
+    cos_all = cos_all * inv_norm.view(-1, subcenters).index_select(0, cols)
+    return cos_all.max(dim=1)
+
+
+def _to_subcenter_rows(grad: torch.Tensor, winner: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       sub_t: torch.Tensor, subcenters: int) -> torch.Tensor:
+    """[B, c] gradient of the class logits -> [B, c*K] gradient of the sub-center logits: each class's
+    gradient goes to its winning row (for targets the winner of the row-gather cosine the margin used)."""
+    winner[rows, cols] = sub_t
+    batch, c = grad.shape
+    out = torch.zeros((batch, c, subcenters), dtype=grad.dtype, device=grad.device)
+    out.scatter_(2, winner.unsqueeze(2), grad.unsqueeze(2))
+    return out.view(batch, c * subcenters)
+
+
+def _block_bounds(cols: torch.Tensor, starts: list[int], k: int) -> list[int]:
+    """Where each block's targets begin in the sorted `cols` (and where the last ends), as host ints.
+
+    One block (every accelerator, and CPU shards under one block): [0, n], n the target count that `nonzero`
+    already brought to the host - no read. Several blocks (CPU only): a read of a CPU tensor, not a sync.
+    """
+    if len(starts) == 1:
+        return [0, cols.shape[0]]
+    return torch.searchsorted(cols, torch.tensor(starts + [k], device=cols.device)).tolist()
 
 
 def _filter_block(block: torch.Tensor, limit: float, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -193,15 +243,17 @@ def _project_out_rows(grad: torch.Tensor, weight: torch.Tensor, inv_norm: torch.
 
 
 def sharded_margin_cross_entropy(emb_hat_global: torch.Tensor, weight_rows: torch.Tensor,
-                                 target_local: torch.Tensor, margin: CombinedMargin, scale: float,
+                                 target_local: torch.Tensor, margin: Margin, scale: float,
                                  group: dist.ProcessGroup | None = None, reduce: bool = True,
                                  compute_dtype: torch.dtype = torch.float32,
-                                 filter_threshold: float = 0.0) -> torch.Tensor:
+                                 filter_threshold: float = 0.0, subcenters: int = 1) -> torch.Tensor:
     """Per-sample margin softmax CE [B] over the columns of all ranks (see the module table).
 
     `reduce=False` treats this rank's rows as all the classes (the data-parallel head: no collectives).
     `compute_dtype` is the GEMM operand dtype (fp32 accumulation; everything else fp32).
     `filter_threshold` > 0 sets every non-target cosine above it to 0 before margin and scale.
+    `subcenters` K > 1: weight_rows holds K rows per class (class c: rows c*K .. c*K + K - 1), target_local
+    indexes classes, and a class's cosine is the max over its K rows (sub-center ArcFace).
     """
     return _ShardedMarginCE.apply(emb_hat_global, weight_rows, target_local, margin, scale, group, reduce,
-                                  compute_dtype, float(filter_threshold))
+                                  compute_dtype, float(filter_threshold), int(subcenters))

@@ -179,7 +179,8 @@ class Run:
         return {"network": self.network, "embedding_size": self.embedding_size, "num_classes": self.num_classes,
                 "world_size": w, "class_ranges": ranges, "zero_stage": zero_stage(self.ds),
                 "precision": self.parts.precision, "parallel": self.cfg.head.parallel,
-                "normalize": self.cfg.data.normalize, "config": self.cfg.to_dict(), "ds_config": self.ds}
+                "normalize": self.cfg.data.normalize, "config": self.cfg.to_dict(), "ds_config": self.ds,
+                "subcenters": self.cfg.head.subcenters}
 
     def expected(self) -> dict[str, Any]:
         return {"network": self.network, "embedding_size": self.embedding_size, "num_classes": self.num_classes,
@@ -262,6 +263,16 @@ def load_initial_weights(model: nn.Module, path: str, network: str) -> None:
                          f"(embedding_size={getattr(model, 'embedding_size', '?')}): {str(err)[:300]}") from None
 
 
+def build_margin(h: Any) -> Any:
+    """The head's margin object from the `head` config section (its gradient mode and fallback included)."""
+    from megaface.head import AdaFaceMargin, CombinedMargin
+
+    if h.margin == "adaface":
+        a = h.adaface
+        return AdaFaceMargin(a.m, a.h, a.t_alpha, h.straight_through)
+    return CombinedMargin(h.margin, h.straight_through, h.margin_fallback)
+
+
 def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, log: Any) -> Run:
     ds = resolve_ds_config(check_optimizer_single_source(cfg, ds_raw), state.world_size, state.device.type)
     precision = ds_precision(ds)
@@ -302,12 +313,12 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
         load_initial_weights(model, cfg.model.init_from, cfg.model.network)
         log(f"model: starting from the weights in {cfg.model.init_from}")
     h = cfg.head
-    head = PartialFC(model.embedding_size, num_classes, margin=h.margin, scale=h.scale,
+    head = PartialFC(model.embedding_size, num_classes, margin=build_margin(h), scale=h.scale,
                      sample_rate=sample_rate_of(h.sample_rate, h.num_sample, num_classes),
-                     group=state.group, parallel=h.parallel, straight_through=h.straight_through,
+                     group=state.group, parallel=h.parallel,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(head_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
-                     accumulation_steps=gas, margin_fallback=h.margin_fallback, init_std=h.init_std)
+                     accumulation_steps=gas, init_std=h.init_std, subcenters=h.subcenters)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)

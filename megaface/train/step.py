@@ -15,7 +15,12 @@ Keeping the two optimizers in step (`step_fc7`):
   is clipped by the global FC7 norm, sqrt(all-reduced sum of the shards' squared norms), at head.clip_grad_norm
   (None = the JSON's value, 0 = off). The two parts are clipped separately, not by one joint norm.
 
-Host syncs (a GPU stalls until the host has read a device value): fp32/bf16 steps have none. The loss stays
+Host syncs (a GPU stalls until the host has read a device value): fp32/bf16 steps read no device value
+(no `.item()`, `.tolist()`, `.cpu()`; tests/test_step_syncs.py counts them). Labels are range-checked where
+each record is read (megaface.data.loader); the head only keeps a device-side assert. What remains are the
+data-dependent sizes inside the head, implicit syncs on a GPU: the softmax's `nonzero` of the targets on this
+rank (one per step; one more per block with inter-class filtering) and, with Partial FC, the `unique` of the
+positive classes whose count sets the number of sampled rows (megaface.head.softmax / partial_fc). The loss stays
 on the device; the loop keeps each iteration's loss and reads them all at once (`read_losses`: one sync, and
 for a data-parallel head one all-reduce) only when it logs, validates or saves - and a non-finite one stops
 the run before anything is saved. FC7 needs no norm without clipping; with clipping the norm is all-reduced

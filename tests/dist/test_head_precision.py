@@ -77,7 +77,7 @@ def test_sampled_rows_in_low_precision(dtype):
         head = PartialFC(dim, num_classes, scale=S, sample_rate=0.1, seed=5, compute_dtype=mode)
         emb_in = emb.clone().requires_grad_(True)
         head(emb_in, labels).backward()
-        index, grad = head.take_sampled_grads()
+        index, grad = head.row_grads.take()
         grads[mode] = (index, grad, emb_in.grad)
     (ref_index, ref_grad, ref_emb), (index, grad, emb_grad) = grads["fp32"], grads[dtype]
     assert torch.equal(index, ref_index)  # same draw in every precision
@@ -95,7 +95,7 @@ def test_bf16_row_gradients_accumulate_in_fp32():
     for _ in range(2):
         labels = torch.randint(0, 500, (16,), generator=gen)
         head(_trained_like(init_shard(0, 500, 32), labels, gen), labels).backward()
-    index, grad = head.take_sampled_grads()
+    index, grad = head.row_grads.take()
     assert grad.dtype == torch.float32 and index.numel() > 100
     from megaface.head import ShardAdamW
     for make in (lambda h: ShardSGD(h, lr=0.1), lambda h: ShardAdamW(h, lr=1e-3)):

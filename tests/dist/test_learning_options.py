@@ -87,7 +87,7 @@ def test_benchmark_log_parser() -> None:
 def _straight_through_job(state):
     from tests.support.partial_fc_reference import MARGINS, S, D, _local_step
 
-    return [_local_step(state, PartialFC(D, 10, margin=m, scale=S, straight_through=True)) for m in MARGINS]
+    return [_local_step(state, PartialFC(D, 10, margin=CombinedMargin(m, straight_through=True), scale=S)) for m in MARGINS]
 
 
 def test_straight_through_exact_at_world_size_3():

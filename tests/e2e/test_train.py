@@ -19,7 +19,11 @@ from tests.conftest import QUICKSTART, ROOT, run_distributed, tiny_args, train_w
                                                            marks=pytest.mark.slow),
                                      # AdamW for both optimizers (sparse over Partial FC rows), polynomial lr
                                      ("--optim.name=adamw", "--optim.lr=0.01", "--optim.weight_decay=0.05",
-                                      "--optim.schedule=polynomial", "--head.sample_rate=0.5")])
+                                      "--optim.schedule=polynomial", "--head.sample_rate=0.5"),
+                                     # AdaFace: its norm EMA is in the shard files and must resume exactly
+                                     ("--head.margin=adaface", "--head.sample_rate=0.5"),
+                                     # sub-center ArcFace, K = 3 rows per class sampled together
+                                     ("--head.subcenters=3", "--head.sample_rate=0.5")])
 def test_two_ranks_fp32_loss_decreases_and_resume_is_exact(cache: Path, tmp_path: Path, variant: tuple) -> None:
     # 16 images seen again every 2 steps, plain softmax at a small scale: the loss falls within 8 steps
     easy = ("--head.margin=[1, 0, 0]", "--head.scale=8", "--data.synthetic.identities=8",

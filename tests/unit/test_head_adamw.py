@@ -59,7 +59,7 @@ def test_sparse_touches_only_sampled_rows_with_per_row_bias_correction():
     for step in range(6):
         emb, labels = _batch(step)
         head(emb, labels).backward()
-        index, grad = head.sampled_index, head._pending[0][1].grad.clone()
+        index, grad = head.sampled_index, head.row_grads.grads()[0].clone()
         before = head.weight.detach().clone()
         opt.step()
         opt.zero_grad()
@@ -89,7 +89,7 @@ def test_dense_mode_with_sampling_equals_torch_adamw_on_scattered_gradients():
         opt.step()
         opt.zero_grad()
         ref_head(emb, labels).backward()
-        index, grad = ref_head.take_sampled_grads()
+        index, grad = ref_head.row_grads.take()
         ref_head.weight.grad = torch.zeros_like(ref_head.weight).index_copy_(0, index, grad)
         ref.step()
         ref.zero_grad()

@@ -235,3 +235,15 @@ def test_decoders_agree_and_reject_truncated():
             dec.decode_image(data[:cut])
     with pytest.raises(CorruptImageError, match="empty"):
         dec.decode_image(b"")
+
+
+def test_a_label_outside_the_class_count_is_named_where_it_is_read():
+    """Labels are range-checked once per record on the host (the head keeps no per-step host read)."""
+
+    class BadLabel(IndexImages):
+        def __getitem__(self, i: int):
+            label, img = super().__getitem__(i)
+            return (7 if i == 3 else label), img
+
+    with pytest.raises(ValueError, match=r"BadLabel item 3: label 7 is outside \[0, 7\)"):
+        list(TrainLoader(BadLabel(8), 4, workers=0))
