@@ -16,7 +16,7 @@ Keeping the two optimizers in step (`step_fc7`):
   (None = the JSON's value, 0 = off). The two parts are clipped separately, not by one joint norm.
 
 Host syncs (a GPU stalls until the host has read a device value): fp32/bf16 steps read no device value
-(no `.item()`, `.tolist()`, `.cpu()`; tests/test_step_syncs.py counts them). Labels are range-checked where
+(no `.item()`, `.tolist()`, `.cpu()`; tests/unit/test_step_syncs.py counts them). Labels are range-checked where
 each record is read (megaface.data.loader); the head only keeps a device-side assert. What remains are the
 data-dependent sizes inside the head, implicit syncs on a GPU: the softmax's `nonzero` of the targets on this
 rank (one per step; one more per block with inter-class filtering) and, with Partial FC, the `unique` of the

@@ -11,7 +11,7 @@ from megaface.checkpoint.fc7_shards import load_shard_state_dict, merge_shards, 
 from megaface.distributed import DistState
 from megaface.head import CombinedMargin, PartialFC, ShardSGD
 from megaface.head.partial_fc import init_shard
-from tests.dist_utils import run_distributed
+from tests.conftest import run_distributed
 
 B, D, C, K, S = 12, 16, 11, 3, 32.0
 RTOL = 1e-5

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megaface.checkpoint.fc7_shards import load_shard_state_dict, merge_shards, shard_state_dict, split_merged
 from megaface.head import AdaFaceMargin, PartialFC, ShardSGD
 from megaface.head.partial_fc import init_shard
-from tests.dist_utils import run_distributed
+from tests.conftest import run_distributed
 
 B, D, C, S = 12, 16, 10, 64.0
 M, H, T_ALPHA = 0.4, 0.333, 0.01
