@@ -5,7 +5,8 @@ directory to `<tag>` and only then rewrites `latest`. A crash before the rename 
 that nothing reads (the next save of that tag removes it) and `latest` still names the previous complete
 checkpoint. On several nodes the output directory must be a shared filesystem (as DeepSpeed also assumes).
 
-Integrity: before anything is written, weights, momentum and FC7 are checked finite on every rank and the
+Integrity: before anything is written, every floating tensor the checkpoint holds (parameters, buffers such as
+BatchNorm running statistics, optimizer state, FC7 and its state) is checked finite on every rank and the
 flags are reduced in one all-reduce; a non-finite state raises `NonFiniteState` and nothing is saved, so
 `latest` only ever names a checkpoint whose meta.json says `verified_finite`. Every rank hashes the files it
 wrote (sha256); rank 0 stores the digests in meta.json and resume verifies them (split over the ranks)
@@ -60,7 +61,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class NonFiniteState(RuntimeError):
-    """Weights, momentum or FC7 hold inf/NaN on some rank: the checkpoint was not saved."""
+    """A tensor to be saved (weights, buffers, optimizer state, FC7) holds inf/NaN on some rank: the checkpoint
+    was not saved."""
 
 
 def healthy_note(output_dir: Path) -> str:
@@ -87,14 +89,24 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
     return out
 
 
-def state_is_finite(parts: TrainParts) -> bool:
-    """Collective: True when weights, momentum and FC7 are finite on every rank (one all-reduce of a flag)."""
-    tensors = list(parts.engine.module.parameters())
-    tensors += [p.ds_tensor for p in tensors if torch.is_tensor(getattr(p, "ds_tensor", None))]  # ZeRO-3
+def written_tensors(parts: TrainParts) -> list[torch.Tensor]:
+    """Every tensor a checkpoint writes from memory: the engine module's state_dict (parameters and buffers -
+    BatchNorm running statistics, and whatever a future model registers), ZeRO-3 partitions, the engine's
+    optimizer (master weights, momentum), and the sharded FC7 with its optimizer state."""
+    module = parts.engine.module
+    tensors = [t for t in module.state_dict(keep_vars=True).values() if torch.is_tensor(t)]
+    tensors += [p.ds_tensor for p in module.parameters() if torch.is_tensor(getattr(p, "ds_tensor", None))]
     tensors += _optimizer_tensors(parts.engine.optimizer)
     if parts.fc7_optimizer is not None:
-        tensors += list(parts.head.parameters()) + _optimizer_tensors(parts.fc7_optimizer)
-    flag = local_finite(iter(tensors)).to(parts.state.device)
+        tensors += [t for t in parts.head.state_dict(keep_vars=True).values() if torch.is_tensor(t)]
+        tensors += _optimizer_tensors(parts.fc7_optimizer)
+    return tensors
+
+
+def state_is_finite(parts: TrainParts) -> bool:
+    """Collective: True when every floating tensor to be written (`written_tensors`) is finite on every rank
+    (one all-reduce of a flag)."""
+    flag = local_finite(iter(written_tensors(parts))).to(parts.state.device)
     return bool(comm.all_reduce_(flag, "min", parts.state.group))  # host sync: all ranks decide alike
 
 
@@ -114,7 +126,7 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
     Raises NonFiniteState (on every rank, nothing written) when the state to save holds inf/NaN."""
     state = parts.state
     if not state_is_finite(parts):
-        raise NonFiniteState(f"weights, momentum or FC7 hold inf/NaN after iteration {iteration}")
+        raise NonFiniteState(f"weights, buffers, optimizer state or FC7 hold inf/NaN after iteration {iteration}")
     ckpt_dir = Path(output_dir) / CHECKPOINTS_DIR
     tag = tag_for(iteration)
     tmp, final = ckpt_dir / f"{tag}.tmp", ckpt_dir / tag
