@@ -17,6 +17,7 @@ from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
 from megaface.train.logger import TrainLogger
 from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
+from megaface.train.checkpoint_writes import CheckpointNotWritten
 from megaface.train.run_lock import RunLock
 
 
@@ -33,7 +34,8 @@ def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
-    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss, 2 user error)."""
+    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss or a checkpoint that could
+    not be written, 2 user error, 3 collective timeout)."""
     import torch.distributed as dist
 
     started = time.perf_counter()
@@ -57,6 +59,9 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except CheckpointNotWritten as err:  # full disk, quota, ulimit -f: the environment, as in megaface.cli
+        print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
+        return 1
     except RuntimeError as err:
         if not _is_timeout(err):
             raise
