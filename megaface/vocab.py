@@ -63,3 +63,8 @@ MARGIN_FALLBACKS: tuple[str, ...] = get_args(MarginFallback)
 ModelInit = Literal["per_group", "arcface_torch"]
 """Convolution init: fan-in per group (megaface) or over the whole weight (arcface_torch)."""
 MODEL_INITS: tuple[str, ...] = get_args(ModelInit)
+
+NonFiniteAction = Literal["stop", "rewind"]
+"""After a non-finite loss or state in training: stop (exit 1, naming the last healthy checkpoint), or rewind to
+the newest verified checkpoint in the same job, skip the data that diverged and lower the lr for a while."""
+NONFINITE_ACTIONS: tuple[str, ...] = get_args(NonFiniteAction)
