@@ -5,6 +5,7 @@ Environment (all optional):
                                 whose images are replaced by inf: that batch diverges, the next ones are normal
     MEGAFACE_TEST_POISON_RANK   the rank that poisons (default 0)
     MEGAFACE_TEST_STEP_SLEEP    seconds each train step sleeps first (a slow step to signal into)
+    MEGAFACE_TEST_EXIT_DIR      each rank writes its exit status to DIR/rank_<RANK> (launchers do not tell)
 """
 
 from __future__ import annotations
@@ -39,4 +40,9 @@ if __name__ == "__main__":
     _install()
     from megaface.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    exit_dir = os.environ.get("MEGAFACE_TEST_EXIT_DIR")
+    if exit_dir:
+        with open(os.path.join(exit_dir, f"rank_{os.environ.get('RANK', '0')}"), "w") as fh:
+            fh.write(str(code))
+    sys.exit(code)

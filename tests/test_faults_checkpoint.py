@@ -16,7 +16,7 @@ from megaface.checkpoint import find_checkpoint, read_meta
 from megaface.checkpoint.integrity import finite_problems, list_files, non_finite_tensors
 from tests.test_faults_run import _train
 from tests.test_train import tiny_args
-from tests.torchrun_utils import torchrun
+from tests.job_utils import torchrun
 
 
 def test_huge_lr_leaves_only_finite_checkpoints(tmp_path: Path) -> None:

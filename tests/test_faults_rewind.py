@@ -4,7 +4,6 @@ data that diverged, trains on at a lowered lr and ends with a finite model; past
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from megaface.checkpoint import find_checkpoint
 from megaface.checkpoint.integrity import finite_problems
 from tests.test_train import tiny_args
-from tests.torchrun_utils import torchrun
+from tests.job_utils import torchrun
 
 REWIND = ["--train.on_nonfinite=rewind", "--train.rewind_cooldown_steps=3", "--train.rewind_lr_factor=0.1",
           "--save-every", "2"]
@@ -29,14 +28,11 @@ def _tensorboard_scalars(out: Path, tag: str) -> list[tuple[int, float]]:
 
 def test_poisoned_batch_rewinds_once_and_ends_finite_on_two_ranks(tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "run.log"
-    os.environ["MEGAFACE_TEST_POISON_CALLS"] = "6"  # the 6th step (iteration 5) of rank 1 gets an inf batch
-    os.environ["MEGAFACE_TEST_POISON_RANK"] = "1"
-    try:
-        launcher = torchrun(tiny_args(tmp_path / "cache", out, 10, *REWIND, "--train.max_rewinds=2",
-                                      "--train.tensorboard=true"), log, module="tests.fault_entry")
-        code = launcher.wait(timeout=400)
-    finally:
-        del os.environ["MEGAFACE_TEST_POISON_CALLS"], os.environ["MEGAFACE_TEST_POISON_RANK"]
+    # the 6th step (iteration 5) of rank 1 gets an inf batch
+    poison = {"MEGAFACE_TEST_POISON_CALLS": "6", "MEGAFACE_TEST_POISON_RANK": "1"}
+    launcher = torchrun(tiny_args(tmp_path / "cache", out, 10, *REWIND, "--train.max_rewinds=2",
+                                  "--train.tensorboard=true"), log, module="tests.fault_entry", env=poison)
+    code = launcher.wait(timeout=400)
     text = log.read_text()
     assert code == 0, text[-4000:]
     rewinds = [line for line in text.splitlines() if "rewind 1 of 2" in line]
@@ -54,13 +50,9 @@ def test_poisoned_batch_rewinds_once_and_ends_finite_on_two_ranks(tmp_path: Path
 
 def test_rewinds_are_limited_then_the_run_stops(tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "run.log"
-    os.environ["MEGAFACE_TEST_POISON_CALLS"] = "4,8"
-    try:
-        launcher = torchrun(tiny_args(tmp_path / "cache", out, 12, *REWIND, "--train.max_rewinds=1"), log,
-                            module="tests.fault_entry", nproc=1)
-        code = launcher.wait(timeout=400)
-    finally:
-        del os.environ["MEGAFACE_TEST_POISON_CALLS"]
+    launcher = torchrun(tiny_args(tmp_path / "cache", out, 12, *REWIND, "--train.max_rewinds=1"), log,
+                        module="tests.fault_entry", nproc=1, env={"MEGAFACE_TEST_POISON_CALLS": "4,8"})
+    code = launcher.wait(timeout=400)
     text = log.read_text()
     assert code == 1, text[-4000:]
     assert text.count("rewind 1 of 1 to") == 1 and "rewind 2" not in text
