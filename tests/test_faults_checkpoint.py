@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from megaface.checkpoint import find_checkpoint, read_meta
 from megaface.checkpoint.integrity import finite_problems, list_files, non_finite_tensors
+from tests.job_utils import torchrun
 from tests.test_faults_run import _train
 from tests.test_train import tiny_args
-from tests.job_utils import torchrun
 
 
 def test_huge_lr_leaves_only_finite_checkpoints(tmp_path: Path) -> None:

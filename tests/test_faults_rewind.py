@@ -11,8 +11,8 @@ import pytest
 
 from megaface.checkpoint import find_checkpoint
 from megaface.checkpoint.integrity import finite_problems
-from tests.test_train import tiny_args
 from tests.job_utils import torchrun
+from tests.test_train import tiny_args
 
 REWIND = ["--train.on_nonfinite=rewind", "--train.rewind_cooldown_steps=3", "--train.rewind_lr_factor=0.1",
           "--save-every", "2"]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import megaface
-from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, FC7_DIR, LATEST, META_FILE, TAG_PREFIX,
+from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, LATEST, META_FILE, TAG_PREFIX,
                                  TRAINER_DIR, load_torch_file, read_meta, tag_for, trainer_file_name)
 from megaface.checkpoint.fc7_shards import load_rank_shard, load_shard_state_dict
 from megaface.checkpoint.integrity import (FILES_KEY, FINITE_KEY, digests, file_owner, files_for_rank, is_verified,

@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any
 
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     """(flags, experiment overrides '--section.key=value', DeepSpeed overrides '--ds.key=value')."""
     parser = argparse.ArgumentParser(prog="megaface train",
