@@ -196,7 +196,8 @@ def _train(run: Run, log: Callable[[str], None], signals: StopSignals, argv: lis
                 return EXIT_CODES[signal.Signals(stop_signal)]
             iteration = done
     finally:
-        vote.close()
+        if sys.exc_info()[0] is None:  # after an error a peer may never post its vote: do not wait for it
+            vote.close()
         logger.close()
     if fp16 and run.skipped_steps:
         log(f"train: {run.skipped_steps} iterations skipped by fp16 loss scaling (overflow / non-finite loss)")
@@ -209,6 +210,7 @@ def _rewind(run: Run, rewinds: RewindPolicy, err: Exception, iteration: int, log
     if isinstance(err, NonFiniteLoss):
         reason = f"non-finite loss ({err.value}) at iteration {err.iteration}"
         advice = "stopping without saving"
+        iteration = err.iteration
     else:
         reason = str(err)
         advice = "stopping, checkpoint not saved"
@@ -219,8 +221,7 @@ def _rewind(run: Run, rewinds: RewindPolicy, err: Exception, iteration: int, log
         return None
     from megaface.config import zero_stage
 
-    trainer = load_checkpoint(run.parts, tag, run.expected(), zero_stage(run.ds), run.parts.precision,
-                              lambda message: logger.info(message))
+    trainer = load_checkpoint(run.parts, tag, run.expected(), zero_stage(run.ds), run.parts.precision, logger.info)
     resumed = int(trainer["iteration"])
     run.skipped_steps = int(trainer.get("skipped_steps", 0))
     rewinds.rewound(reason, iteration, tag, resumed, logger.info)
