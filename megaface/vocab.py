@@ -80,3 +80,8 @@ MODEL_INITS: tuple[str, ...] = get_args(ModelInit)
 CropMode = Literal["pad", "resize"]
 """data.augment.crop_mode: keep the crop in place and zero the rest (AdaFace), or resize it to the image."""
 CROP_MODES: tuple[str, ...] = get_args(CropMode)
+
+NonFiniteAction = Literal["stop", "rewind"]
+"""After a non-finite loss or state in training: stop (exit 1, naming the last healthy checkpoint), or rewind to
+the newest verified checkpoint in the same job, skip the data that diverged and lower the lr for a while."""
+NONFINITE_ACTIONS: tuple[str, ...] = get_args(NonFiniteAction)

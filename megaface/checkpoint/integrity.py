@@ -3,7 +3,8 @@
 meta.json of a checkpoint saved by this version holds
 
     "files": {"ds/mp_rank_00_model_states.pt": {"sha256": "<64 hex>", "bytes": 1234}, ...}
-    "verified_finite": true      weights, momentum and FC7 were checked finite on every rank before saving
+    "verified_finite": true      every floating tensor written (parameters, buffers, optimizer state, FC7) was
+                                 checked finite on every rank before saving
 
 Every rank hashes the files it wrote itself (`file_owner`: its trainer file, its FC7 shard, its DeepSpeed
 partition; rank 0 the rest), while they are still in its page cache; rank 0 merges the digests into

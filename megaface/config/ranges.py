@@ -79,6 +79,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.throughput_window": (1, INF, False, True),
     "train.seed": (0, INF, False, True),
     "train.collective_timeout_s": (0.0, INF, True, True),
+    "train.save_every_minutes": (0.0, INF, False, True),  # 0 = off
+    "train.rewind_lr_factor": (0.0, 1.0, True, False),
+    "train.rewind_cooldown_steps": (0, INF, False, True),
+    "train.max_rewinds": (0, INF, False, True),
     "train.threads": (0, 4096, False, False),
     "validation.interval": (0, INF, False, True),
     "validation.batch_size": (1, INF, False, True),

@@ -233,7 +233,20 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights and head sampling (data order has data.seed)."""
     resume: str | None = None
-    """latest, a checkpoint tag directory, or None."""
+    """latest, auto, a checkpoint tag directory, or None. auto (for job scripts that requeue after a preemption):
+    resume from OUTPUT/checkpoints/latest when there is one, start fresh otherwise."""
+    save_every_minutes: float = 0.0
+    """Also checkpoint when this many minutes of wall time passed since the last save (ranks agree); 0 = off."""
+    on_nonfinite: vocab.NonFiniteAction = "stop"
+    """A non-finite loss or state: stop (exit 1, naming the last healthy checkpoint) or rewind (reload the newest
+    verified checkpoint in the same job on every rank, skip the data that diverged, scale the lr by
+    rewind_lr_factor for rewind_cooldown_steps iterations; after max_rewinds rewinds it stops)."""
+    rewind_lr_factor: float = 0.1
+    """With on_nonfinite = rewind: the lr multiplier for the iterations after a rewind."""
+    rewind_cooldown_steps: int = 100
+    """With on_nonfinite = rewind: iterations after a rewind that run at the lowered lr."""
+    max_rewinds: int = 3
+    """With on_nonfinite = rewind: rewinds allowed in one job; the next divergence stops the run."""
     collective_timeout_s: float = 120.0
     """A collective waiting longer than this fails the job: a dead, hung or stopped rank ends the others
     (exit code 3); a rank whose store heartbeat stops for this long is named (pid, host) and ended. 120 s suits CPU jobs; on GPU clusters

@@ -10,6 +10,7 @@ single rank or no process group at all, so the same code path serves world size 
 | all_reduce_        | in-place all-reduce, no grad     | -                                | x [...] -> [...]              |
 | gather_rows        | uneven all-gather, no grad       | -                                | x_local [n_r, ...] -> [sum n_r, ...] |
 | broadcast_buffers  | rank src's buffers, in place     | -                                | module buffers                |
+| all_reduce_max_async | all-reduce (max) posted, read later | -                             | x [...] (CPU) -> [...]        |
 
 The distributed softmax (megaface.head.softmax) reduces its statistics with `all_reduce_` inside its own
 autograd Function, whose backward is written out there with the gradient algebra.
@@ -17,7 +18,7 @@ autograd Function, whose backward is written out there with the gradient algebra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -164,6 +165,32 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0, group: dist.Process
         return
     for buffer in module.buffers():
         dist.broadcast(buffer, src=src, group=group)
+
+
+def cpu_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
+    """A group of the same ranks for small CPU tensors: `group` itself on gloo, else a new gloo group.
+    Collective when it creates one (every rank of the job calls it, in the same order)."""
+    if world_size(group) == 1 or dist.get_backend(group) == "gloo":
+        return group
+    ranks = dist.get_process_group_ranks(group) if group is not None else None
+    return dist.new_group(ranks=ranks, backend="gloo")
+
+
+@torch.no_grad()
+def all_reduce_max_async(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> Callable[[], torch.Tensor]:
+    """Post an element-wise max over ranks of CPU tensor `x` (group from `cpu_group`) without waiting; the
+    returned function waits and gives the result. Posting at one step and reading at the next costs the
+    step nothing; every rank must post the same number of them, in the same order."""
+    if world_size(group) == 1:
+        return lambda: x
+    out = x.clone()
+    work = dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+    def result() -> torch.Tensor:
+        work.wait()
+        return out
+
+    return result
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

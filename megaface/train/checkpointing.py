@@ -5,7 +5,8 @@ directory to `<tag>` and only then rewrites `latest`. A crash before the rename 
 that nothing reads (the next save of that tag removes it) and `latest` still names the previous complete
 checkpoint. On several nodes the output directory must be a shared filesystem (as DeepSpeed also assumes).
 
-Integrity: before anything is written, weights, momentum and FC7 are checked finite on every rank and the
+Integrity: before anything is written, every floating tensor the checkpoint holds (parameters, buffers such as
+BatchNorm running statistics, optimizer state, FC7 and its state) is checked finite on every rank and the
 flags are reduced in one all-reduce; a non-finite state raises `NonFiniteState` and nothing is saved, so
 `latest` only ever names a checkpoint whose meta.json says `verified_finite`. Every rank hashes the files it
 wrote (sha256); rank 0 stores the digests in meta.json and resume verifies them (split over the ranks)
@@ -30,16 +31,17 @@ import numpy as np
 import torch
 
 import megaface
-from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, FC7_DIR, LATEST, META_FILE, TAG_PREFIX,
+from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, LATEST, META_FILE, TAG_PREFIX,
                                  TRAINER_DIR, load_torch_file, read_meta, tag_for, trainer_file_name)
-from megaface.checkpoint.fc7_shards import (load_rank_shard, load_shard_state_dict, shard_file_name,
-                                            shard_state_dict)
+from megaface.checkpoint.fc7_shards import load_rank_shard, load_shard_state_dict
 from megaface.checkpoint.integrity import (FILES_KEY, FINITE_KEY, digests, file_owner, files_for_rank, is_verified,
                                            last_verified, list_files, local_finite, missing_ds_problem,
                                            verify_files)
-from megaface.fileio import atomic_torch_save, atomic_write_text
+from megaface.fileio import atomic_write_text
 from megaface.distributed import comm
 from megaface.train.build import TrainParts
+from megaface.train.checkpoint_writes import (CheckpointNotWritten, not_written_message, write_failure,
+                                             write_rank_files)
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,7 +62,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class NonFiniteState(RuntimeError):
-    """Weights, momentum or FC7 hold inf/NaN on some rank: the checkpoint was not saved."""
+    """A tensor to be saved (weights, buffers, optimizer state, FC7) holds inf/NaN on some rank: the checkpoint
+    was not saved."""
 
 
 def healthy_note(output_dir: Path) -> str:
@@ -87,61 +90,97 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
     return out
 
 
-def state_is_finite(parts: TrainParts) -> bool:
-    """Collective: True when weights, momentum and FC7 are finite on every rank (one all-reduce of a flag)."""
-    tensors = list(parts.engine.module.parameters())
-    tensors += [p.ds_tensor for p in tensors if torch.is_tensor(getattr(p, "ds_tensor", None))]  # ZeRO-3
+def written_tensors(parts: TrainParts) -> list[torch.Tensor]:
+    """Every tensor a checkpoint writes from memory: the engine module's state_dict (parameters and buffers -
+    BatchNorm running statistics, and whatever a future model registers), ZeRO-3 partitions, the engine's
+    optimizer (master weights, momentum), and the sharded FC7 with its optimizer state."""
+    module = parts.engine.module
+    tensors = [t for t in module.state_dict(keep_vars=True).values() if torch.is_tensor(t)]
+    tensors += [p.ds_tensor for p in module.parameters() if torch.is_tensor(getattr(p, "ds_tensor", None))]
     tensors += _optimizer_tensors(parts.engine.optimizer)
     if parts.fc7_optimizer is not None:
-        tensors += list(parts.head.parameters()) + _optimizer_tensors(parts.fc7_optimizer)
-    flag = local_finite(iter(tensors)).to(parts.state.device)
+        tensors += [t for t in parts.head.state_dict(keep_vars=True).values() if torch.is_tensor(t)]
+        tensors += _optimizer_tensors(parts.fc7_optimizer)
+    return tensors
+
+
+def state_is_finite(parts: TrainParts) -> bool:
+    """Collective: True when every floating tensor to be written (`written_tensors`) is finite on every rank
+    (one all-reduce of a flag)."""
+    flag = local_finite(iter(written_tensors(parts))).to(parts.state.device)
     return bool(comm.all_reduce_(flag, "min", parts.state.group))  # host sync: all ranks decide alike
 
 
-def _own_digests(tmp: Path, state: Any) -> dict[str, dict[str, Any]]:
-    """Collective: sha256 of the files this rank wrote, merged over ranks (every rank gets the whole map)."""
+def _agree_on_files(tmp: Path, state: Any, failure: str | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Collective (one all-gather): (sha256 of every rank's files, every rank's write failure). Each rank hashes
+    the files it wrote, while they are still in its page cache; a rank whose write failed hashes nothing."""
     mine = [rel for rel in list_files(tmp) if file_owner(rel, state.world_size) == state.rank]
+    local = (digests(tmp, mine) if failure is None else {}, failure)
     merged: dict[str, dict[str, Any]] = {}
-    for part in comm.all_gather_object(digests(tmp, mine), state.group):
+    failures: list[str] = []
+    for part, problem in comm.all_gather_object(local, state.group):
         merged.update(part)
-    return merged
+        failures += [problem] if problem is not None else []
+    return merged, failures
 
 
 def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer_state: dict[str, Any],
                     meta: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final tag directory.
 
-    Raises NonFiniteState (on every rank, nothing written) when the state to save holds inf/NaN."""
+    Raises NonFiniteState (on every rank, nothing written) when the state to save holds inf/NaN, and
+    CheckpointNotWritten (on every rank, the temporary removed, `latest` unchanged) when a rank cannot write."""
     state = parts.state
     if not state_is_finite(parts):
-        raise NonFiniteState(f"weights, momentum or FC7 hold inf/NaN after iteration {iteration}")
+        raise NonFiniteState(f"weights, buffers, optimizer state or FC7 hold inf/NaN after iteration {iteration}")
     ckpt_dir = Path(output_dir) / CHECKPOINTS_DIR
     tag = tag_for(iteration)
     tmp, final = ckpt_dir / f"{tag}.tmp", ckpt_dir / tag
+    failure = None
     if state.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            failure = write_failure(tmp, err)
+    failure = comm.broadcast_object(failure, src=0, group=state.group)  # also the barrier before writing
+    if failure is None:
+        failure = write_rank_files(parts, tmp, {**trainer_state, "rng": rng_state()})
     comm.barrier(state.group)
-    parts.engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
-    (tmp / TRAINER_DIR).mkdir(exist_ok=True)
-    if parts.fc7_optimizer is not None:
-        (tmp / FC7_DIR).mkdir(exist_ok=True)
-        shard = shard_state_dict(parts.head, parts.fc7_optimizer)
-        atomic_torch_save(shard, tmp / FC7_DIR / shard_file_name(state.rank, state.world_size))
-    atomic_torch_save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_DIR / trainer_file_name(state.rank))
-    comm.barrier(state.group)
-    files = _own_digests(tmp, state)  # also the barrier: every rank's files are complete
-    if state.is_main:
+    files, failures = _agree_on_files(tmp, state, failure)  # also the barrier: every rank's files are complete
+    if not failures and state.is_main:
         full_meta = {"format": CHECKPOINT_FORMAT, "iteration": iteration, "megaface_version": megaface.__version__,
                      **meta, FINITE_KEY: True, FILES_KEY: files}
-        atomic_write_text(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        failures = _commit(tmp, final, ckpt_dir, json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        if not failures:
+            _prune(ckpt_dir, keep_last, keep=tag)
+    failures = comm.broadcast_object(failures, src=0, group=state.group)  # every rank raises alike, or none
+    if failures:
+        if state.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        comm.barrier(state.group)
+        raise CheckpointNotWritten(not_written_message(tag, failures, ckpt_dir))
+    return final
+
+
+def _commit(tmp: Path, final: Path, ckpt_dir: Path, meta_text: str) -> list[str]:
+    """Rank 0: meta.json, the rename, then `latest`; [] on success, else the failure (nothing half-done left:
+    a failed `latest` rewrite takes the renamed directory away again, so `latest` and the tags agree)."""
+    tag = final.name
+    path = tmp / META_FILE
+    try:
+        atomic_write_text(path, meta_text)
         if final.exists():  # a save at the same iteration (e.g. resumed at the end): replace it
             shutil.rmtree(final)
+        path = final
         tmp.rename(final)
-        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
-        _prune(ckpt_dir, keep_last, keep=tag)
-    comm.barrier(state.group)
-    return final
+        path = ckpt_dir / LATEST
+        atomic_write_text(path, tag + "\n")
+    except OSError as err:
+        if path == ckpt_dir / LATEST:
+            shutil.rmtree(final, ignore_errors=True)
+        return [write_failure(path, err)]
+    return []
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:

@@ -1,7 +1,7 @@
 """`megaface train`: the command line.
 
     megaface train --config launch/configs/quickstart.yaml [--ds-config ds_configs/zero1_bf16.json]
-                   [--output DIR] [--max-steps N] [--save-every N] [--resume latest|PATH]
+                   [--output DIR] [--max-steps N] [--save-every N] [--resume latest|auto|PATH]
                    [--section.key=value ...] [--ds.<json key>=value ...]
 
 Any launcher works the same way (`deepspeed --module megaface train ...`, `torchrun -m megaface train ...`,
@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any
 
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     """(flags, experiment overrides '--section.key=value', DeepSpeed overrides '--ds.key=value')."""
     parser = argparse.ArgumentParser(prog="megaface train",
@@ -29,7 +30,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str
     parser.add_argument("--output", help="run directory; overrides train.output_dir")
     parser.add_argument("--max-steps", type=int, help="training iterations; overrides train.max_steps")
     parser.add_argument("--save-every", type=int, help="checkpoint every N iterations; train.save_every")
-    parser.add_argument("--resume", help="'latest' or a checkpoint directory; train.resume")
+    parser.add_argument("--resume", help="'latest', 'auto' (latest if the output directory has one, else a "
+                        "fresh start) or a checkpoint directory; train.resume")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved experiment config (with each key's meaning) and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -74,7 +76,8 @@ def format_config(cfg: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     from megaface.config import load_config, load_ds_config
 
-    args, overrides, ds_overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides, ds_overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     ds_raw = load_ds_config(cfg.train.ds_config, ds_overrides)
     if args.print_config:
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megaface.train.loop import run_training
 
-    return run_training(cfg, ds_raw)
+    return run_training(cfg, ds_raw, [a for a in argv if not a.startswith("--local_rank")])
 
 
 if __name__ == "__main__":

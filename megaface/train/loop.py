@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,9 @@ from megaface.train.schedule import schedule_lr, set_lr
 from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
 from megaface.train.logger import TrainLogger
 from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
+from megaface.train.checkpoint_writes import CheckpointNotWritten
+from megaface.train.interrupt import EXIT_CODES, StopSignals, StopVote
+from megaface.train.rewind import RewindPolicy
 from megaface.train.run_lock import RunLock
 
 
@@ -34,9 +39,11 @@ def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
                              "smaller train_micro_batch_size_per_gpu or more data")
 
 
-def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
-    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss or a dead loader worker,
-    2 user error, 3 another rank failed first or a collective timed out)."""
+def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any], argv: list[str] | None = None) -> int:
+    """Set up, resume, train; returns the process exit code (0 ok, 1 non-finite loss, a dead loader worker or a
+    checkpoint that could not be written, 2 user error, 3 another rank failed first or a collective timed out,
+    130 / 143 stopped by SIGINT / SIGTERM after a checkpoint). `argv` (the command's arguments) goes into the
+    resume command printed after a signal."""
     import torch.distributed as dist
 
     started = time.perf_counter()
@@ -50,6 +57,7 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
 
     lock = None
     heartbeat = Heartbeat(state, cfg.train.collective_timeout_s).start()  # every rank learns why a peer ended
+    signals = StopSignals(state).__enter__()  # from here a signal stops the run at an iteration's end
     try:
         lock = _lock_output(Path(cfg.train.output_dir), state, log)
         run = build_run(cfg, ds_raw, state, log)
@@ -57,7 +65,7 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
         log(f"start-up: {time.perf_counter() - started:.1f} s to the first step (world size {state.world_size}, "
             f"ZeRO-{run.meta()['zero_stage']}, {run.parts.precision}, {run.total_steps} iterations, global batch "
             f"{run.ds['train_batch_size']}, {run.num_classes} classes, head {cfg.head.parallel}-parallel)")
-        return _train(run, log)
+        return _train(run, log, signals, argv)
     except (ValueError, FileNotFoundError) as err:
         peer = heartbeat.peer_error()
         if peer is not None and not peer.endswith(" ".join(str(err).split())):  # it follows another rank's
@@ -65,6 +73,10 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
         heartbeat.report_error(" ".join(str(err).split()))
         return 1 if isinstance(err, WorkerDied) else 2  # a dead worker is the environment, not the input
+    except CheckpointNotWritten as err:  # full disk, quota, ulimit -f: the environment, as in megaface.cli
+        print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
+        heartbeat.report_error(" ".join(str(err).split()))
+        return 1
     except RuntimeError as err:
         if (peer := heartbeat.peer_error()) is not None:  # gloo's "Connection closed by peer" and the like
             return _peer_failed(heartbeat, prefix, peer)
@@ -81,6 +93,7 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any]) -> int:
         return 3
     finally:
         heartbeat.stop()
+        signals.__exit__()
         if lock is not None:
             lock.release()
         if owns_group:
@@ -136,10 +149,10 @@ def _resume(run: Run, log: Callable[[str], None]) -> None:
     resume = run.cfg.train.resume
     if not resume:
         return
-    try:
-        tag_dir = find_checkpoint(resume, run.output_dir)
+    try:  # auto: latest when the output directory has a checkpoint, else a fresh start (requeued jobs)
+        tag_dir = find_checkpoint("latest" if resume == "auto" else resume, run.output_dir)
     except FileNotFoundError:
-        if resume != "latest":
+        if resume not in ("latest", "auto"):
             raise
         log(f"resume: no checkpoint under {run.output_dir} yet, starting from scratch")
         return
@@ -158,7 +171,7 @@ def _resume(run: Run, log: Callable[[str], None]) -> None:
     log(f"resume: continuing from {tag_dir} at iteration {run.start_iteration}")
 
 
-def _train(run: Run, log: Callable[[str], None]) -> int:
+def _train(run: Run, log: Callable[[str], None], signals: StopSignals, argv: list[str] | None) -> int:
     cfg, parts = run.cfg, run.parts
     t = cfg.train
     logger = TrainLogger(run.state, run.output_dir, int(run.ds["train_batch_size"]), run.total_steps,
@@ -167,14 +180,18 @@ def _train(run: Run, log: Callable[[str], None]) -> int:
         run.validator.writer = logger.writer
     batches = _batches(run.loader)
     fp16 = parts.precision == "fp16"
+    rewinds = RewindPolicy.from_config(t)
+    vote = StopVote(run.state, signals, t.save_every_minutes)
     # Iteration losses stay on the device until the loop logs, validates or saves (no per-step host sync);
     # per-iteration seconds then time the host side, and the read's wait lands in the iteration that reads,
     # so the logger's windowed throughput stays right.
     pending: list[torch.Tensor] = []
     records: list[tuple[int, float, float, float | None, int]] = []
+    iteration = run.start_iteration
     try:
-        for iteration in range(run.start_iteration, run.total_steps):
+        while iteration < run.total_steps:
             lr = schedule_lr(iteration, cfg.optim, run.milestones, run.warmup_steps, run.total_steps)
+            lr *= rewinds.lr_scale(iteration)
             set_lr(parts, lr, cfg.head.lr_scale)
             start = time.perf_counter()
             losses = [train_step(parts, *next(batches)) for _ in range(run.gas)]
@@ -183,30 +200,81 @@ def _train(run: Run, log: Callable[[str], None]) -> int:
             records.append((iteration, time.perf_counter() - start, lr,
                             loss_scale(parts.engine) if fp16 else None, run.skipped_steps))
             done = iteration + 1
+            stop_signal, timed = vote.poll()  # what every rank voted for one iteration ago
             validate, save = _due(run, done)
-            if done % t.log_every == 0 or validate or save:
-                try:  # before any save: a non-finite loss never reaches a checkpoint
-                    values = read_losses(pending, parts, records[0][0])
-                except NonFiniteLoss as err:
-                    logger.info(f"train: non-finite loss ({err.value}) at iteration {err.iteration}: stopping "
-                                "without saving (lower optim.lr, set gradient_clipping in the DeepSpeed JSON); "
-                                + healthy_note(run.output_dir))
-                    return 1
-                for value, (it, seconds, it_lr, scale, skipped) in zip(values, records):
-                    logger.iteration(it, value, seconds, it_lr, scale, skipped)
+            save = save or timed or bool(stop_signal)
+            try:
+                if done % t.log_every == 0 or validate or save:
+                    values = read_losses(pending, parts, records[0][0])  # before any save
+                    for value, (it, seconds, it_lr, scale, skipped) in zip(values, records):
+                        logger.iteration(it, value, seconds, it_lr, scale, skipped)
+                    pending.clear()
+                    records.clear()
+                saved = _after_iteration(run, done, logger, validate, save)
+            except (NonFiniteLoss, NonFiniteState) as err:
                 pending.clear()
                 records.clear()
-            try:
-                _after_iteration(run, done, logger, validate, save)
-            except NonFiniteState as err:
-                logger.info(f"train: {err}: stopping, checkpoint not saved (lower optim.lr, set "
-                            f"gradient_clipping in the DeepSpeed JSON); {healthy_note(run.output_dir)}")
-                return 1
+                resumed = _rewind(run, rewinds, err, iteration, logger)
+                if resumed is None:
+                    return 1
+                iteration = resumed
+                continue
+            if saved is not None:
+                vote.saved()
+            if stop_signal:
+                name = signal.Signals(stop_signal).name
+                logger.info(f"train: stopped by {name} after {done} iterations: saved {saved}; resume with: "
+                            f"{_resume_command(argv)}")
+                return EXIT_CODES[signal.Signals(stop_signal)]
+            iteration = done
     finally:
+        if sys.exc_info()[0] is None:  # after an error a peer may never post its vote: do not wait for it
+            vote.close()
         logger.close()
     if fp16 and run.skipped_steps:
         log(f"train: {run.skipped_steps} iterations skipped by fp16 loss scaling (overflow / non-finite loss)")
     return 0
+
+
+def _rewind(run: Run, rewinds: RewindPolicy, err: Exception, iteration: int, logger: TrainLogger) -> int | None:
+    """Collective: after a divergence, rewind (returns the iteration to continue from) or say why the run stops
+    (returns None)."""
+    if isinstance(err, NonFiniteLoss):
+        reason = f"non-finite loss ({err.value}) at iteration {err.iteration}"
+        advice = "stopping without saving"
+        iteration = err.iteration
+    else:
+        reason = str(err)
+        advice = "stopping, checkpoint not saved"
+    tag = rewinds.target(run.output_dir, run.state)
+    if tag is None:
+        logger.info(f"train: {reason}: {advice} ({rewinds.stop_note()}lower optim.lr, set gradient_clipping in the "
+                    f"DeepSpeed JSON); {healthy_note(run.output_dir)}")
+        return None
+    from megaface.config import zero_stage
+
+    trainer = load_checkpoint(run.parts, tag, run.expected(), zero_stage(run.ds), run.parts.precision, logger.info)
+    resumed = int(trainer["iteration"])
+    run.skipped_steps = int(trainer.get("skipped_steps", 0))
+    rewinds.rewound(reason, iteration, tag, resumed, logger.info)
+    logger.scalars({"train/rewinds": float(rewinds.count)}, resumed)
+    return resumed
+
+
+def _resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run: the same arguments with --resume latest."""
+    if argv is None:
+        return "the same command with --resume latest"
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not (arg.startswith("--resume=") or arg.startswith("--train.resume=")):
+            kept.append(arg)
+    return shlex.join(["megaface", "train", *kept, "--resume", "latest"])
 
 
 def _due(run: Run, done: int) -> tuple[bool, bool]:
@@ -217,15 +285,17 @@ def _due(run: Run, done: int) -> tuple[bool, bool]:
     return validate, bool((save_every and done % save_every == 0) or last)
 
 
-def _after_iteration(run: Run, done: int, logger: TrainLogger, validate: bool, save: bool) -> None:
-    """Validation and checkpoints after `done` completed iterations."""
+def _after_iteration(run: Run, done: int, logger: TrainLogger, validate: bool, save: bool) -> Path | None:
+    """Validation and checkpoints after `done` completed iterations; the checkpoint saved, if any."""
     if validate:
         _validate(run, done, logger)
-    if save:
-        trainer_state = {"iteration": done, "loader": run.loader.state_dict(), "skipped_steps": run.skipped_steps,
-                         "best": dict(run.validator.best) if run.validator is not None else {}}
-        path = save_checkpoint(run.parts, run.output_dir, done, trainer_state, run.meta(), run.cfg.train.keep_last)
-        logger.info(f"checkpoint: saved {path}")
+    if not save:
+        return None
+    trainer_state = {"iteration": done, "loader": run.loader.state_dict(), "skipped_steps": run.skipped_steps,
+                     "best": dict(run.validator.best) if run.validator is not None else {}}
+    path = save_checkpoint(run.parts, run.output_dir, done, trainer_state, run.meta(), run.cfg.train.keep_last)
+    logger.info(f"checkpoint: saved {path}")
+    return path
 
 
 def _validate(run: Run, done: int, logger: TrainLogger) -> None:
