@@ -19,6 +19,7 @@ import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -225,3 +226,25 @@ def params_or_skip(name: str) -> Path:
         pytest.skip(f"{name}'s MXNet weights are not committed (too large); regenerate them with "
                     "INSIGHTFACE=... ONEFLOW_FACE=... ONEFLOW_SRC=... bash tests/fixtures/interop/make.sh")
     return prefix
+
+
+def _child(args: list[str], log: str, queue: "mp.Queue[int]", hook: Callable[[], None] | None) -> None:
+    from megaface import train
+
+    with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        if hook is not None:
+            hook()
+        queue.put(train.main(args))
+
+
+def _train(args: list[str], hook: Callable[[], None] | None = None) -> tuple[int, str, float]:
+    """(exit code, output, seconds) of the CLI in a forked child (DeepSpeed keeps per-process state)."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        started = time.time()
+        child = ctx.Process(target=_child, args=(args, log.name, queue, hook))
+        child.start()
+        child.join(timeout=400)
+        code = queue.get(timeout=5) if child.exitcode == 0 else -1
+        return code, Path(log.name).read_text(), time.time() - started

@@ -5,24 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from megaface.checkpoint import find_checkpoint, read_meta
 from megaface.cli import main as megaface_main
 from megaface.distributed import DistState
-from tests.conftest import _rank_pids, _torchrun, tiny_args
+from tests.conftest import _rank_pids, _torchrun, _train, tiny_args
 
 
 def _poison_after(calls: int) -> None:
@@ -43,28 +40,6 @@ def _poison_after(calls: int) -> None:
         return value
 
     loop.train_step = poisoned
-
-
-def _child(args: list[str], log: str, queue: "mp.Queue[int]", hook: Callable[[], None] | None) -> None:
-    from megaface import train
-
-    with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-        if hook is not None:
-            hook()
-        queue.put(train.main(args))
-
-
-def _train(args: list[str], hook: Callable[[], None] | None = None) -> tuple[int, str, float]:
-    """(exit code, output, seconds) of the CLI in a forked child (DeepSpeed keeps per-process state)."""
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    with tempfile.NamedTemporaryFile(suffix=".log") as log:
-        started = time.time()
-        child = ctx.Process(target=_child, args=(args, log.name, queue, hook))
-        child.start()
-        child.join(timeout=400)
-        code = queue.get(timeout=5) if child.exitcode == 0 else -1
-        return code, Path(log.name).read_text(), time.time() - started
 
 
 def _inspect(path: Path, *flags: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.multinode.hosts import ADDRS, IFACE, SSH_PORT, TwoHosts, missing, two_hosts
-from tests.test_launchers import (
+from tests.e2e.test_launchers import (
     JOB_TIMEOUT_S,
     LAUNCH,
     ROOT,

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tests.dist_utils import free_port
-from tests.test_train import ROOT
+from tests.conftest import ROOT, free_port
 
 
 def launcher_command(launcher: str, nproc: int, module: str, tmp: Path) -> list[str]:
@@ -35,7 +34,7 @@ def launcher_command(launcher: str, nproc: int, module: str, tmp: Path) -> list[
 def start_job(args: list[str], log: Path, module: str = "megaface", limit_bytes: int | None = None,
               nproc: int = 2, launcher: str = "torchrun", env: dict[str, str] | None = None) -> subprocess.Popen:
     """The launcher process of a `train ARGS` job writing stdout+stderr to `log`; `limit_bytes` sets the
-    file-size limit (ulimit -f) of the whole job; `env` adds variables (tests.fault_entry's hooks)."""
+    file-size limit (ulimit -f) of the whole job; `env` adds variables (tests.support.fault_entry's hooks)."""
 
     def setup() -> None:
         os.setsid()

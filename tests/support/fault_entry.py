@@ -1,4 +1,4 @@
-"""`python -m tests.fault_entry train ARGS`: `megaface train` with faults injected, for launcher-level tests.
+"""`python -m tests.support.fault_entry train ARGS`: `megaface train` with faults injected, for launcher-level tests.
 
 Environment (all optional):
     MEGAFACE_TEST_POISON_CALLS  comma-separated train-step calls (1-based, counted per rank over the whole job)

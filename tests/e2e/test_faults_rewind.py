@@ -11,8 +11,8 @@ import pytest
 
 from megaface.checkpoint import find_checkpoint
 from megaface.checkpoint.integrity import finite_problems
-from tests.job_utils import torchrun
-from tests.test_train import tiny_args
+from tests.conftest import tiny_args
+from tests.support.job_utils import torchrun
 
 REWIND = ["--train.on_nonfinite=rewind", "--train.rewind_cooldown_steps=3", "--train.rewind_lr_factor=0.1",
           "--save-every", "2"]
@@ -31,7 +31,7 @@ def test_poisoned_batch_rewinds_once_and_ends_finite_on_two_ranks(tmp_path: Path
     # the 6th step (iteration 5) of rank 1 gets an inf batch
     poison = {"MEGAFACE_TEST_POISON_CALLS": "6", "MEGAFACE_TEST_POISON_RANK": "1"}
     launcher = torchrun(tiny_args(tmp_path / "cache", out, 10, *REWIND, "--train.max_rewinds=2",
-                                  "--train.tensorboard=true"), log, module="tests.fault_entry", env=poison)
+                                  "--train.tensorboard=true"), log, module="tests.support.fault_entry", env=poison)
     code = launcher.wait(timeout=400)
     text = log.read_text()
     assert code == 0, text[-4000:]
@@ -51,7 +51,7 @@ def test_poisoned_batch_rewinds_once_and_ends_finite_on_two_ranks(tmp_path: Path
 def test_rewinds_are_limited_then_the_run_stops(tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "run.log"
     launcher = torchrun(tiny_args(tmp_path / "cache", out, 12, *REWIND, "--train.max_rewinds=1"), log,
-                        module="tests.fault_entry", nproc=1, env={"MEGAFACE_TEST_POISON_CALLS": "4,8"})
+                        module="tests.support.fault_entry", nproc=1, env={"MEGAFACE_TEST_POISON_CALLS": "4,8"})
     code = launcher.wait(timeout=400)
     text = log.read_text()
     assert code == 1, text[-4000:]

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from megaface.checkpoint import find_checkpoint, read_meta
 from megaface.checkpoint.integrity import finite_problems, list_files, non_finite_tensors
-from tests.job_utils import torchrun
-from tests.test_faults_run import _train
-from tests.test_train import tiny_args
+from tests.conftest import _train, tiny_args
+from tests.support.job_utils import torchrun
 
 
 def test_huge_lr_leaves_only_finite_checkpoints(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ import pytest
 
 from megaface.checkpoint import find_checkpoint, read_meta
 from megaface.checkpoint.integrity import finite_problems, verify_files
-from tests.job_utils import start_job, wait_for
-from tests.test_train import tiny_args
+from tests.conftest import tiny_args
+from tests.support.job_utils import start_job, wait_for
 
-ENTRY = "tests.fault_entry"
+ENTRY = "tests.support.fault_entry"
 
 
 def _exit_codes(folder: Path) -> dict[str, int]:
