@@ -194,7 +194,7 @@ def _head_speed(state: Any, classes: int, batch: int = 128, steps: int = 10) -> 
 def _guarded(name: str, fn: Callable[[], Any]) -> tuple[Any, bool]:
     try:
         result = fn()
-    except Exception as err:  # one failed check must not hide the others
+    except Exception as err:  # noqa: BLE001 - one failed check must not hide the others
         return {"error": f"{type(err).__name__}: {err}"}, False
     flat = result if isinstance(result, list) else [result]
     return result, all(r.get("ok", True) for r in flat if isinstance(r, dict))

@@ -148,7 +148,7 @@ def summarise(arm: str, seeds: list[int], results: list[dict[int, float]], max_s
     for step in at:
         values = [r[step] for r in results if step in r]
         if len(values) < len(results):  # report-only: say which seeds this mean covers
-            per_seed[f"{step}_seeds"] = [s for s, r in zip(seeds, results) if step in r]
+            per_seed[f"{step}_seeds"] = [s for s, r in zip(seeds, results, strict=False) if step in r]
         if not values:
             continue
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         results = list(pool.map(lambda job: run_one(*job, args), jobs))
     for arm in arms:
-        mine = [r for (a, _), r in zip(jobs, results) if a == arm]
+        mine = [r for (a, _), r in zip(jobs, results, strict=False) if a == arm]
         print(json.dumps(summarise(arm, seeds, mine, args.max_steps, at)), flush=True)
     return 0
 

@@ -55,7 +55,7 @@ def _decoders() -> dict:
 
         tj = TurboJPEG()
         out["PyTurboJPEG (BGR)"] = tj.decode
-    except Exception:  # not installed, or libturbojpeg missing
+    except Exception:  # noqa: BLE001 - not installed, or libturbojpeg missing
         pass
     return out
 

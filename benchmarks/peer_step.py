@@ -191,7 +191,7 @@ def _run_network(state: Any, network: str, case: dict[str, Any]) -> dict[str, An
         images, labels = pool[step % len(pool)]
         for name in names[step % len(names):] + names[:step % len(names)]:  # rotate who goes first
             out: list[Any] = []
-            wall, cpu = _fenced(lambda: out.append(trainers[name](images, labels)))
+            wall, cpu = _fenced(lambda out=out, name=name, images=images, labels=labels: out.append(trainers[name](images, labels)))
             losses[name].append(float(out[0]))
             if step >= case["warmup"]:
                 totals[name]["wall"] += wall

@@ -144,8 +144,7 @@ def build_parts_for(state: Any, network: str, ds_config: str | Path, overrides: 
                     classes: int, sample_rate: float, embedding_size: int | None = 512,
                     channels_last: bool = False, input_channels_last: bool = False) -> Any:
     """TrainParts through the library's own build_parts: a DeepSpeed JSON + overrides, a backbone, PartialFC."""
-    from megaface.config import load_config
-    from megaface.config import load_ds_config, precision, resolve_ds_config
+    from megaface.config import load_config, load_ds_config, precision, resolve_ds_config
     from megaface.head import PartialFC
     from megaface.models import build_model
     from megaface.train.build import build_parts

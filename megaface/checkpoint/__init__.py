@@ -9,12 +9,32 @@
 Imports only `megaface.head`, `megaface.models`, `megaface.distributed` and `megaface.fileio`.
 """
 
-from megaface.checkpoint.backbone import (BACKBONE_FORMAT, checkpoint_backbone_state, load_backbone,
-                                          read_backbone_file, resolve_network, save_backbone_file,
-                                          strip_prefixes, strip_wrappers)
-from megaface.checkpoint.layout import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, FC7_DIR, LATEST, META_FILE,
-                                        TAG_PREFIX, TRAINER_DIR, find_checkpoint, load_torch_file, read_meta,
-                                        resolve_checkpoint, tag_for, trainer_file_name)
+from megaface.checkpoint.backbone import (
+                                          BACKBONE_FORMAT,
+                                          checkpoint_backbone_state,
+                                          load_backbone,
+                                          read_backbone_file,
+                                          resolve_network,
+                                          save_backbone_file,
+                                          strip_prefixes,
+                                          strip_wrappers,
+)
+from megaface.checkpoint.layout import (
+                                          CHECKPOINT_FORMAT,
+                                          CHECKPOINTS_DIR,
+                                          DS_DIR,
+                                          FC7_DIR,
+                                          LATEST,
+                                          META_FILE,
+                                          TAG_PREFIX,
+                                          TRAINER_DIR,
+                                          find_checkpoint,
+                                          load_torch_file,
+                                          read_meta,
+                                          resolve_checkpoint,
+                                          tag_for,
+                                          trainer_file_name,
+)
 
 __all__ = ["BACKBONE_FORMAT", "CHECKPOINT_FORMAT", "CHECKPOINTS_DIR", "DS_DIR", "FC7_DIR", "LATEST", "META_FILE",
            "TAG_PREFIX", "TRAINER_DIR", "checkpoint_backbone_state", "find_checkpoint", "load_backbone",

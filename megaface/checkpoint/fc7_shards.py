@@ -75,7 +75,7 @@ def subcenters_of(state: dict) -> int:
 
 def _check_same(states: Sequence[dict], names: Sequence[str], key: str) -> int:
     first = int(states[0][key])
-    for state, name in zip(states, names):
+    for state, name in zip(states, names, strict=False):
         if int(state[key]) != first:
             raise ValueError(f"{name}: {key}={state[key]} but {names[0]} has {key}={first}; all shards of "
                              "one checkpoint must agree (shards from different runs mixed?)")
@@ -84,7 +84,7 @@ def _check_same(states: Sequence[dict], names: Sequence[str], key: str) -> int:
 
 def _check_ranks(states: Sequence[dict], names: Sequence[str], world_size: int) -> None:
     seen: dict[int, str] = {}
-    for state, name in zip(states, names):
+    for state, name in zip(states, names, strict=False):
         rank = int(state["rank"])
         if not 0 <= rank < world_size:
             raise ValueError(f"{name}: extra shard: rank {rank} is outside world size {world_size}")
@@ -119,11 +119,11 @@ def _validate(states: Sequence[dict], names: Sequence[str] | None) -> tuple[list
     names = list(names) if names is not None else [f"shard #{i}" for i in range(len(states))]
     if len(names) != len(states):
         raise ValueError(f"{len(names)} names for {len(states)} FC7 shards")
-    for state, name in zip(states, names):
+    for state, name in zip(states, names, strict=False):
         _check_one(state, name)
     num_classes = _check_same(states, names, "num_classes")
     _check_same(states, names, "embedding_size")
-    for state, name in zip(states, names):
+    for state, name in zip(states, names, strict=False):
         if subcenters_of(state) != subcenters_of(states[0]):
             raise ValueError(f"{name}: subcenters={subcenters_of(state)} but {names[0]} has "
                              f"{subcenters_of(states[0])}; all shards of one checkpoint must agree")
@@ -233,7 +233,7 @@ def load_checkpoint_shards(tag_dir: str | os.PathLike, mmap: bool = False) -> tu
                          "another save; keep only one set")
     states = [load_torch_file(p, "an FC7 shard (megaface.head.shard_state_dict)", mmap=mmap) for p in files]
     names = [str(p) for p in files]
-    for state, path in zip(states, files):
+    for state, path in zip(states, files, strict=False):
         match = _SHARD_NAME.match(path.name)
         if isinstance(state, dict) and "rank" in state and (int(state["rank"]), int(state.get("world_size", -1))) \
                 != (int(match.group(1)), int(match.group(2))):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from megaface.config.ds_schema import check_ds_config
@@ -183,7 +183,7 @@ def check_optimizer_single_source(cfg: Any, ds: dict[str, Any]) -> dict[str, Any
 def _same(json_value: Any, yaml_value: Any) -> bool:
     if isinstance(yaml_value, (tuple, list)):
         return isinstance(json_value, (tuple, list)) and len(json_value) == len(yaml_value) and all(
-            _same(a, b) for a, b in zip(json_value, yaml_value))
+            _same(a, b) for a, b in zip(json_value, yaml_value, strict=False))
     if isinstance(json_value, bool) or not isinstance(json_value, (int, float)):
         return False
     return abs(float(json_value) - float(yaml_value)) <= 1e-12 * max(1.0, abs(float(yaml_value)))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+
 def _inspect(args: argparse.Namespace) -> int:
     from megaface.convert.inspect import format_report, inspect_checkpoint
 

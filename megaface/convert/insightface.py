@@ -244,7 +244,7 @@ def _load_file(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files raise a zoo of pickle/zip errors
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise a zoo of pickle/zip errors
         raise ValueError(f"{path} is not a readable torch state_dict file ({type(err).__name__}: "
                          f"{str(err)[:200]}); is it truncated?") from None
 

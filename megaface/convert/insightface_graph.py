@@ -142,7 +142,7 @@ def _iresnet(depth: int, embedding_size: int) -> tuple[Graph, int]:
     g = Graph()
     x = g.conv(g.normalise_input(), "conv0", "conv1", 64, 3, 1, 1)
     x = g.prelu(g.bn(x, "bn0", "bn1", IRESNET_BN_EPS), "relu0", "prelu")
-    for stage, (units, channels) in enumerate(zip(IRESNET_UNITS[depth], STAGE_CHANNELS), start=1):
+    for stage, (units, channels) in enumerate(zip(IRESNET_UNITS[depth], STAGE_CHANNELS, strict=False), start=1):
         for i in range(units):
             name, key = f"stage{stage}_unit{i + 1}", f"layer{stage}.{i}"
             stride = 2 if i == 0 else 1

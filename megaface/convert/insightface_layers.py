@@ -143,7 +143,7 @@ def from_megaface(state: Mapping[str, torch.Tensor], network: str, naming: Namin
         raise ValueError(f"state_dict has no {key!r}: not a megaface {network} backbone (found e.g. {list(state)[:5]})")
     embedding_size = int(state[key].shape[0])
     out: dict[str, np.ndarray] = {}
-    for layer, key, name, shape in _entries(network, embedding_size, naming):
+    for _layer, key, name, shape in _entries(network, embedding_size, naming):
         if key is None:
             out[name] = np.zeros(shape, np.float32)
         else:

@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from megaface.checkpoint import DS_DIR, TRAINER_DIR, read_meta, resolve_checkpoint
-from megaface.checkpoint.integrity import (FILES_KEY, FINITE_KEY, finite_problems, missing_ds_problem,
-                                           unlisted_files, verify_files)
+from megaface.checkpoint.integrity import (
+    FILES_KEY,
+    FINITE_KEY,
+    finite_problems,
+    missing_ds_problem,
+    unlisted_files,
+    verify_files,
+)
 
 __all__ = ["inspect_checkpoint", "format_report"]
 
@@ -34,7 +40,7 @@ def _fc7_section(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     shards = [{"file": str(Path(n).relative_to(tag_dir)), "rank": int(s["rank"]),
                "class_start": int(s["class_start"]), "num_local": int(s["num_local"]),
                "momentum": s.get("momentum") is not None, "adamw": s.get("exp_avg") is not None}
-              for s, n in zip(states, names)]
+              for s, n in zip(states, names, strict=False)]
     first = states[0]
     return {"parallel": meta.get("parallel", "model"), "world_size": int(first["world_size"]),
             "num_classes": int(first["num_classes"]), "embedding_size": int(first["embedding_size"]),

@@ -110,7 +110,7 @@ def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: {len(r.data) - r.pos} unexpected bytes after the name list at byte {r.pos}")
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: duplicate array names {sorted({n for n in names if names.count(n) > 1})[:8]}")
-    return dict(zip(names, arrays))
+    return dict(zip(names, arrays, strict=False))
 
 
 def pack_params(arrays: Mapping[str, np.ndarray]) -> bytes:

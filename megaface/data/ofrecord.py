@@ -229,7 +229,7 @@ class _Parts:
         self.starts = np.cumsum([0] + [o.size for o in offsets]).astype(np.int64)
         # payload length = next prefix - this prefix - 8, with the file size closing the last record
         # (an empty part, which the seed's converter can leave at the end, contributes nothing)
-        ends = [np.append(o[1:], size) if o.size else o for o, size in zip(offsets, self.sizes)]
+        ends = [np.append(o[1:], size) if o.size else o for o, size in zip(offsets, self.sizes, strict=False)]
         self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
         self.lengths = (np.concatenate(ends) - self.offsets - 8) if offsets else np.zeros(0, np.int64)
         self._fds: dict[int, int] = {}

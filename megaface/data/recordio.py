@@ -151,7 +151,7 @@ class RecordReader:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # interpreter shutdown: os may already be gone
+        except Exception:  # noqa: BLE001 - interpreter shutdown: os may already be gone
             pass
 
     def __getstate__(self) -> dict:

@@ -237,7 +237,7 @@ def generate(identities: np.ndarray | list[int], indices: np.ndarray | list[int]
     for a in range(0, len(identities), chunk):
         ids, idx = identities[a:a + chunk], indices[a:a + chunk]
         idp = _stack([cache.setdefault(int(i), identity_params(seed, int(i))) for i in ids])
-        rngs = [np.random.default_rng((seed, stream, int(i), int(j))) for i, j in zip(ids, idx)]
+        rngs = [np.random.default_rng((seed, stream, int(i), int(j))) for i, j in zip(ids, idx, strict=False)]
         imp = _stack([image_params(r, size) for r in rngs])
         out[a:a + chunk] = render(idp, imp, size)
     return out

@@ -106,7 +106,7 @@ def main_eval(argv: Sequence[str]) -> int:
     names = [pack_name(p) for p in args.bin]
     if len(set(names)) != len(names):
         raise ValueError(f"--bin packs share a name: {names}; each pack needs a distinct file name")
-    packs = [(name, *read_bin(p)) for name, p in zip(names, args.bin)]  # all checked before the model loads
+    packs = [(name, *read_bin(p)) for name, p in zip(names, args.bin, strict=False)]  # all checked before the model loads
     state, model, normalize, meta, owns_group = _start(args)
     try:
         report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "network": meta.get("network"),
@@ -200,7 +200,7 @@ def _save_embedding(output: Path, emb: np.ndarray, labels: np.ndarray, paths: li
         names.append(_sidecar(output, ".issame.npy"))
         arrays.append(issame)
     with atomic_output_files(names) as tmps:
-        for tmp, array in zip(tmps, arrays):
+        for tmp, array in zip(tmps, arrays, strict=False):
             if array is None:
                 save_text(tmp, "".join(p + "\n" for p in paths))
             else:

@@ -31,7 +31,6 @@ from megaface.utils.progress import Progress
 from megaface.vocab import NORMALIZE_MODES
 
 
-
 def shard_range(num_items: int, world_size: int, rank: int) -> tuple[int, int]:
     """[start, stop) of rank `rank`'s contiguous share; the first N % W ranks hold one extra item."""
     base, extra = divmod(num_items, world_size)

@@ -83,7 +83,7 @@ class IResNet(nn.Module):
         self.bn1 = _bn2d(64, bn_eps, bn_momentum)
         self.prelu = nn.PReLU(64)
         in_channels = 64
-        for index, (units, channels) in enumerate(zip(IRESNET_UNITS[depth], STAGE_CHANNELS), start=1):
+        for index, (units, channels) in enumerate(zip(IRESNET_UNITS[depth], STAGE_CHANNELS, strict=False), start=1):
             stage = [IResidualUnit(in_channels, channels, 2, bn_eps, bn_momentum)]
             stage += [IResidualUnit(channels, channels, 1, bn_eps, bn_momentum) for _ in range(units - 1)]
             setattr(self, f"layer{index}", nn.Sequential(*stage))

@@ -31,17 +31,37 @@ import numpy as np
 import torch
 
 import megaface
-from megaface.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, LATEST, META_FILE, TAG_PREFIX,
-                                 TRAINER_DIR, load_torch_file, read_meta, tag_for, trainer_file_name)
+from megaface.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINTS_DIR,
+    DS_DIR,
+    LATEST,
+    META_FILE,
+    TAG_PREFIX,
+    TRAINER_DIR,
+    load_torch_file,
+    read_meta,
+    tag_for,
+    trainer_file_name,
+)
 from megaface.checkpoint.fc7_shards import load_rank_shard, load_shard_state_dict
-from megaface.checkpoint.integrity import (FILES_KEY, FINITE_KEY, digests, file_owner, files_for_rank, is_verified,
-                                           last_verified, list_files, local_finite, missing_ds_problem,
-                                           verify_files)
-from megaface.fileio import atomic_write_text
+from megaface.checkpoint.integrity import (
+    FILES_KEY,
+    FINITE_KEY,
+    digests,
+    file_owner,
+    files_for_rank,
+    is_verified,
+    last_verified,
+    list_files,
+    local_finite,
+    missing_ds_problem,
+    verify_files,
+)
 from megaface.distributed import comm
+from megaface.fileio import atomic_write_text
 from megaface.train.build import TrainParts
-from megaface.train.checkpoint_writes import (CheckpointNotWritten, not_written_message, write_failure,
-                                             write_rank_files)
+from megaface.train.checkpoint_writes import CheckpointNotWritten, not_written_message, write_failure, write_rank_files
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,14 +17,14 @@ from megaface.data.loader import WorkerDied, worker_death
 from megaface.distributed import comm, shutdown
 from megaface.distributed.heartbeat import EXIT_PEER_FAILED, Heartbeat
 from megaface.train.build import Run, build_run, init_process_group
-from megaface.train.schedule import schedule_lr, set_lr
-from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
-from megaface.train.logger import TrainLogger
-from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
 from megaface.train.checkpoint_writes import CheckpointNotWritten
+from megaface.train.checkpointing import NonFiniteState, healthy_note, load_checkpoint, save_checkpoint
 from megaface.train.interrupt import EXIT_CODES, StopSignals, StopVote
+from megaface.train.logger import TrainLogger
 from megaface.train.rewind import RewindPolicy
 from megaface.train.run_lock import RunLock
+from megaface.train.schedule import schedule_lr, set_lr
+from megaface.train.step import NonFiniteLoss, loss_scale, read_losses, train_step
 
 
 def _batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -206,7 +206,7 @@ def _train(run: Run, log: Callable[[str], None], signals: StopSignals, argv: lis
             try:
                 if done % t.log_every == 0 or validate or save:
                     values = read_losses(pending, parts, records[0][0])  # before any save
-                    for value, (it, seconds, it_lr, scale, skipped) in zip(values, records):
+                    for value, (it, seconds, it_lr, scale, skipped) in zip(values, records, strict=False):
                         logger.iteration(it, value, seconds, it_lr, scale, skipped)
                     pending.clear()
                     records.clear()

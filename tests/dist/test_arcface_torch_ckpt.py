@@ -43,7 +43,7 @@ def resume_and_step(state: Any, tag_dir: str, steps: int) -> list[float]:
     from megaface.config.ds_json import resolve_ds_config
     from megaface.head import PartialFC
     from megaface.models import build_model
-    from megaface.train.build import build_parts
+    from megaface.train.build import build_margin, build_parts
     from megaface.train.checkpointing import load_checkpoint
     from megaface.train.schedule import schedule_lr, set_lr
     from megaface.train.step import train_step
@@ -57,9 +57,8 @@ def resume_and_step(state: Any, tag_dir: str, steps: int) -> list[float]:
                            state.world_size, "cpu")
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.build_options())
     h = cfg.head
-    head = PartialFC(int(meta["embedding_size"]), meta["num_classes"], margin=h.margin, scale=h.scale, sample_rate=1.0,
-                     group=state.group, straight_through=h.straight_through,
-                     margin_fallback=h.margin_fallback)
+    head = PartialFC(int(meta["embedding_size"]), meta["num_classes"], margin=build_margin(h), scale=h.scale,
+                     sample_rate=1.0, group=state.group)
     parts = build_parts(cfg, ds, state, model, head, "fp32")
     expected = {k: meta[k] for k in ("network", "embedding_size", "num_classes", "parallel")}
     trainer = load_checkpoint(parts, Path(tag_dir), expected, 0, "fp32", log=lambda _: None)

@@ -46,7 +46,7 @@ def save_tiny_checkpoints(state, roots: list[str], runs: list[tuple[int, str]]) 
     part)."""
     skip_shm_build()  # as the trainer does: no C++ compiler needed
     return [save_bf16_mlp(state, root, stage) if parallel == "bf16" else
-            save_tiny_checkpoint(state, root, stage, parallel) for root, (stage, parallel) in zip(roots, runs)]
+            save_tiny_checkpoint(state, root, stage, parallel) for root, (stage, parallel) in zip(roots, runs, strict=False)]
 
 
 def save_bf16_mlp(state, output_dir: str, stage: int) -> dict:
@@ -137,7 +137,7 @@ def checkpoints(tmp_path_factory):
     roots = [tmp_path_factory.mktemp(f"zero{stage}_{parallel}") for stage, parallel in runs]
     per_rank = run_distributed(save_tiny_checkpoints, 2, [str(r) for r in roots], runs, timeout=300)
     return {key: (root, [rank_results[i] for rank_results in per_rank])
-            for i, (key, root) in enumerate(zip(keys, roots))}
+            for i, (key, root) in enumerate(zip(keys, roots, strict=False))}
 
 
 def _deepspeed_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:

@@ -266,7 +266,7 @@ def run_two_nodes(cmds: list[list[str]], envs: list[dict[str, str]]) -> subproce
     """Start one launcher per emulated node at once; return node 0's result (rank 0 prints the log)."""
     start = time.monotonic()
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for cmd, env in zip(cmds, envs)]
+             for cmd, env in zip(cmds, envs, strict=False)]
     outs = [p.communicate(timeout=JOB_TIMEOUT_S) for p in procs]
     assert procs[1].returncode == 0, f"node 1 exit code {procs[1].returncode}\n{outs[1][1][-4000:]}"
     result = subprocess.CompletedProcess(cmds[0], procs[0].returncode, *outs[0])

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.multinode.hosts import ADDRS, IFACE, SSH_PORT, TwoHosts, missing, two_hosts
 from tests.e2e.test_launchers import (
     JOB_TIMEOUT_S,
     LAUNCH,
@@ -35,6 +34,7 @@ from tests.e2e.test_launchers import (
     synthetic_cache,  # noqa: F401  (fixture)
     tiny_args,
 )
+from tests.multinode.hosts import ADDRS, IFACE, SSH_PORT, TwoHosts, missing, two_hosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing() is not None, reason=str(missing()))]
 NETWORK_LINE = re.compile(r"network: (GLOO_SOCKET_IFNAME)=(\S+)")

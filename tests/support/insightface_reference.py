@@ -25,7 +25,7 @@ def _bn(prefix, c):
 def iresnet_layout(units, dim):
     shapes = {"conv1.weight": (64, 3, 3, 3), **_bn("bn1", 64), "prelu.weight": (64,)}
     in_c = 64
-    for stage, (count, c) in enumerate(zip(units, (64, 128, 256, 512)), start=1):
+    for stage, (count, c) in enumerate(zip(units, (64, 128, 256, 512), strict=False), start=1):
         for i in range(count):
             p = f"layer{stage}.{i}"
             shapes.update(_bn(f"{p}.bn1", in_c))

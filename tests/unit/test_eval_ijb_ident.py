@@ -36,7 +36,7 @@ def _ijb_case(tmp_path, seed=0, identities=12, templates_per_id=3):
 
 def _naive_templates(feats, lines):
     by_template: dict[int, dict[int, list]] = {}
-    for f, line in zip(feats, lines):
+    for f, line in zip(feats, lines, strict=False):
         _, t, m = line.split()
         by_template.setdefault(int(t), {}).setdefault(int(m), []).append(f / np.linalg.norm(f))
     out = {}
@@ -65,10 +65,10 @@ def test_arcface_torch_pooling_matches_naive(tmp_path):
     feats, lines, pairs = _ijb_case(tmp_path, seed=2)
     scores = np.random.default_rng(3).uniform(0.3, 1.0, len(lines)).astype(np.float32)
     (tmp_path / "ijbc_name_5pts_score.txt").write_text(
-        "".join(f"{l.split()[0]} {' '.join(['1'] * 10)} {s}\n" for l, s in zip(lines, scores)))
+        "".join(f"{l.split()[0]} {' '.join(['1'] * 10)} {s}\n" for l, s in zip(lines, scores, strict=False)))
     result = ijb.evaluate_ijb(feats, tmp_path, "IJBC", pooling="arcface_torch")
     by_template: dict[int, dict[int, list]] = {}
-    for f, s, line in zip(feats, scores, lines):
+    for f, s, line in zip(feats, scores, lines, strict=False):
         _, t, m = line.split()
         by_template.setdefault(int(t), {}).setdefault(int(m), []).append(f * s)
     naive = {t: np.sum([np.mean(fs, 0) for fs in medias.values()], 0) for t, medias in by_template.items()}
@@ -132,7 +132,7 @@ def _naive_ranks(probe, probe_labels, gallery, gallery_labels, distractors):
     cand = np.concatenate([n(gallery), n(distractors)])
     cand_labels = np.concatenate([gallery_labels, np.full(len(distractors), -1)])
     ranks = []
-    for p, label in zip(n(probe), probe_labels):
+    for p, label in zip(n(probe), probe_labels, strict=False):
         s = cand @ p
         genuine = s[cand_labels == label].max()
         ranks.append(1 + int(np.sum((s > genuine) & (cand_labels != label))))

@@ -121,7 +121,7 @@ def _raw_pack(path: Path, labels: list[float], keys: list[int] | None = None, cl
     rng = np.random.default_rng(1)
     keys = keys or list(range(len(labels)))
     with RecordWriter(path / "train.rec", path / "train.idx") as writer:
-        for key, label in zip(keys, labels):
+        for key, label in zip(keys, labels, strict=False):
             image = encode_jpeg(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))
             writer.write(key, pack_payload(float(label), image, id=key))
     (path / "property").write_text(f"{classes},112,112\n")

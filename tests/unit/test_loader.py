@@ -153,7 +153,7 @@ def test_workers_match_inline_and_recordio(tmp_path):
     inline = list(TrainLoader(ds, 4, 0, 2, seed=1, workers=0))
     pooled = list(TrainLoader(ds, 4, 0, 2, seed=1, workers=2))
     assert len(inline) == len(pooled) == 3
-    for (xa, ya), (xb, yb) in zip(inline, pooled):
+    for (xa, ya), (xb, yb) in zip(inline, pooled, strict=False):
         assert xa.shape == (4, 3, 112, 112) and torch.equal(xa, xb) and torch.equal(ya, yb)
 
 

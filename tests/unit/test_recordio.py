@@ -217,7 +217,7 @@ def test_missing_idx_and_property(tmp_path):
 def test_bad_magic_names_file_key_offset(tmp_path):
     _write_header_pack(tmp_path / "p")
     keys, offsets = read_index(tmp_path / "p" / "train.idx")
-    write_index(tmp_path / "p" / "train.idx", [(int(k), int(o) + (4 if k == 2 else 0)) for k, o in zip(keys, offsets)])
+    write_index(tmp_path / "p" / "train.idx", [(int(k), int(o) + (4 if k == 2 else 0)) for k, o in zip(keys, offsets, strict=False)])
     pack = open_pack(tmp_path / "p")
     with pytest.raises(ValueError, match=rf"train\.rec: record key 2 at offset {int(offsets[2]) + 4}: bad magic"):
         pack[1]
@@ -227,7 +227,7 @@ def test_offset_past_eof(tmp_path):
     _write_header_pack(tmp_path / "p")
     size = (tmp_path / "p" / "train.rec").stat().st_size
     keys, offsets = read_index(tmp_path / "p" / "train.idx")
-    moved = [(int(k), int(o) if k != 3 else size + 100) for k, o in zip(keys, offsets)]
+    moved = [(int(k), int(o) if k != 3 else size + 100) for k, o in zip(keys, offsets, strict=False)]
     write_index(tmp_path / "p" / "train.idx", moved)
     with pytest.raises(ValueError, match=rf"train\.idx: key 3 points at offset {size + 100}, past the end"):
         open_pack(tmp_path / "p")
@@ -240,7 +240,7 @@ def test_truncated_record(tmp_path):
     last_image_offset = int(offsets[2])
     rec.write_bytes(rec.read_bytes()[: last_image_offset + 12])
     keys, offsets = keys[:3], offsets[:3]
-    write_index(tmp_path / "p" / "train.idx", list(zip(keys.tolist(), offsets.tolist())))
+    write_index(tmp_path / "p" / "train.idx", list(zip(keys.tolist(), offsets.tolist(), strict=False)))
     pack = open_pack(tmp_path / "p")
     assert pack[0][0] == 0
     with pytest.raises(ValueError, match=rf"key 2 at offset {last_image_offset}: truncated record"):

@@ -52,7 +52,7 @@ def test_polynomial_shape():
     lrs = [lr_at(i, "polynomial", 1.0, 10, 110, power=2.0) for i in range(111)]
     assert lrs[0] == 1.0 and lrs[1] == pytest.approx(0.1) and lrs[10] == 1.0
     assert lrs[60] == pytest.approx(0.25)  # half way through the decay: (1 - 1/2) ** 2
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
 def test_step_schedule():

@@ -90,7 +90,7 @@ class SmallNet(nn.Module):
     def __init__(self, num_classes: int, res: int, dim: int = 64):
         super().__init__()
         layers, ch = [], [3, 16, 32, 64, 96]
-        for a, b in zip(ch, ch[1:]):
+        for a, b in zip(ch, ch[1:], strict=False):
             layers += [nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         side = (res + 15) // 16
@@ -117,7 +117,7 @@ def _train(net: SmallNet, batches, steps: int) -> None:
     torch.manual_seed(0)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.2, total_steps=steps)
-    for _, (x, y) in zip(range(steps), batches):
+    for _, (x, y) in zip(range(steps), batches, strict=False):
         loss = F.cross_entropy(net.fc(F.normalize(net(x))) * 16, y)
         opt.zero_grad()
         loss.backward()
