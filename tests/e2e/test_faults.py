@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megaface import train
 from megaface.checkpoint import find_checkpoint
+from megaface.cli import main as cli_main
 from tests.conftest import _rank_pids, _torchrun, tiny_args
 
 
@@ -25,7 +25,7 @@ def _files(path: Path) -> list[str]:
 
 def _cli_child(args: list[str], log: str, queue: "mp.Queue[int]") -> None:
     with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-        queue.put(train.main(args))
+        queue.put(cli_main(["train", *args]))  # megaface.cli prints what `train` raises
 
 
 def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -23,6 +23,7 @@ import yaml
 from megaface import cli
 from megaface.data import PackWriter, encode_jpeg, save_bin
 from megaface.fileio import atomic_output_dir, atomic_output_file
+from tests.support.fault_fixtures import PROGRESS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def _one_error_line(result: subprocess.CompletedProcess, command: str) -> str:
     assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [ln for ln in result.stderr.strip().splitlines() if not PROGRESS.match(ln)]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"megaface {command}: error: ")
     return lines[0]

@@ -30,7 +30,8 @@ def _install() -> None:
         if sleep:
             time.sleep(sleep)
         if count[0] in calls and parts.state.rank == poison_rank:
-            images = torch.full(images.shape, float("inf"))
+            shape = images.images.shape if hasattr(images, "images") else images.shape  # a RawBatch (uint8)
+            images = torch.full(shape, float("inf"))  # float: train_step feeds it as it is
         return original(parts, images, labels)
 
     loop.train_step = injected

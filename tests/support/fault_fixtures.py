@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -42,10 +43,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+PROGRESS = re.compile(r"^[\w ]+: \d+/\d+ \w+, ")  # the plain progress lines of long commands (utils.progress)
+
+
 def one_error_line(result: subprocess.CompletedProcess, command: str, code: int | None = None) -> str:
     """The single `megaface COMMAND: error: ...` line of stderr (no traceback), checking the exit status."""
     assert result.returncode != 0 if code is None else result.returncode == code, result.stderr[-3000:]
-    lines = [ln for ln in result.stderr.strip().splitlines() if ": warning: " not in ln]
+    lines = [ln for ln in result.stderr.strip().splitlines() if ": warning: " not in ln and not PROGRESS.match(ln)]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert lines[0].startswith(f"megaface {command}: error: "), lines[0]
     return lines[0]
