@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from megaface.checkpoint.integrity import open_checkpoint, sha256_file, skipped_
 from megaface.checkpoint.layout import DS_DIR, load_torch_file, read_meta
 from megaface.checkpoint.zero_reader import read_fp32_state_dict
 from megaface.fileio import atomic_output_file, atomic_torch_save, atomic_write_text, save_bytes
+
+if TYPE_CHECKING:
+    from megaface.models.layers import Backbone
 
 BACKBONE_FORMAT = "megaface.backbone.v1"
 WEIGHTS_SHA256 = "weights_sha256"  # sidecar key: the sha256 of the weights file it describes
@@ -129,7 +132,7 @@ def resolve_network(meta: dict[str, Any], network: str | None, source: str | os.
 
 def load_backbone(path: str | os.PathLike, network: str | None = None,
                   map_location: str | torch.device = "cpu", verify: bool = True
-                  ) -> tuple[torch.nn.Module, dict[str, Any]]:
+                  ) -> tuple[Backbone, dict[str, Any]]:
     """Build the backbone stored at `path` (output dir, checkpoints dir, tag dir or backbone file) in eval mode.
 
     `network` is required when the file carries no meta; when both exist they must agree. `verify`: check the

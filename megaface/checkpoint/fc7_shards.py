@@ -235,6 +235,7 @@ def load_checkpoint_shards(tag_dir: str | os.PathLike, mmap: bool = False) -> tu
     names = [str(p) for p in files]
     for state, path in zip(states, files, strict=False):
         match = _SHARD_NAME.match(path.name)
+        assert match is not None  # every name matched in the loop above
         if isinstance(state, dict) and "rank" in state and (int(state["rank"]), int(state.get("world_size", -1))) \
                 != (int(match.group(1)), int(match.group(2))):
             raise ValueError(f"{path}: holds rank {state['rank']} of world size {state.get('world_size')}, "
