@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megaface.checkpoint import DS_DIR, TRAINER_DIR, read_meta, resolve_checkpoint
+from megaface.checkpoint import DS_DIR, META_FILE, TRAINER_DIR, read_meta, resolve_checkpoint
 from megaface.checkpoint.integrity import (
     FILES_KEY,
     FINITE_KEY,
@@ -25,6 +25,7 @@ from megaface.checkpoint.integrity import (
     unlisted_files,
     verify_files,
 )
+from megaface.checkpoint.layout import DS_OPTIM_FILE, DS_ZERO3_MODEL_FILE
 
 __all__ = ["inspect_checkpoint", "format_report"]
 
@@ -51,9 +52,9 @@ def _ds_section(tag_dir: Path) -> dict[str, Any]:
     """The DeepSpeed files and the layout their names imply (no file is loaded)."""
     ds_dir = tag_dir / DS_DIR
     files = sorted(p.name for p in ds_dir.iterdir()) if ds_dir.is_dir() else []
-    if any(f.startswith("zero_pp_rank_") and f.endswith("_model_states.pt") for f in files):
+    if any(DS_ZERO3_MODEL_FILE.match(f) for f in files):
         layout = "ZeRO-3 (parameters partitioned)"
-    elif any(f.endswith("_optim_states.pt") for f in files):
+    elif any(DS_OPTIM_FILE.match(f) for f in files):
         layout = "ZeRO-1/2 (optimizer state partitioned)"
     elif files:
         layout = "ZeRO-0 (unpartitioned)"
@@ -68,7 +69,7 @@ def _integrity_problems(tag_dir: Path, meta: dict[str, Any], verify: bool) -> li
     if expected:
         problems += verify_files(tag_dir, expected) + unlisted_files(tag_dir, expected)
     else:
-        problems.append(f"{tag_dir / 'meta.json'} records no file digests (saved by an older megaface): "
+        problems.append(f"{tag_dir / META_FILE} records no file digests (saved by an older megaface): "
                         "its files cannot be verified; `--verify` still checks the tensors")
     if not meta.get(FINITE_KEY):
         problems.append(f"{tag_dir}: meta.json does not say the weights were verified finite when saved; run "

@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from megaface.checkpoint import DS_DIR, FC7_DIR, LATEST, TRAINER_DIR, trainer_file_name
-from megaface.checkpoint.fc7_shards import shard_file_name, shard_state_dict
+from megaface.checkpoint import DS_DIR, FC7_DIR, LATEST, TRAINER_DIR, fc7_shard_file_name, trainer_file_name
+from megaface.checkpoint.fc7_shards import shard_state_dict
 from megaface.fileio import atomic_torch_save
 from megaface.train.build import TrainParts
 
@@ -81,7 +81,7 @@ def write_rank_files(parts: TrainParts, tmp: Path, trainer_state: dict[str, Any]
         if parts.fc7_optimizer is not None:
             path = tmp / FC7_DIR
             path.mkdir(exist_ok=True)
-            path = tmp / FC7_DIR / shard_file_name(state.rank, state.world_size)
+            path = tmp / FC7_DIR / fc7_shard_file_name(state.rank, state.world_size)
             atomic_torch_save(shard_state_dict(parts.head, parts.fc7_optimizer), path)
         path = tmp / TRAINER_DIR / trainer_file_name(state.rank)
         atomic_torch_save(trainer_state, path)

@@ -58,6 +58,7 @@ from megaface.checkpoint.integrity import (
     missing_ds_problem,
     verify_files,
 )
+from megaface.checkpoint.layout import TMP_SUFFIX, tmp_tag_name
 from megaface.distributed import comm
 from megaface.fileio import atomic_write_text
 from megaface.train.build import TrainParts
@@ -155,7 +156,7 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
         raise NonFiniteState(f"weights, buffers, optimizer state or FC7 hold inf/NaN after iteration {iteration}")
     ckpt_dir = Path(output_dir) / CHECKPOINTS_DIR
     tag = tag_for(iteration)
-    tmp, final = ckpt_dir / f"{tag}.tmp", ckpt_dir / tag
+    tmp, final = ckpt_dir / tmp_tag_name(tag), ckpt_dir / tag
     failure = None
     if state.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
@@ -207,7 +208,7 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     """Delete all but the newest `keep_last` checkpoints, never `keep` nor the newest verified-finite one."""
     if keep_last <= 0:
         return
-    tags = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    tags = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith(TMP_SUFFIX))
     healthy = next((p.name for p in reversed(tags) if is_verified(p)), None)
     for old in tags[:-keep_last]:
         if old.name not in (keep, healthy):

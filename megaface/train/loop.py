@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from megaface.checkpoint import find_checkpoint, save_backbone_file
+from megaface.checkpoint import LATEST, best_file_name, find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
 from megaface.data.loader import WorkerDied, worker_death
 from megaface.distributed import comm, shutdown
@@ -150,9 +150,9 @@ def _resume(run: Run, log: Callable[[str], None]) -> None:
     if not resume:
         return
     try:  # auto: latest when the output directory has a checkpoint, else a fresh start (requeued jobs)
-        tag_dir = find_checkpoint("latest" if resume == "auto" else resume, run.output_dir)
+        tag_dir = find_checkpoint(LATEST if resume == "auto" else resume, run.output_dir)
     except FileNotFoundError:
-        if resume not in ("latest", "auto"):
+        if resume not in (LATEST, "auto"):
             raise
         log(f"resume: no checkpoint under {run.output_dir} yet, starting from scratch")
         return
@@ -274,7 +274,7 @@ def _resume_command(argv: list[str] | None) -> str:
             skip = True
         elif not (arg.startswith("--resume=") or arg.startswith("--train.resume=")):
             kept.append(arg)
-    return shlex.join(["megaface", "train", *kept, "--resume", "latest"])
+    return shlex.join(["megaface", "train", *kept, "--resume", LATEST])
 
 
 def _due(run: Run, done: int) -> tuple[bool, bool]:
@@ -311,7 +311,7 @@ def _validate(run: Run, done: int, logger: TrainLogger) -> None:
         if run.state.is_main:
             meta = {k: v for k, v in run.meta().items() if k not in ("ds_config",)}
             for name in run.validator.improved:
-                path = Path(run.output_dir) / f"best_{name}.pt"
+                path = Path(run.output_dir) / best_file_name(name)
                 save_backbone_file(path, state_dict, {**meta, "iteration": done, "pack": name,
                                                       "accuracy_flip": run.validator.best[name]})
                 logger.info(f"validation: new best {name} {run.validator.best[name]:.5f} -> {path}")
