@@ -35,6 +35,7 @@ from megaface.config.sections import (
     ValidationConfig,
     _to_plain,
 )
+from megaface.head.margin import resolve_margin
 
 __all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "OptimConfig", "SyntheticConfig",
            "TrainConfig", "ValidationConfig", "field_docs", "load_config", "parse_override", "validate"]
@@ -119,22 +120,12 @@ def _build(cls: type, raw: dict[str, Any], base: Path | None, where: str) -> Any
             kwargs[key] = _build(hint, value or {}, base, f"{where}{key}.")
             continue
         if where == "head." and key == "margin" and isinstance(value, str) and value not in vocab.ADAPTIVE_MARGINS:
-            value = _margin_preset(value)
+            value = resolve_margin(value, "head.margin", vocab.ADAPTIVE_MARGINS)
         value = _coerce(value, hint, f"{where}{key}")
         if fields[key].metadata.get("path"):
             value = _resolve_paths(value, base)
         kwargs[key] = value
     return cls(**kwargs)
-
-
-def _margin_preset(name: str) -> tuple[float, float, float]:
-    if name not in vocab.MARGIN_PRESETS:
-        names = [*vocab.MARGIN_PRESETS, *vocab.ADAPTIVE_MARGINS]
-        near = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"head.margin={name!r} is not a preset{hint}; use one of {sorted(names)} "
-                         "or three numbers [m1, m2, m3]")
-    return vocab.MARGIN_PRESETS[name]
 
 
 def _resolve_paths(value: Any, base: Path | None) -> Any:

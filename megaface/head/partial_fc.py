@@ -49,8 +49,14 @@ from megaface.head.margin import CombinedMargin, Margin
 from megaface.head.row_grads import SampledRowGrads
 from megaface.head.sharding import class_range
 from megaface.head.softmax import COMPUTE_DTYPES, sharded_margin_cross_entropy
+from megaface.utils.ranges import Range, check_range
 
 INIT_STD = 0.01
+# The one rule for the head's scale and sub-centers (config key -> range), checked by the config and here.
+HEAD_RANGES: dict[str, Range] = {
+    "head.subcenters": (1, 64, False, False),  # sub-center ArcFace's K rows per class; 1 = plain
+    "head.scale": (0.0, math.inf, True, True),  # s multiplies every logit (64 is usual)
+}
 INIT_BLOCK = 4096  # rows drawn per seeded block: the initial weight does not depend on the world size
 
 
@@ -147,8 +153,9 @@ class PartialFC(nn.Module):
         self.margin = margin if isinstance(margin, Margin) else CombinedMargin(margin)
         if not (math.isfinite(float(init_std)) and float(init_std) > 0):
             raise ValueError(f"init_std={init_std} must be a positive finite number (0.01 is usual)")
-        if not (isinstance(subcenters, int) and 1 <= subcenters):
-            raise ValueError(f"subcenters={subcenters} must be an integer >= 1 (1 = plain ArcFace; the paper uses 3)")
+        if not isinstance(subcenters, int):
+            raise ValueError(f"subcenters={subcenters!r} must be an integer (1 = plain ArcFace; the paper uses 3)")
+        check_range("subcenters", subcenters, HEAD_RANGES["head.subcenters"], "1 = plain ArcFace; the paper uses 3")
         self.subcenters = subcenters
         # K rows per class, class c's at rows c*K .. c*K + K - 1: drawn as "row classes" c*K + j, so the full
         # [C*K, D] matrix is the same at any world size and a rank's rows are one contiguous slice of it.
@@ -301,8 +308,7 @@ def _check_config(embedding_size: int, num_classes: int, scale: float, sample_ra
     if parallel == "data" and float(sample_rate) != 1.0:
         raise ValueError(f"sample_rate={sample_rate} needs parallel='model': the data-parallel FC7 "
                          "(parallel='data') supports only sample_rate=1.0")
-    if not (math.isfinite(float(scale)) and float(scale) > 0):
-        raise ValueError(f"scale={scale} must be a positive finite number (64 is usual)")
+    check_range("scale", float(scale), HEAD_RANGES["head.scale"], "64 is usual")
 
 
 def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: int) -> None:
