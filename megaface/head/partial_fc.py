@@ -305,9 +305,10 @@ def _check_config(embedding_size: int, num_classes: int, scale: float, sample_ra
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
         raise ValueError(f"sample_rate={sample_rate} must lie in (0, 1] (1.0 = no Partial FC sampling)")
-    if parallel == "data" and float(sample_rate) != 1.0:
-        raise ValueError(f"sample_rate={sample_rate} needs parallel='model': the data-parallel FC7 "
-                         "(parallel='data') supports only sample_rate=1.0")
+    # Partial FC with a data-parallel head is refused where users set it, at config load
+    # (`megaface.config.loader.validate`); reaching here with both is a caller's bug, not a user's.
+    assert parallel == "model" or float(sample_rate) == 1.0, \
+        f"sample_rate={sample_rate} with parallel='data': validate the config before building the head"
     check_range("scale", float(scale), HEAD_RANGES["head.scale"], "64 is usual")
 
 
