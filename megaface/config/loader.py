@@ -24,21 +24,11 @@ import yaml
 
 from megaface import vocab
 from megaface.config.ranges import check_ranges, range_docs
-from megaface.config.sections import (
-    DataConfig,
-    ExperimentConfig,
-    HeadConfig,
-    ModelConfig,
-    OptimConfig,
-    SyntheticConfig,
-    TrainConfig,
-    ValidationConfig,
-    _to_plain,
-)
+from megaface.config.sections import ExperimentConfig, OptimConfig, _to_plain
 from megaface.head.margin import resolve_margin
 
-__all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "OptimConfig", "SyntheticConfig",
-           "TrainConfig", "ValidationConfig", "field_docs", "load_config", "parse_override", "validate"]
+# the section classes are exported by the package (`megaface.config`), where callers import them from
+__all__ = ["field_docs", "load_config", "parse_override", "validate"]
 
 
 # ---- coercion and validation --------------------------------------------------------------------------
