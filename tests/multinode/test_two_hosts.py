@@ -2,7 +2,7 @@
 
 No interface variable is set anywhere unless a case says so: each rank must advertise the address the other
 host reaches it by, although the host name resolves to 127.0.1.1 on both hosts. Every 2-rank job sees the
-same global batches as the single-host 2-rank run (`reference_losses` from tests/e2e/test_launchers.py), and the
+same global batches as the single-host 2-rank run (`reference_losses` from tests/support/launch_jobs.py), and the
 FC7 shards are exact across hosts, so the losses must match it.
 
 Slow (each case is a real launcher + DeepSpeed job on a shared 2-core machine); skipped with the reason
@@ -21,20 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.e2e.test_launchers import (
+from tests.conftest import ROOT, free_port
+from tests.multinode.hosts import ADDRS, IFACE, SSH_PORT, TwoHosts, missing, two_hosts
+from tests.support.launch_jobs import (
     JOB_TIMEOUT_S,
     LAUNCH,
-    ROOT,
     TRAIN_LINE,
     check_same_losses,
     check_training,
     job_env,
-    reference_losses,  # noqa: F401  (fixture)
-    synthetic_cache,  # noqa: F401  (fixture)
-    tiny_args,
+    launcher_args,
 )
-from tests.multinode.hosts import ADDRS, IFACE, SSH_PORT, TwoHosts, missing, two_hosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing() is not None, reason=str(missing()))]
 NETWORK_LINE = re.compile(r"network: (GLOO_SOCKET_IFNAME)=(\S+)")
@@ -82,10 +79,10 @@ def assert_chose_interface(out: str, ranks: int = 2) -> None:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S * 2 + 60)
-def test_torchrun_static(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                         reference_losses: list[float]) -> None:  # noqa: F811
+def test_torchrun_static(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                         reference_losses: list[float]) -> None:
     """The issue's case: it failed in gloo's connectFullMesh (each rank advertised 127.0.0.1)."""
-    port, args = free_port(), tiny_args(tmp_path / "out", synthetic_cache)
+    port, args = free_port(), launcher_args(tmp_path / "out", synthetic_cache)
     node0, node1 = run_on_both(hosts, [torchrun_static(0, port, args), torchrun_static(1, port, args)],
                                host_env(hosts))
     assert node1.returncode == 0, (node1.stdout + node1.stderr)[-6000:]
@@ -94,9 +91,9 @@ def test_torchrun_static(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S * 2 + 60)
-def test_torchrun_c10d(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                       reference_losses: list[float]) -> None:  # noqa: F811
-    port, args = free_port(), tiny_args(tmp_path / "out", synthetic_cache)
+def test_torchrun_c10d(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                       reference_losses: list[float]) -> None:
+    port, args = free_port(), launcher_args(tmp_path / "out", synthetic_cache)
     # torchrun hosts the rendezvous store only where the endpoint matches the host name's addresses (here
     # 127.0.1.1), so node 0 is told (is_host); --local-addr is the address the rank-0 agent publishes as
     # MASTER_ADDR (its host name otherwise, which resolves to loopback on the other host)
@@ -126,8 +123,8 @@ def write_hostfile(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                                     reference_losses: list[float]) -> None:  # noqa: F811
+def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                                     reference_losses: list[float]) -> None:
     """`deepspeed --hostfile` on host 0 starts both ranks over pdsh/ssh; `.deepspeed_env` in the working
     directory reaches the remote ranks: its GLOO_SOCKET_IFNAME stops megaface from choosing (no log line)."""
     if shutil.which("pdsh") is None:
@@ -135,7 +132,7 @@ def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_
     (tmp_path / ".deepspeed_env").write_text(f"DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nGLOO_SOCKET_IFNAME={IFACE}\n")
     cmd = ["deepspeed", "--hostfile", str(write_hostfile(tmp_path)), "--master_addr", ADDRS[0],
            "--master_port", str(free_port()), "--ssh_port", str(SSH_PORT), "--module", "megaface", "train",
-           *tiny_args(tmp_path / "out", synthetic_cache)]
+           *launcher_args(tmp_path / "out", synthetic_cache)]
     proc = subprocess.run(hosts.in_host(0, cmd), cwd=tmp_path, env=host_env(hosts), capture_output=True,
                           text=True, timeout=JOB_TIMEOUT_S)
     out = proc.stdout + proc.stderr
@@ -145,8 +142,8 @@ def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_mpirun_hosts(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                      reference_losses: list[float]) -> None:  # noqa: F811
+def test_mpirun_hosts(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                      reference_losses: list[float]) -> None:
     if shutil.which("mpirun") is None:
         pytest.skip("Open MPI's mpirun is not installed (apt-get install -y openmpi-bin libopenmpi-dev)")
     env = host_env(hosts, MASTER_ADDR=ADDRS[0], MASTER_PORT=str(free_port()))
@@ -154,7 +151,7 @@ def test_mpirun_hosts(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  #
            "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", IFACE, "--mca", "oob_tcp_if_include", IFACE,
            *[x for var in ("PATH", "PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "PYTHONUNBUFFERED",
                            "MASTER_ADDR", "MASTER_PORT") for x in ("-x", var)],
-           sys.executable, "-m", "megaface", "train", *tiny_args(tmp_path / "out", synthetic_cache)]
+           sys.executable, "-m", "megaface", "train", *launcher_args(tmp_path / "out", synthetic_cache)]
     proc = subprocess.run(hosts.in_host(0, cmd), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=JOB_TIMEOUT_S)
     proc.wall_s = 0.0  # type: ignore[attr-defined]
@@ -169,8 +166,8 @@ def script_env(hosts: TwoHosts, tmp_path: Path, cache: Path, **extra: str) -> di
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_seed_script_two_nodes(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                               reference_losses: list[float]) -> None:  # noqa: F811
+def test_seed_script_two_nodes(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                               reference_losses: list[float]) -> None:
     """launch/train_r100_mp_pfc.sh with NODES=2 and the nodes' addresses: DRY_RUN prints the deepspeed
     command, the real run trains (the seed's r100 recipe with the quickstart's tiny settings on top)."""
     if shutil.which("pdsh") is None:
@@ -179,7 +176,7 @@ def test_seed_script_two_nodes(hosts: TwoHosts, tmp_path: Path, synthetic_cache:
     script = str(LAUNCH / "train_r100_mp_pfc.sh")
     args = ["--model.network=mobilefacenet_tiny", "--model.dropout=0", "--head.num_classes=40",
             "--data.source=synthetic", "--data.workers=1", "--train.threads=1",
-            *tiny_args(tmp_path / "out", synthetic_cache)[2:]]
+            *launcher_args(tmp_path / "out", synthetic_cache)[2:]]
     dry = subprocess.run(hosts.in_host(0, [script, *args]), cwd=tmp_path, capture_output=True, text=True,
                          env=script_env(hosts, tmp_path, synthetic_cache, DRY_RUN="1"), timeout=60)
     assert dry.returncode == 0, dry.stderr
@@ -198,12 +195,12 @@ LOSS_LINE = re.compile(rf"error: a collective waited more than train.collective_
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S * 3 + 60)
-def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path) -> None:  # noqa: F811
+def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path) -> None:
     """Host 1 is lost mid-run (link down, then every process on it killed: no RST reaches host 0). Host 0
     ends within train.collective_timeout_s (plus torchrun's teardown) with one line naming host 1; after
     host 1 is back, `--resume latest` on both continues from the last checkpoint."""
     out = tmp_path / "out"
-    args = [*tiny_args(out, synthetic_cache), "--max-steps", "300", "--save-every", "3",
+    args = [*launcher_args(out, synthetic_cache), "--max-steps", "300", "--save-every", "3",
             f"--train.collective_timeout_s={LOSS_TIMEOUT_S}"]
     port, env = free_port(), host_env(hosts)
     procs = [subprocess.Popen(hosts.in_host(i, torchrun_static(i, port, args)), cwd=ROOT, env=env, text=True,
@@ -232,7 +229,7 @@ def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache:
 
     step = int((out / "checkpoints" / "latest").read_text().strip().rsplit("_", 1)[-1])
     assert step >= 6
-    resume = [*tiny_args(out, synthetic_cache), "--resume", "latest", "--max-steps", str(step + 3)]
+    resume = [*launcher_args(out, synthetic_cache), "--resume", "latest", "--max-steps", str(step + 3)]
     port = free_port()
     node0, node1 = run_on_both(hosts, [torchrun_static(0, port, resume), torchrun_static(1, port, resume)], env)
     assert node0.returncode == 0 and node1.returncode == 0, (node0.stdout + node0.stderr + node1.stderr)[-6000:]
