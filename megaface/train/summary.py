@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megaface.checkpoint.layout import BEST_SIDECAR_GLOB
+from megaface.checkpoint.layout import BEST_SIDECAR_GLOB, sidecar_path
 from megaface.data.synthetic import synthetic_dir
 
 
@@ -59,7 +59,7 @@ def summarize(output_dir: str | Path, seconds: float | None = None) -> list[str]
     took = f" in {int(seconds) // 60} min {int(seconds) % 60:02d} s" if seconds is not None else ""
     lines = [(f"done{took}: best Accuracy-Flip {float(meta['accuracy_flip']):.5f} on {meta.get('pack')} "
               f"(identities not seen in training) at iteration {meta.get('iteration')}"),
-             f"model: {model} ({meta.get('network')}, {meta.get('embedding_size')}-d; meta in {model}.json)"]
+             f"model: {model} ({meta.get('network')}, {meta.get('embedding_size')}-d; meta in {sidecar_path(model)})"]
     bin_path = pack_path(meta)
     evaluate = ["megaface", "eval", "--checkpoint", str(model), "--bin", bin_path or "lfw.bin"]
     lines.append(f"next: {shlex.join(evaluate)}")
