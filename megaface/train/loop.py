@@ -74,8 +74,9 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any], argv: list[str] 
         heartbeat.report_error(" ".join(str(err).split()))
         return 1 if isinstance(err, WorkerDied) else 2  # a dead worker is the environment, not the input
     except CheckpointNotWritten as err:  # full disk, quota, ulimit -f: the environment, as in megaface.cli
+        # Every rank raised it (the save agrees on every rank's failures): each prints its own line.
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
-        heartbeat.report_error(" ".join(str(err).split()))
+        heartbeat.report_error(" ".join(str(err).split()), every_rank=True)
         return 1
     except RuntimeError as err:
         if (peer := heartbeat.peer_error()) is not None:  # gloo's "Connection closed by peer" and the like
