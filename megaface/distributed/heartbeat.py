@@ -15,6 +15,8 @@ any world size). When it has not moved for `timeout_s` (train.collective_timeout
 SIGKILL (a stopped process ignores everything else, and torchrun would wait 30 s more before killing it).
 A rank that sees an error posted by another ends with that line: from its main thread when a collective
 fails (`peer_error`), or from the watcher when the main thread stays blocked for longer than two beats.
+When a collective fails and nobody posts an error, a rank ended without a word (SIGKILL, the OOM killer,
+a lost host: its process is gone or its counter stopped) is named by `explain_lost_peer`.
 An error that every rank raised by itself, after agreeing on it in a collective (a checkpoint that could
 not be written), is not posted: each rank prints its own line, however late its main thread gets there;
 a watcher acting on such a post would end a slow rank with the peer's line first, and the rank's own
@@ -32,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
@@ -206,6 +209,54 @@ class Heartbeat:
             return self._silent((self.rank + 1) % self.world_size, self.peer_quiet_s, self._reader)
         except (RuntimeError, OSError):
             return None
+
+    def explain_lost_peer(self) -> str | None:
+        """After a collective failed with no error posted (gloo's "Connection closed by peer"): the line naming
+        a rank that ended without a word (SIGKILL from the OOM killer, kill -9, a lost host), posted for the
+        others, or the error a peer posts meanwhile (it may be just about to); None when every rank is alive."""
+        if self._reader is None:
+            return None
+        try:
+            start = {r: self._value(f"beat/{r}") for r in range(self.world_size) if r != self.rank}
+            deadline = time.monotonic() + 2 * self.interval_s + 1
+            while time.monotonic() < deadline:
+                if (posted := self.peer_error()) is not None:
+                    return posted
+                lost = [r for r in start if self._gone(r)]
+                if lost:
+                    return self._lost(lost[0], "its process is gone")
+                time.sleep(0.1)
+            quiet = [r for r, beat in start.items() if beat not in (None, _DONE) and self._value(f"beat/{r}") == beat]
+            return self._lost(quiet[0], "its heartbeat stopped") if quiet else None
+        except (RuntimeError, OSError):
+            return None
+
+    def _value(self, key: str) -> str | None:
+        assert self._reader is not None
+        return self._reader.get(key).decode() if self._reader.check([key]) else None
+
+    def _who(self, rank: int) -> tuple[str, int | None]:
+        who = (self._value(f"who/{rank}") or "").split()
+        return (who[0], int(who[1])) if len(who) == 2 else ("?", None)
+
+    def _gone(self, rank: int) -> bool:
+        """A rank on this host whose process no longer runs (or is a zombie its launcher has not reaped)."""
+        host, pid = self._who(rank)
+        if pid is None or host != socket.gethostname() or self._value(f"beat/{rank}") == _DONE:
+            return False
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+        except (FileNotFoundError, IndexError):
+            return True
+
+    def _lost(self, rank: int, how: str) -> str:
+        host, pid = self._who(rank)
+        line = (f"rank {rank} (pid {pid} on {host}) ended without an error line ({how}): it was killed (the OOM "
+                "killer, kill -9) or its host went down; the job is ended. Check that host (dmesg for the OOM "
+                "killer), then resume with --resume latest")
+        assert self._reader is not None
+        self._reader.compare_set("error", "", f"rank {self.rank}: {line}")
+        return self._reader.get("error").decode()  # another rank may have posted first: say the same
 
     def _ack(self, store: dist.Store) -> None:
         with self._ack_lock:

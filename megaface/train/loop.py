@@ -85,6 +85,8 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any], argv: list[str] 
             print(f"{prefix}megaface train: error: {death}", file=sys.stderr, flush=True)
             heartbeat.report_error(death)
             return 1
+        if not _is_timeout(err) and (lost := heartbeat.explain_lost_peer()) is not None:  # a SIGKILLed rank
+            return _peer_failed(heartbeat, prefix, lost)
         if not _is_timeout(err):
             raise
         if (silent := heartbeat.explain_timeout()) is not None:  # the heartbeat names the silent rank

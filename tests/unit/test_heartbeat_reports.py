@@ -2,11 +2,15 @@
 
 - a rank's own watcher never counts as a reader of its own error, so the failing rank waits for its peers;
 - an error every rank raised itself (`every_rank=True`, a checkpoint that could not be written) is not
-  posted, so no watcher ends a rank that is late to print its own line.
+  posted, so no watcher ends a rank that is late to print its own line;
+- a rank that ended without a word (SIGKILL) is named after a collective fails with nothing posted.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import time
 
 import pytest
@@ -74,3 +78,30 @@ def test_peer_that_reports_second_acks_the_first_error(store: dist.Store) -> Non
         first.stop()
         second.stop()
     assert int(store.add("ack", 0)) == 1 and exits == []
+
+
+def test_a_rank_killed_without_a_word_is_named(store: dist.Store) -> None:
+    """A collective failed and nobody posted: a peer whose process is gone (SIGKILL, the OOM killer) is named
+    by pid and host; one on another host whose counter stopped is named too; live, beating ranks are not."""
+    exits: list[tuple[int, int]] = []
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid no longer runs
+    survivor = _beat(0, exits)
+    try:
+        store.set("who/1", f"{socket.gethostname()} {gone.pid}")
+        store.set("beat/1", "7")
+        line = survivor.explain_lost_peer()
+        assert line is not None and line.startswith(f"rank 0: rank 1 (pid {gone.pid} on {socket.gethostname()}) "
+                                                    "ended without an error line (its process is gone)"), line
+        assert store.get("error").decode() == line  # posted for the other ranks
+        store.delete_key("error")
+        store.set("who/1", f"elsewhere {os.getpid()}")  # remote: only its counter tells
+        line = survivor.explain_lost_peer()
+        assert line is not None and "rank 1 (pid" in line and "(its heartbeat stopped)" in line, line
+        store.delete_key("error")
+        store.set("who/1", f"{socket.gethostname()} {os.getpid()}")
+        store.set("beat/1", "done")  # a rank that finished is not lost
+        assert survivor.explain_lost_peer() is None
+    finally:
+        survivor.stop()
+    assert exits == []
