@@ -135,6 +135,27 @@ def test_killed_loader_worker_is_one_line_on_every_rank(tmp_path: Path) -> None:
     _no_rank_traceback(text)
 
 
+def test_busy_output_directory_is_each_ranks_own_line(tmp_path: Path) -> None:
+    """The output directory is locked by another run: every rank raises the same error after one broadcast and
+    prints it itself (not the peer path's "rank 0: ..." line that a heartbeat post would give a late rank)."""
+    from megaface.train.run_lock import RunLock
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    holder = RunLock(out, lambda message: None)
+    try:
+        job = _torchrun(tiny_args(tmp_path / "cache", out, 2), log)
+        code = _finish(job, timeout=240)
+    finally:
+        holder.release()
+    text = log.read_text()
+    lines = _rank_lines(text)
+    assert code != 0 and sorted(lines) == [0, 1], text[-4000:]
+    for rank in (0, 1):
+        assert len(lines[rank]) == 1 and "in use" in lines[rank][0] and f"pid {os.getpid()}" in lines[rank][0]
+        assert not lines[rank][0].startswith("rank 0: "), lines
+    _no_rank_traceback(text)
+
+
 @pytest.mark.slow
 def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A rank stopped with SIGSTOP while the job saves every 2 iterations: the job ends within
