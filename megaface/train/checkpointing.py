@@ -62,7 +62,13 @@ from megaface.checkpoint.layout import TMP_SUFFIX, tmp_tag_name
 from megaface.distributed import comm
 from megaface.fileio import atomic_write_text
 from megaface.train.build import TrainParts
-from megaface.train.checkpoint_writes import CheckpointNotWritten, not_written_message, write_failure, write_rank_files
+from megaface.train.checkpoint_writes import (
+    CheckpointNotWritten,
+    not_written_message,
+    rank_failure,
+    write_failure,
+    write_rank_files,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -163,10 +169,11 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
         try:
             tmp.mkdir(parents=True)
         except OSError as err:
-            failure = write_failure(tmp, err)
+            failure = rank_failure(0, write_failure(tmp, err))
     failure = comm.broadcast_object(failure, src=0, group=state.group)  # also the barrier before writing
     if failure is None:
         failure = write_rank_files(parts, tmp, {**trainer_state, "rng": rng_state()})
+        failure = None if failure is None else rank_failure(state.rank, failure)
     comm.barrier(state.group)
     files, failures = _agree_on_files(tmp, state, failure)  # also the barrier: every rank's files are complete
     if not failures and state.is_main:
@@ -200,7 +207,7 @@ def _commit(tmp: Path, final: Path, ckpt_dir: Path, meta_text: str) -> list[str]
     except OSError as err:
         if path == ckpt_dir / LATEST:
             shutil.rmtree(final, ignore_errors=True)
-        return [write_failure(path, err)]
+        return [rank_failure(0, write_failure(path, err))]
     return []
 
 

@@ -71,11 +71,12 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any], argv: list[str] 
         if peer is not None and not peer.endswith(" ".join(str(err).split())):  # it follows another rank's
             return _peer_failed(heartbeat, prefix, peer)
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
-        heartbeat.report_error(" ".join(str(err).split()))
+        heartbeat.report_error(" ".join(str(err).split()), every_rank=isinstance(err, _RaisedOnEveryRank))
         return 1 if isinstance(err, WorkerDied) else 2  # a dead worker is the environment, not the input
     except CheckpointNotWritten as err:  # full disk, quota, ulimit -f: the environment, as in megaface.cli
+        # Every rank raised it (the save agrees on every rank's failures): each prints its own line.
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
-        heartbeat.report_error(" ".join(str(err).split()))
+        heartbeat.report_error(" ".join(str(err).split()), every_rank=True)
         return 1
     except RuntimeError as err:
         if (peer := heartbeat.peer_error()) is not None:  # gloo's "Connection closed by peer" and the like
@@ -84,6 +85,8 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any], argv: list[str] 
             print(f"{prefix}megaface train: error: {death}", file=sys.stderr, flush=True)
             heartbeat.report_error(death)
             return 1
+        if not _is_timeout(err) and (lost := heartbeat.explain_lost_peer()) is not None:  # a SIGKILLed rank
+            return _peer_failed(heartbeat, prefix, lost)
         if not _is_timeout(err):
             raise
         if (silent := heartbeat.explain_timeout()) is not None:  # the heartbeat names the silent rank
@@ -107,6 +110,11 @@ def _peer_failed(heartbeat: Heartbeat, prefix: str, message: str) -> int:
     return EXIT_PEER_FAILED
 
 
+class _RaisedOnEveryRank(ValueError):
+    """A user error every rank raises after agreeing on it in a collective: each prints its own line and nothing
+    is posted to the heartbeat (see megaface.distributed.heartbeat)."""
+
+
 def _lock_output(output_dir: Path, state: Any, log: Callable[[str], None]) -> RunLock | None:
     """Collective: rank 0 takes the output directory's lock; every rank raises the same error if it is busy."""
     lock, error = None, None
@@ -117,7 +125,7 @@ def _lock_output(output_dir: Path, state: Any, log: Callable[[str], None]) -> Ru
             error = str(err)
     error = comm.broadcast_object(error, src=0, group=state.group)
     if error is not None:
-        raise ValueError(error)
+        raise _RaisedOnEveryRank(error)
     return lock
 
 
