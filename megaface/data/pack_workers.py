@@ -6,8 +6,8 @@ staged file to the pack with ``os.copy_file_range`` (a copy inside the kernel, p
 deletes it before the pages are ever written to disk. This replaced a ``multiprocessing.Pool`` that returned
 each chunk's records as one pickled bytes object: per image, the pickling, the pipe and the unpickling into
 freshly faulted buffers, and the Pool's worker-handler thread (it polls the result pipe, so it spins while a
-large result is in transit), cost the parent ~38 us and the workers ~35 us of CPU on top of the ~210 us of
-decoding (see benchmarks/README.md).
+large result is in transit), cost the parent 0.03-0.04 ms of CPU per image, about twice what it spends now
+(benchmarks/README.md has the measurements).
 
 Chunks are handed out as workers ask (two in flight per worker, and never more than `window` chunks ahead
 of the oldest one not yet taken by the parent), and results are yielded in chunk order. A worker's error (an
