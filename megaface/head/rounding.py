@@ -22,6 +22,7 @@ import torch
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2^31: x (< 2^32) times one stays below 2^63, so int64 arithmetic never overflows.
 _MUL1, _MUL2 = 0x7FEB352D, 0x5BD1E995
+PIECE_ROWS = 1024  # rows rounded at a time: 4 MiB per int64 temporary at D=512
 
 
 def hash32(x: torch.Tensor | int) -> torch.Tensor | int:
@@ -54,7 +55,10 @@ def stochastic_round_bf16(x: torch.Tensor, seed: int, step: int, rows: torch.Ten
     if x.dtype != torch.float32 or x.dim() != 2 or rows.shape != x.shape[:1]:
         raise ValueError(f"stochastic_round_bf16 takes fp32 [n, D] and rows [n], got {x.dtype} "
                          f"{tuple(x.shape)} and {tuple(rows.shape)}")
-    bits = x.view(torch.int32) + random_bits16(seed, step, rows, x.shape[1])  # carries into bit 16 at random
-    upper = torch.bitwise_right_shift(bits, 16).to(torch.int16)  # arithmetic shift; the low 16 bits are bf16's
-    out = upper.view(torch.bfloat16)
-    return torch.where(torch.isfinite(x), out, x.to(torch.bfloat16))
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    for lo in range(0, x.shape[0], PIECE_ROWS):  # the int64 hash temporaries stay a few MB
+        piece = x[lo:lo + PIECE_ROWS]
+        bits = piece.view(torch.int32) + random_bits16(seed, step, rows[lo:lo + PIECE_ROWS], x.shape[1])
+        upper = torch.bitwise_right_shift(bits, 16).to(torch.int16)  # arithmetic shift: bf16's 16 bits
+        out[lo:lo + PIECE_ROWS] = torch.where(torch.isfinite(piece), upper.view(torch.bfloat16), piece.bfloat16())
+    return out
