@@ -72,9 +72,10 @@ class _DataParallelGradScale(torch.autograd.Function):
 
 
 def init_shard(class_start: int, num_local: int, embedding_size: int, seed: int = 0,
-               std: float = INIT_STD) -> torch.Tensor:
-    """N(0, std) rows [class_start, class_start + num_local), drawn in seeded blocks of class ids."""
-    out = torch.empty((num_local, embedding_size), dtype=torch.float32)
+               std: float = INIT_STD, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, std) rows [class_start, class_start + num_local), drawn in seeded blocks of class ids (fp32) and
+    stored in `dtype` block by block (rounded to nearest), so no fp32 copy of a low-precision shard is made."""
+    out = torch.empty((num_local, embedding_size), dtype=dtype)
     end = class_start + num_local
     gen = torch.Generator()
     for block in range(class_start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
@@ -163,8 +164,8 @@ class PartialFC(nn.Module):
         # K rows per class, class c's at rows c*K .. c*K + K - 1: drawn as "row classes" c*K + j, so the full
         # [C*K, D] matrix is the same at any world size and a rank's rows are one contiguous slice of it.
         self.weight = nn.Parameter(init_shard(self.class_start * subcenters, self.num_local * subcenters,
-                                              self.embedding_size, seed, float(init_std))
-                                   .to(WEIGHT_DTYPES[weight_dtype]))
+                                              self.embedding_size, seed, float(init_std),
+                                              WEIGHT_DTYPES[weight_dtype]))
         self.sampled_index: torch.Tensor | None = None  # rows of the last forward (None: all rows)
         self._generator: torch.Generator | None = None
         # merged micro-batch gradients are summed in fp32 whatever the weight's storage dtype

@@ -139,6 +139,11 @@ def test_shards_move_between_weight_dtypes() -> None:
     assert merge_shards(parts)["optimizer_steps"] == 2
 
 
+def test_bf16_initial_rows_are_the_fp32_draw_rounded_to_nearest() -> None:
+    bf16, fp32 = PartialFC(16, 9000, weight_dtype="bf16").weight, PartialFC(16, 9000).weight  # 3 init blocks
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, fp32.detach().bfloat16())
+
+
 def test_weight_dtype_refusals() -> None:
     with pytest.raises(ValueError, match="weight_dtype='fp16' must be one of"):
         PartialFC(8, 10, weight_dtype="fp16")
