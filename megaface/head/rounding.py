@@ -17,15 +17,18 @@ The sign bit is untouched (sign-magnitude), so negative values round symmetrical
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 
+_T = TypeVar("_T", torch.Tensor, int)
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2^31: x (< 2^32) times one stays below 2^63, so int64 arithmetic never overflows.
 _MUL1, _MUL2 = 0x7FEB352D, 0x5BD1E995
 PIECE_ROWS = 1024  # rows rounded at a time: 4 MiB per int64 temporary at D=512
 
 
-def hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+def hash32(x: _T) -> _T:
     """A 32-bit integer mixing function (xor-shift-multiply) on int64 tensors or Python ints in [0, 2^32)."""
     x = x ^ (x >> 16)
     x = (x * _MUL1) & _MASK32
