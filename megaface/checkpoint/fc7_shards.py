@@ -269,6 +269,8 @@ def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
         "momentum": None,
         **{key: None if value is None else value.detach().to("cpu", copy=True) for key, value in rows.items()},
         "optimizer": None if optimizer is None else type(optimizer).__name__,
+        # ShardSGD's step counter (the bf16 weight's stochastic-rounding counter; run-wide, the same on every rank)
+        "optimizer_steps": getattr(optimizer, "step_count", None),
         "class_start": head.class_start,
         "num_local": head.num_local,
         "num_classes": head.num_classes,
@@ -309,7 +311,7 @@ def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]
     if tuple(weight.shape) != tuple(head.weight.shape):
         raise ValueError(f"FC7 shard weight shape {tuple(weight.shape)} != {tuple(head.weight.shape)}")
     with torch.no_grad():
-        head.weight.copy_(weight)
+        head.weight.copy_(weight)  # into the head's weight dtype (bf16 <- fp32 rounds to nearest)
     head.set_sampler_state(state.get("sampler_rng"))
     head.margin.load_state(state.get("margin_state"), f"FC7 shard (rank {head.rank})")
     if optimizer is None:
@@ -322,6 +324,8 @@ def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]
         raise ValueError(f"FC7 shard carries {foreign} of optimizer {saved_with or 'ShardSGD'} but this run uses "
                          f"{type(optimizer).__name__}; resume with the optim.name the checkpoint was trained with")
     optimizer.load_row_state(rows, f"FC7 shard (rank {head.rank})")
+    if hasattr(optimizer, "step_count"):
+        optimizer.step_count = int(state.get("optimizer_steps") or 0)
     lr = (state.get("hyper") or {}).get("lr")
     if lr is not None:
         optimizer.param_groups[0]["lr"] = float(lr)

@@ -150,6 +150,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if h.parallel == "data" and h.momentum_dtype != "fp32":
         raise ValueError(f"head.momentum_dtype={h.momentum_dtype!r} needs head.parallel=model (a data-parallel FC7 "
                          "lives in the DeepSpeed engine, whose optimizer keeps its own momentum): drop the key")
+    if h.weight_dtype != "fp32" and (h.parallel == "data" or o.name != "sgd"):
+        raise ValueError(f"head.weight_dtype={h.weight_dtype!r} needs head.parallel=model and optim.name=sgd (got "
+                         f"parallel={h.parallel!r}, optim.name={o.name!r}): ShardSGD alone updates a bf16 master "
+                         "weight; set head.weight_dtype=fp32")
     if h.clip_grad_norm is not None and h.parallel == "data":
         raise ValueError("head.clip_grad_norm needs head.parallel=model: a data-parallel FC7 lives in the "
                          "DeepSpeed engine and is clipped with the backbone by the JSON's gradient_clipping")

@@ -395,7 +395,7 @@ def export_arcface_torch(checkpoint: str | os.PathLike, output: str | os.PathLik
             if merged.get("momentum") is not None:
                 state[len(names)] = {"momentum_buffer": merged["momentum"][start:start + count].clone()}
             torch.save({"epoch": epoch, "global_step": iteration, "state_dict_backbone": backbone,
-                        "state_dict_softmax_fc": {"weight": merged["weight"][start:start + count].clone()},
+                        "state_dict_softmax_fc": {"weight": merged["weight"][start:start + count].to(torch.float32, copy=True)},
                         "state_optimizer": {"state": state, "param_groups": groups},
                         "state_lr_scheduler": scheduler}, tmp / f"checkpoint_gpu_{rank}.pt")
         torch.save(backbone, tmp / "model.pt")

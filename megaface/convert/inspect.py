@@ -45,7 +45,10 @@ def _fc7_section(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     first = states[0]
     return {"parallel": meta.get("parallel", "model"), "world_size": int(first["world_size"]),
             "num_classes": int(first["num_classes"]), "embedding_size": int(first["embedding_size"]),
-            "subcenters": int(first.get("subcenters", 1)), "hyper": first.get("hyper"), "shards": sorted(shards, key=lambda s: s["rank"])}
+            "subcenters": int(first.get("subcenters", 1)),
+            "weight_dtype": str(first["weight"].dtype).removeprefix("torch."),
+            "momentum_dtype": None if first.get("momentum") is None else str(first["momentum"].dtype).removeprefix("torch."),
+            "hyper": first.get("hyper"), "shards": sorted(shards, key=lambda s: s["rank"])}
 
 
 def _ds_section(tag_dir: Path) -> dict[str, Any]:
@@ -123,7 +126,8 @@ def format_report(report: dict[str, Any]) -> str:
     if fc7.get("shards"):
         lines.append(f"  fc7 shards       {len(fc7['shards'])} (world size {fc7['world_size']}, "
                      f"{fc7['num_classes']} classes x {fc7['embedding_size']}"
-                     f"{f', {sub} sub-centers per class' if (sub := fc7.get('subcenters', 1)) > 1 else ''})")
+                     f"{f', {sub} sub-centers per class' if (sub := fc7.get('subcenters', 1)) > 1 else ''}; "
+                     f"weight {fc7.get('weight_dtype')}, momentum {fc7.get('momentum_dtype') or '-'})")
         for s in fc7["shards"]:
             end = s["class_start"] + s["num_local"]
             rows = s["num_local"] * fc7.get("subcenters", 1)

@@ -320,7 +320,8 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
                      group=state.group, parallel=h.parallel,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(head_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
-                     accumulation_steps=gas, init_std=h.init_std, subcenters=h.subcenters)
+                     accumulation_steps=gas, init_std=h.init_std, subcenters=h.subcenters,
+                     weight_dtype=h.weight_dtype)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
     if cfg.train.max_steps is not None:

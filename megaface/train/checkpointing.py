@@ -238,6 +238,9 @@ def _load_fc7(parts: TrainParts, tag_dir: Path, meta: dict[str, Any], log: Calla
     shard, stored_world = load_rank_shard(tag_dir, state.world_size, state.rank)
     if stored_world != state.world_size:
         log(f"resume: FC7 resharded from {stored_world} to {state.world_size} ranks")
+    if shard["weight"].dtype != parts.head.weight.dtype:
+        log(f"resume: FC7 weight converted from {shard['weight'].dtype} to {parts.head.weight.dtype} "
+            "(head.weight_dtype differs from the checkpoint's)")
     load_shard_state_dict(parts.head, parts.fc7_optimizer, shard)
 
 
