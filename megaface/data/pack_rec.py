@@ -290,6 +290,7 @@ def _append_chunk(records: list[bytes] | Path, lengths: np.ndarray, placed: tupl
             offsets = (sizes[rec_name] - start + np.concatenate([[start], ends[a:b - 1]])).tolist()
             lines = "".join(f"{key}\t{off}\n" for key, off in zip(keys[a:b].tolist(), offsets, strict=True)).encode()
             if staged is None:
+                assert not isinstance(records, Path)
                 write_records(rec, records[a:b])
             else:
                 append_range(staged, rec, start, stop - start)

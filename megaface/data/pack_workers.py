@@ -85,7 +85,7 @@ class ChunkWorkers:
         shutil.rmtree(self.staging, ignore_errors=True)  # chunks a killed run left behind
         self.staging.mkdir(parents=True)
         methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        context: Any = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         for _ in range(self.workers):
             ours, theirs = context.Pipe(duplex=True)
             process = context.Process(target=_worker_main, daemon=True, name="megaface-pack-worker",
@@ -111,12 +111,13 @@ class ChunkWorkers:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def results(self, chunks: Iterable[Any]) -> Iterator[tuple[Path, array]]:
-        source, pending = iter(chunks), {}  # pending: chunk number -> (lengths, error), back from a worker
+        source = iter(chunks)
+        pending: dict[int, tuple[array | None, BaseException | None]] = {}  # chunk number -> back from a worker
         busy = dict.fromkeys(range(self.workers), 0)  # chunks each worker holds
         sent = taken = 0
         exhausted = False
         while True:
-            for w in sorted(busy, key=busy.get):  # two chunks per worker, so that none waits for the parent
+            for w in sorted(busy, key=lambda k: busy[k]):  # two chunks per worker, so that none waits for the parent
                 while not exhausted and busy[w] < 2 and sent < taken + self.window:
                     chunk = next(source, None)
                     exhausted = chunk is None
@@ -127,6 +128,7 @@ class ChunkWorkers:
                 lengths, error = pending.pop(taken)
                 if error is not None:
                     raise error
+                assert lengths is not None  # a worker sends lengths or an error
                 path = self.staging / f"{taken}.rec"
                 yield path, lengths
                 path.unlink()  # copied into the pack by now
@@ -135,7 +137,7 @@ class ChunkWorkers:
                 return
             else:
                 for conn in wait(self.connections):
-                    w = self.connections.index(conn)
+                    w = self.connections.index(conn)  # type: ignore[arg-type]  # wait() returns what it was given
                     number, lengths, error = self._receive(w)
                     busy[w] -= 1
                     pending[number] = (lengths, error)
