@@ -252,7 +252,7 @@ def plot_angles(angles: np.ndarray, threshold_deg: float, path: str | os.PathLik
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(angles, bins=np.arange(0, 181, 1.0), color="tab:blue")
+    ax.hist(angles, bins=list(range(181)), color="tab:blue")
     ax.axvline(threshold_deg, color="tab:red", linestyle="--", label=f"threshold {threshold_deg:g} deg")
     ax.set_xlabel("angle to the class's dominant sub-center (degrees)")
     ax.set_ylabel("samples")
