@@ -80,3 +80,20 @@ def test_k1_and_mismatched_inputs_are_refused() -> None:
         clean.subcenter_cosines(_emb([0]), np.array([0]), weight, 3)
     with pytest.raises(ValueError, match="different runs"):
         clean.subcenter_cosines(np.zeros((1, 5), np.float32), np.array([0]), weight, 2)
+
+
+def test_without_matplotlib_one_warning_names_the_extra(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ModuleNotFoundError
+    labels = np.array([0, 0, 1])
+    angles = np.array([10.0, 80.0, 20.0])
+    plan = clean.plan_clean(angles, labels, 2, 75, 1)
+    summary = clean.report(plan, angles, np.array([0, 0]), labels, 3, 75.0, 1)
+    with pytest.warns(UserWarning, match=r"pip install 'megaface\[plot\]'") as caught:
+        clean.write_outputs(tmp_path, plan.order(labels), summary, angles, 75.0)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert json.loads((tmp_path / clean.REPORT_FILE).read_text())["histogram"] is None
+    assert np.load(tmp_path / clean.SOURCE_INDEX_FILE).tolist() == [0, 2]
+    assert not (tmp_path / clean.HISTOGRAM_FILE).exists()
