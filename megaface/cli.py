@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval-ijb": ("megaface.eval.cli", "main_ijb", "IJB-B/C 1:1 template verification (TAR@FAR)"),
     "eval-ident": ("megaface.eval.cli", "main_ident", "MegaFace-style 1:N identification (rank-1, CMC)"),
     "embed": ("megaface.eval.cli", "main_embed", "embeddings for an image folder, a RecordIO pack or a .bin"),
+    "clean": ("megaface.eval.cli", "main_clean", "drop samples far from their dominant sub-center; a cleaned pack"),
     "pack": ("megaface.data.cli", "main", "write RecordIO training packs, .bin verification packs, synthetic data"),
     "align": ("megaface.data.align", "main", "5-point landmarks -> aligned 112x112 ArcFace crops (folder or pack)"),
     "convert": ("megaface.convert", "main", "inspect, consolidate, reshard, ONNX and InsightFace interop"),

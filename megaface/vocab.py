@@ -20,6 +20,11 @@ DataSource = Literal["synthetic", "recordio", "folder", "ofrecord"]
 an image folder (one sub-folder per identity), or a OneFlow OFRecord directory (part-N files)."""
 DATA_SOURCES: tuple[str, ...] = get_args(DataSource)
 
+CleanFormat = Literal["recordio", "ofrecord"]
+"""What `megaface clean` writes: an InsightFace RecordIO pack (train.rec/.idx/property) or OFRecord part files;
+by default the format of the pack it cleans."""
+CLEAN_FORMATS: tuple[str, ...] = get_args(CleanFormat)
+
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
 """Image files taken from folders (training folders, `megaface embed --images`, `megaface pack rec`)."""
 

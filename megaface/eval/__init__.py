@@ -8,5 +8,6 @@ validation during training, IJB-style template verification and MegaFace-style i
     ijb_images.py      IJB-B / IJB-C from the released loose crops: align, embed image + flip
     identification.py  MegaFace-style 1:N identification
     roc.py             ROC figures (matplotlib)
-    cli.py             `megaface eval | embed | eval-ijb | eval-ident`
+    clean.py           `megaface clean`: drop samples far from their class's dominant sub-center, write the pack
+    cli.py             `megaface eval | embed | eval-ijb | eval-ident | clean`
 """

@@ -1,8 +1,9 @@
-"""`megaface eval | embed | eval-ijb | eval-ident`.
+"""`megaface eval | embed | eval-ijb | eval-ident | clean`.
 
-`eval`, `embed` and `eval-ijb --checkpoint` run a model and work under any launcher (plain python, torchrun,
-deepspeed, mpirun): every rank embeds its share, rank 0 scores and writes. `eval-ijb --features` and
-`eval-ident` score saved features in one process.
+`eval`, `embed`, `clean` and `eval-ijb --checkpoint` run a model and work under any launcher (plain python,
+torchrun, deepspeed, mpirun): every rank embeds its share, rank 0 scores and writes. `eval-ijb --features` and
+`eval-ident` score saved features in one process. `clean` (its logic: megaface.eval.clean) writes a cleaned
+training pack.
 
 Files written by `embed --output out.npy`:
   out.npy          float32 [N, D] (embedding of each image; + the flipped image's with --flip-fuse)
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from megaface.fileio import atomic_output_files, atomic_write_text, save_npy, save_text
-from megaface.vocab import IJB_POOLINGS, IMAGE_SUFFIXES, NORMALIZE_MODES, PROGRESS_MODES, IjbPooling
+from megaface.vocab import CLEAN_FORMATS, IJB_POOLINGS, IMAGE_SUFFIXES, NORMALIZE_MODES, PROGRESS_MODES, IjbPooling
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
@@ -233,6 +234,76 @@ def main_embed(argv: Sequence[str]) -> int:
     finally:
         _finish(owns_group)
     return 0
+
+
+# ---- megaface clean ----------------------------------------------------------------------------------
+
+def main_clean(argv: Sequence[str]) -> int:
+    from megaface.eval import clean
+
+    parser = argparse.ArgumentParser(prog="megaface clean", description="drop training samples far from their "
+                                     "class's dominant sub-center (a sub-center ArcFace checkpoint) and classes "
+                                     "left too small; write the cleaned pack, clean.json and clean_angles.png")
+    _model_args(parser)
+    parser.add_argument("--pack", required=True, help="the training pack the model was trained on (RecordIO "
+                        "pack dir, shards.json or OFRecord part-* dir)")
+    parser.add_argument("--output", required=True, help="directory of the cleaned pack (labels renumbered 0..)")
+    parser.add_argument("--threshold-deg", type=float, default=clean.DEFAULT_THRESHOLD_DEG,
+                        help="drop samples further than this from their class's dominant sub-center [75]")
+    parser.add_argument("--min-images", type=int, default=clean.DEFAULT_MIN_IMAGES,
+                        help="then drop classes left with fewer images [2]")
+    parser.add_argument("--format", choices=CLEAN_FORMATS, default=None,
+                        help="output format (default: the source pack's)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    args = parser.parse_args(list(argv))
+    clean.check_options(args.threshold_deg, args.min_images)
+    from megaface.checkpoint import read_meta, resolve_checkpoint
+    from megaface.data import build_dataset
+    from megaface.eval.embed import embed_images
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise FileExistsError(f"--output {output} exists; pass --force to replace it")
+    if Path(args.checkpoint).is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint} is a file; `megaface clean` needs the checkpoint "
+                         "directory (its FC7 holds the sub-centers): give the output, checkpoints or tag dir")
+    tag_dir = resolve_checkpoint(args.checkpoint)
+    clean.check_subcenters(int(read_meta(tag_dir).get("subcenters", 1)), tag_dir)
+    pack = build_dataset("recordio", args.pack)
+    labels = np.asarray(pack.labels(), np.int64)
+    state, model, normalize, _, owns_group = _start(args)  # verifies every file of the tag dir, FC7 included
+    try:
+        emb, _ = embed_images(model, _PackImages(pack), state, args.batch_size, normalize, flip=False,
+                              progress="clean: embed")
+        if state.is_main:
+            summary = _clean_main(args, tag_dir, pack, labels, emb)
+            print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    finally:
+        _finish(owns_group)
+    return 0
+
+
+def _clean_main(args: argparse.Namespace, tag_dir: Path, pack: Any, labels: np.ndarray,
+                emb: np.ndarray) -> dict[str, Any]:
+    """Rank 0: FC7 -> dominant sub-centers -> angles -> the plan -> the pack and its report."""
+    from megaface.eval import clean
+
+    weight, k = clean.read_fc7(tag_dir)
+    clean.check_subcenters(k, tag_dir)
+    cosines = clean.subcenter_cosines(emb, labels, weight, k)
+    dominant = clean.dominant_subcenters(cosines, labels, weight.shape[0] // k)
+    angles = clean.angles_to_dominant(cosines, labels, dominant)
+    plan = clean.plan_clean(angles, labels, len(dominant), args.threshold_deg, args.min_images)
+    fmt = args.format or clean.pack_format(pack)
+    order = clean.write_pack(pack, plan, labels, args.output, fmt, overwrite=args.force)
+    report = clean.report(plan, angles, dominant, labels, k, args.threshold_deg, args.min_images,
+                          source=str(args.pack), checkpoint=str(tag_dir), output=str(args.output), format=fmt)
+    report["noise"] = clean.noise_score(args.pack, plan)  # a synthetic pack's truth, when it has one
+    clean.write_outputs(Path(args.output), order, report, angles, args.threshold_deg)
+    return {"output": args.output, "format": fmt, "samples": f"{report['samples_in']}->{report['samples_out']}",
+            "classes": f"{report['classes_in']}->{report['classes_out']}",
+            "dropped_angle": report["samples_dropped"]["angle"],
+            "dropped_small_class": report["samples_dropped"]["small_class"]}
 
 
 # ---- megaface eval-ijb -------------------------------------------------------------------------------

@@ -138,6 +138,30 @@ def test_launcher_variants_dry_run(tmp_path: Path) -> None:
     assert "--data.path=/data/faces\\ emore" in data and "lfw.bin" in data
 
 
+def test_head_recipes_dry_run() -> None:
+    """AdaFace and sub-center K = 3 -> clean -> K = 1 (docs/heads.md): the commands the scripts build."""
+    ada = dry_run("train_r100_adaface.sh", ["--max-steps", "5"], GPUS_PER_NODE="8")
+    assert ada.split("--config ")[1].split()[0] == str(LAUNCH / "configs" / "faces_emore_r100_adaface.yaml")
+    assert ada.endswith("--max-steps 5")
+    common = dict(DATA_DIR="/data/noisy", OUTPUT="/runs/n", GPUS_PER_NODE="2", LAUNCHER="torchrun")
+    k3, clean, k1 = dry_run("train_noisy_r100_subcenter_clean.sh", ["--max-steps", "5"], **common).splitlines()
+    assert "--config " + str(LAUNCH / "configs" / "noisy_r100_subcenter3.yaml") + " --output /runs/n/k3 " in k3
+    assert k3.rstrip().endswith("--max-steps 5")
+    assert clean.split() == ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "megaface",
+                             "clean", "--checkpoint", "/runs/n/k3", "--pack", "/data/noisy", "--output",
+                             "/runs/n/cleaned", "--threshold-deg", "75", "--min-images", "2"]
+    assert "--config " + str(LAUNCH / "configs" / "noisy_r100_retrain.yaml") + " --output /runs/n/k1 " in k1
+    assert k1.rstrip().endswith("--data.path=/runs/n/cleaned --max-steps 5")  # after DATA_DIR's: it wins
+    later = dry_run("train_noisy_r100_subcenter_clean.sh", PHASES="2 3", THRESHOLD_DEG="70", **common)
+    assert len(later.splitlines()) == 2 and "--threshold-deg 70" in later
+    for recipe in ("noisy_r100_subcenter3.yaml", "noisy_r100_retrain.yaml"):
+        cfg = load_config(LAUNCH / "configs" / recipe)
+        assert cfg.head.subcenters == (3 if "subcenter3" in recipe else 1)
+    proc = subprocess.run(["bash", str(LAUNCH / "train_noisy_r100_subcenter_clean.sh")], cwd=ROOT,
+                          capture_output=True, text=True, env=job_env(DRY_RUN="1"), timeout=60)
+    assert proc.returncode == 2 and "DATA_DIR is not set" in proc.stderr
+
+
 @pytest.mark.parametrize("env, message", [
     (dict(HOSTFILE="/nonexistent/hostfile"), "HOSTFILE='/nonexistent/hostfile' does not exist"),
     (dict(NODES="2"), "NODES=2 needs HOSTFILE"),
