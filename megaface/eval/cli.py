@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 
@@ -273,7 +273,8 @@ def main_clean(argv: Sequence[str]) -> int:
     labels = np.asarray(pack.labels(), np.int64)
     state, model, normalize, _, owns_group = _start(args)  # verifies every file of the tag dir, FC7 included
     try:
-        emb, _ = embed_images(model, _PackImages(pack), state, args.batch_size, normalize, flip=False,
+        images = cast("Sequence[bytes]", _PackImages(pack))  # embed_images needs only len() and [i]
+        emb, _ = embed_images(model, images, state, args.batch_size, normalize, flip=False,
                               progress="clean: embed")
         if state.is_main:
             summary = _clean_main(args, tag_dir, pack, labels, emb)
