@@ -52,6 +52,10 @@ class Heartbeat:
     def __init__(self, state: DistState, timeout_s: float, interval_s: float | None = None,
                  prefix: str = "train", exit_process: Callable[[int], None] = os._exit) -> None:
         self.rank, self.world_size = state.rank, state.world_size
+        # "address (host name)" from the start-up: the host name alone is the same on many hosts (a
+        # container's, or /etc/hosts cloned across a cluster), so it neither names a lost host nor says
+        # whether a silent rank runs here
+        self.host = state.hosts[state.rank] if state.hosts else socket.gethostname()
         self.timeout_s = float(timeout_s)
         self.interval_s = interval_s if interval_s is not None else max(0.5, min(2.0, self.timeout_s / 10))
         self.prefix = prefix
@@ -73,7 +77,7 @@ class Heartbeat:
         try:
             store = _connect(store_timeout)
             reader = _connect(store_timeout)
-            store.set(f"who/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+            store.set(f"who/{self.rank}", f"{os.getpid()} {self.host}")
             store.set(f"beat/{self.rank}", "0")
         except (RuntimeError, OSError, KeyError, ValueError) as err:  # no store to reach: train without it
             warnings.warn(f"rank {self.rank}: no store heartbeat ({' '.join(str(err).split())[:200]}); a failed "
@@ -167,8 +171,8 @@ class Heartbeat:
 
     def _silent(self, peer: int, seconds: float, store: dist.Store) -> str:
         """Post (first one wins) and return the line naming the silent `peer`; SIGKILL it when it is local."""
-        who = store.get(f"who/{peer}").decode().split() if store.check([f"who/{peer}"]) else []
-        host, pid = (who[0], int(who[1])) if len(who) == 2 else ("?", None)
+        who = store.get(f"who/{peer}").decode().split(" ", 1) if store.check([f"who/{peer}"]) else []
+        pid, host = (int(who[0]), who[1]) if len(who) == 2 else (None, "?")
         line = (f"rank {peer} (pid {pid} on {host}) sent no heartbeat for {seconds:.0f} s (train."
                 f"collective_timeout_s={self.timeout_s:g}): it is stopped (SIGSTOP, a debugger), swapping or hung; "
                 "the job is ended. Check that rank's host, then resume with --resume latest")
@@ -177,7 +181,7 @@ class Heartbeat:
             line = store.get("error").decode()  # another rank may have posted first: say the same
         except (RuntimeError, OSError):
             line = f"rank {self.rank}: {line}"
-        if pid is not None and host == socket.gethostname():
+        if pid is not None and host == self.host:
             try:
                 os.kill(pid, signal.SIGKILL)  # a stopped process takes no other signal; the launcher would wait
             except (ProcessLookupError, PermissionError):
