@@ -25,7 +25,6 @@ import pytest
 from tests.conftest import free_port
 from tests.e2e.test_launchers import (
     JOB_TIMEOUT_S,
-    LAUNCH,
     ROOT,
     TRAIN_LINE,
     check_training,
@@ -86,9 +85,47 @@ def run_on_both(hosts: TwoHosts, cmd_for: list[list[str]], env: dict[str, str],
     return results
 
 
-def torchrun_static(node_rank: int, port: int, args: list[str]) -> list[str]:
+# The commands of each case, built by the functions docs/multinode.md's table is checked against
+# (test_docs_show_the_commands_run_here renders them with the doc's placeholders: $i, $PORT, $TINY, ...).
+def torchrun_static(node_rank: int | str, port: int | str, args: list[str]) -> list[str]:
     return ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node_rank),
             "--master_addr", ADDRS[0], "--master_port", str(port), "-m", "megaface", "train", *args]
+
+
+def torchrun_c10d(is_host: int | str, local_addr: str, port: int | str, args: list[str]) -> list[str]:
+    # torchrun hosts the rendezvous store only where the endpoint matches the host name's addresses (here
+    # 127.0.1.1), so node 0 is told (is_host); --local-addr is the address the rank-0 agent publishes as
+    # MASTER_ADDR (its host name otherwise, which resolves to loopback on the other host)
+    return ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"{ADDRS[0]}:{port}", "--rdzv-id", "mf-two-hosts", "--rdzv-conf", f"is_host={is_host}",
+            "--local-addr", local_addr, "-m", "megaface", "train", *args]
+
+
+def deepspeed_cmd(hostfile: str, port: int | str, args: list[str]) -> list[str]:
+    return ["deepspeed", "--hostfile", hostfile, "--master_addr", ADDRS[0], "--master_port", str(port),
+            "--ssh_port", str(SSH_PORT), "--module", "megaface", "train", *args]
+
+
+MPI_FORWARDED = ("PATH", "PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
+def mpirun_cmd(python: str, args: list[str]) -> list[str]:
+    return ["mpirun", "--allow-run-as-root", "-np", "2", "--host", f"{ADDRS[0]}:1,{ADDRS[1]}:1",
+            "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", IFACE, "--mca", "oob_tcp_if_include", IFACE,
+            *[x for var in MPI_FORWARDED for x in ("-x", var)], python, "-m", "megaface", "train", *args]
+
+
+DS_ENV = f"DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nGLOO_SOCKET_IFNAME={IFACE}\n"  # the deepspeed case's
+SEED_DS_ENV = "DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\n"  # the seed script's: megaface chooses the interface
+SEED_SCRIPT = "launch/train_r100_mp_pfc.sh"
+SEED_TINY = ["--model.network=mobilefacenet_tiny", "--model.dropout=0", "--head.num_classes=40",
+             "--data.source=synthetic", "--data.workers=1", "--train.threads=1"]  # then $TINY without --config
+
+
+def seed_vars(hostfile: str, port: int | str) -> dict[str, str]:
+    return {"NODES": "2", "GPUS_PER_NODE": "1", "HOSTFILE": hostfile, "MASTER_ADDR": ADDRS[0],
+            "MASTER_PORT": str(port), "LAUNCHER_ARGS": f"--ssh_port {SSH_PORT}"}
 
 
 def assert_chose_interface(out: str, ranks: int = 2) -> None:
@@ -112,12 +149,7 @@ def test_torchrun_static(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
 def test_torchrun_c10d(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
                        reference_losses: list[float]) -> None:  # noqa: F811
     port, args = free_port(), tiny_args(tmp_path / "out", synthetic_cache)
-    # torchrun hosts the rendezvous store only where the endpoint matches the host name's addresses (here
-    # 127.0.1.1), so node 0 is told (is_host); --local-addr is the address the rank-0 agent publishes as
-    # MASTER_ADDR (its host name otherwise, which resolves to loopback on the other host)
-    cmds = [["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"{ADDRS[0]}:{port}", "--rdzv-id", "mf-two-hosts", "--rdzv-conf", f"is_host={int(i == 0)}",
-             "--local-addr", ADDRS[i], "-m", "megaface", "train", *args] for i in range(2)]
+    cmds = [torchrun_c10d(int(i == 0), ADDRS[i], port, args) for i in range(2)]
     node0, node1 = run_on_both(hosts, cmds, host_env(hosts))
     assert node0.returncode == 0 and node1.returncode == 0, (node0.stdout + node0.stderr + node1.stderr)[-6000:]
     # under c10d the node ranks follow the order of arrival: rank 0's train lines are on either host
@@ -150,10 +182,8 @@ def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_
     prints one, as in test_seed_script_two_nodes)."""
     if shutil.which("pdsh") is None:
         pytest.skip(PDSH_MISSING)
-    (tmp_path / ".deepspeed_env").write_text(f"DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nGLOO_SOCKET_IFNAME={IFACE}\n")
-    cmd = ["deepspeed", "--hostfile", str(write_hostfile(tmp_path)), "--master_addr", ADDRS[0],
-           "--master_port", str(free_port()), "--ssh_port", str(SSH_PORT), "--module", "megaface", "train",
-           *tiny_args(tmp_path / "out", synthetic_cache)]
+    (tmp_path / ".deepspeed_env").write_text(DS_ENV)
+    cmd = deepspeed_cmd(str(write_hostfile(tmp_path)), free_port(), tiny_args(tmp_path / "out", synthetic_cache))
     proc = subprocess.run(hosts.in_host(0, cmd), cwd=tmp_path, env=host_env(hosts), capture_output=True,
                           text=True, timeout=JOB_TIMEOUT_S)
     out = proc.stdout + proc.stderr
@@ -172,11 +202,7 @@ def test_mpirun_hosts(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  #
     if shutil.which("mpirun") is None:
         pytest.skip("Open MPI's mpirun is not installed (apt-get install -y openmpi-bin libopenmpi-dev)")
     env = host_env(hosts, MASTER_ADDR=ADDRS[0], MASTER_PORT=str(free_port()))
-    cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "--host", f"{ADDRS[0]}:1,{ADDRS[1]}:1",
-           "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", IFACE, "--mca", "oob_tcp_if_include", IFACE,
-           *[x for var in ("PATH", "PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "PYTHONUNBUFFERED",
-                           "MASTER_ADDR", "MASTER_PORT") for x in ("-x", var)],
-           sys.executable, "-m", "megaface", "train", *tiny_args(tmp_path / "out", synthetic_cache)]
+    cmd = mpirun_cmd(sys.executable, tiny_args(tmp_path / "out", synthetic_cache))
     proc = subprocess.run(hosts.in_host(0, cmd), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=JOB_TIMEOUT_S)
     proc.wall_s = 0.0  # type: ignore[attr-defined]
@@ -184,10 +210,8 @@ def test_mpirun_hosts(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  #
     assert_chose_interface(proc.stdout + proc.stderr)  # one line per host: the ranks ran on both
 
 
-def script_env(hosts: TwoHosts, tmp_path: Path, cache: Path, **extra: str) -> dict[str, str]:
-    return host_env(hosts, NODES="2", GPUS_PER_NODE="1", HOSTFILE=str(write_hostfile(tmp_path)),
-                    MASTER_ADDR=ADDRS[0], MASTER_PORT=str(free_port()), LAUNCHER_ARGS=f"--ssh_port {SSH_PORT}",
-                    **extra)
+def script_env(hosts: TwoHosts, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return host_env(hosts, **seed_vars(str(write_hostfile(tmp_path)), free_port()), **extra)
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
@@ -197,19 +221,17 @@ def test_seed_script_two_nodes(hosts: TwoHosts, tmp_path: Path, synthetic_cache:
     command, the real run trains (the seed's r100 recipe with the quickstart's tiny settings on top)."""
     if shutil.which("pdsh") is None:
         pytest.skip(PDSH_MISSING)
-    (tmp_path / ".deepspeed_env").write_text("DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\n")
-    script = str(LAUNCH / "train_r100_mp_pfc.sh")
-    args = ["--model.network=mobilefacenet_tiny", "--model.dropout=0", "--head.num_classes=40",
-            "--data.source=synthetic", "--data.workers=1", "--train.threads=1",
-            *tiny_args(tmp_path / "out", synthetic_cache)[2:]]
+    (tmp_path / ".deepspeed_env").write_text(SEED_DS_ENV)
+    script = str(ROOT / SEED_SCRIPT)
+    args = [*SEED_TINY, *tiny_args(tmp_path / "out", synthetic_cache)[2:]]
     dry = subprocess.run(hosts.in_host(0, [script, *args]), cwd=tmp_path, capture_output=True, text=True,
-                         env=script_env(hosts, tmp_path, synthetic_cache, DRY_RUN="1"), timeout=60)
+                         env=script_env(hosts, tmp_path, DRY_RUN="1"), timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert re.search(rf"deepspeed --hostfile \S+ --num_nodes 2 --num_gpus 1 .*--master_addr {ADDRS[0]}",
                      dry.stdout), dry.stdout
     assert f"--ssh_port {SSH_PORT}" in dry.stdout and "--no_ssh_check" not in dry.stdout, dry.stdout
     proc = subprocess.run(hosts.in_host(0, [script, *args]), cwd=tmp_path, capture_output=True, text=True,
-                          env=script_env(hosts, tmp_path, synthetic_cache), timeout=JOB_TIMEOUT_S)
+                          env=script_env(hosts, tmp_path), timeout=JOB_TIMEOUT_S)
     check_training(without_pdsh_prefix(proc), world_size=2)
     out = proc.stdout + proc.stderr
     assert_chose_interface(out)
@@ -225,6 +247,11 @@ LOSS_LINES = (
     re.compile(rf"megaface train: error: a collective waited more than train.collective_timeout_s={LOSS_TIMEOUT_S} "
                rf"s for a peer rank on {re.escape(ADDRS[1])} \("),
 )
+LOSS_ARGS = ["--max-steps", "300", "--save-every", "3", f"--train.collective_timeout_s={LOSS_TIMEOUT_S}"]
+
+
+def resume_args(max_steps: int | str) -> list[str]:
+    return ["--resume", "latest", "--max-steps", str(max_steps)]
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S * 3 + 60)
@@ -233,8 +260,7 @@ def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache:
     ends within train.collective_timeout_s (plus torchrun's teardown) with one line naming host 1; after
     host 1 is back, `--resume latest` on both continues from the last checkpoint."""
     out = tmp_path / "out"
-    args = [*tiny_args(out, synthetic_cache), "--max-steps", "300", "--save-every", "3",
-            f"--train.collective_timeout_s={LOSS_TIMEOUT_S}"]
+    args = [*tiny_args(out, synthetic_cache), *LOSS_ARGS]
     port, env = free_port(), host_env(hosts)
     procs = [subprocess.Popen(hosts.in_host(i, torchrun_static(i, port, args)), cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
@@ -257,15 +283,40 @@ def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache:
         hosts.revive_host(1)
     errors = [line for line in rest.splitlines() if "megaface train: error:" in line]
     assert len(errors) == 1 and any(pattern.search(errors[0]) for pattern in LOSS_LINES), rest[-4000:]
-    assert procs[0].returncode != 0
+    assert procs[0].returncode != 0 and re.search(r"exitcode\s*: 3\b", rest), rest[-4000:]  # the rank's: 3
     assert ended_s < LOSS_TIMEOUT_S + 20, f"host 0 ended {ended_s:.1f} s after host 1 was lost"
     print(f"host 0 ended {ended_s:.1f} s after host 1 was lost, exit code {procs[0].returncode}: {errors[0]}")
 
     step = int((out / "checkpoints" / "latest").read_text().strip().rsplit("_", 1)[-1])
     assert step >= 6
-    resume = [*tiny_args(out, synthetic_cache), "--resume", "latest", "--max-steps", str(step + 3)]
+    resume = [*tiny_args(out, synthetic_cache), *resume_args(step + 3)]
     port = free_port()
     node0, node1 = run_on_both(hosts, [torchrun_static(0, port, resume), torchrun_static(1, port, resume)], env)
     assert node0.returncode == 0 and node1.returncode == 0, (node0.stdout + node0.stderr + node1.stderr)[-6000:]
     iters = [int(i) for i, _, _ in TRAIN_LINE.findall(node0.stdout)]
     assert iters == [step, step + 1, step + 2], node0.stdout[-4000:]
+
+
+def test_docs_show_the_commands_run_here() -> None:
+    """docs/multinode.md's "Tested across two hosts" shows the commands above, as built here (no hosts needed)."""
+    doc = (ROOT / "docs" / "multinode.md").read_text()
+    section = doc[doc.index("## Tested across two hosts"):doc.index("## Troubleshooting")]
+    text = " ".join(section.replace("\\\n", " ").split())  # shell line continuations joined
+    tiny = " ".join(tiny_args(Path("$OUT"), Path("$CACHE"))).replace(f"{ROOT}/", "")
+    assert f'TINY="{tiny.replace(chr(34), chr(92) + chr(34))}"' in text, tiny
+    tiny_cmd = ["$TINY"]
+    expected = [
+        torchrun_static("$i", "$PORT", tiny_cmd),
+        torchrun_c10d("$IS_HOST", "$ADDR", "$PORT", tiny_cmd),
+        deepspeed_cmd("$DIR/hostfile", "$PORT", tiny_cmd),
+        mpirun_cmd("python", tiny_cmd),
+        [*(f"{k}={v}" if " " not in v else f'{k}="{v}"' for k, v in seed_vars("$DIR/hostfile", "$PORT").items()),
+         SEED_SCRIPT, *SEED_TINY, "$TINY_WITHOUT_CONFIG"],
+        torchrun_static("$i", "$PORT", [*tiny_cmd, *LOSS_ARGS]),
+        torchrun_static("$i", "$PORT", [*tiny_cmd, *resume_args("$((STEP + 3))")]),
+    ]
+    for cmd in expected:
+        assert f"`{' '.join(cmd)}`" in text, " ".join(cmd)
+    for name, content in ((".deepspeed_env", DS_ENV), ("hostfile", "".join(f"{a} slots=1\n" for a in ADDRS))):
+        assert f"# {name}\n{content}" in section, (name, content)
+    assert f"# .deepspeed_env of the seed script\n{SEED_DS_ENV}" in section
