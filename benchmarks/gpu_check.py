@@ -14,17 +14,33 @@
 (c) speed: iresnet100 bf16 at 128 per GPU, samples/s and MFU = 3 x 2 x 12.1e9 x samples/s / PEAK_BF16_FLOPS
     (default 989e12, H100/H200 dense bf16); the head alone (PartialFC + ShardSGD fed bf16 embeddings, as a
     bf16 engine hands them over; the head computes in its own dtype policy) at 1M and 10M classes.
+(d) input: whole bf16 train steps fed by a TrainLoader over a synthetic RecordIO pack, the old input path
+    (float32 normalised on the host, unpinned copy in the step) against the new one (uint8, pinned, copied one
+    batch ahead on a side stream, normalised on the device), alternated twice in one run: samples/s of each
+    and the bytes per image that cross to the device.
+(e) syncs: host syncs per bf16 Partial FC step under torch.cuda.set_sync_debug_mode("warn"), by call site
+    (megaface's own must be at most the two that megaface.train.step documents: the softmax's nonzero and
+    Partial FC's unique, both in megaface/head); CUDA only, the dry run says so and passes.
+(f) compile: the same steps eager and with model.compile=true (torch.compile inside the DeepSpeed engine):
+    the first loss (same weights, same batch) within 1% (bf16), every loss finite, the time of the first
+    steps (compilation) and samples/s after. Not in the dry run's default list: inductor's CPU build of even
+    the tiny network takes minutes (`--dry-run --only compile` runs it).
 The device and backend come from megaface's distributed state (cuda + nccl when a GPU is visible).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import ROOT, build_parts_for  # noqa: E402 - benchmarks/ is not a package
 
+DOCUMENTED_SYNCS = 2
+"""Host syncs per step that megaface.train.step documents for a Partial FC step without inter-class filtering:
+the softmax's nonzero of this rank's targets and Partial FC's unique of the positive classes."""
+
 IRESNET100_MACS = 12.1e9  # multiply-adds of one 112x112 forward
 
 
@@ -40,10 +60,14 @@ def _sizes(dry: bool) -> dict[str, Any]:
     if dry:
         return {"nets": ["mobilefacenet_tiny"], "train_steps": 30, "batch": 8, "classes": 64, "speed_net":
                 "mobilefacenet_tiny", "speed_batch": 4, "speed_steps": 2, "head_classes": [1000, 10_000],
-                "precisions": ["bf16"]}
+                "precisions": ["bf16"], "input_net": "mobilefacenet_tiny", "input_batch": 8, "input_steps": 3,
+                "input_identities": 16, "input_workers": 1, "compile_net": "mobilefacenet_tiny",
+                "compile_batch": 4, "compile_steps": 2}
     return {"nets": ["iresnet100", "mobilefacenet"], "train_steps": 100, "batch": 64, "classes": 1000,
             "speed_net": "iresnet100", "speed_batch": 128, "speed_steps": 20,
-            "head_classes": [1_000_000, 10_000_000], "precisions": ["bf16", "fp16"]}
+            "head_classes": [1_000_000, 10_000_000], "precisions": ["bf16", "fp16"],
+            "input_net": "mobilefacenet", "input_batch": 256, "input_steps": 30, "input_identities": 2000,
+            "input_workers": 8, "compile_net": "iresnet50", "compile_batch": 128, "compile_steps": 20}
 
 
 def _sync(device: torch.device) -> None:
@@ -191,6 +215,131 @@ def _head_speed(state: Any, classes: int, batch: int = 128, steps: int = 10) -> 
             "samples_per_s": round(batch / seconds, 1), "finite": finite}
 
 
+def _loader_batches(loader: Any):
+    """Batches across epochs (a timed run may outlast one pass over the small pack)."""
+    while True:
+        yield from loader
+
+
+def check_input(state: Any, size: dict[str, Any]) -> dict[str, Any]:
+    from megaface.data import TrainLoader, build_dataset
+    from megaface.data.synthetic import ensure_synthetic
+    from megaface.train.step import read_losses, train_step
+
+    batch, steps, identities = size["input_batch"], size["input_steps"], size["input_identities"]
+    root = Path(tempfile.mkdtemp(prefix="megaface_gpu_check_"))
+    try:
+        pack, _ = ensure_synthetic(root, identities, 4, 0)
+        dataset = build_dataset("recordio", str(pack))
+        parts = _parts(state, size["input_net"], "bf16", batch, identities)
+        cuda = state.device.type == "cuda"
+        rates: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(2):  # old, new, old, new: a change of clock or load hits both alike
+            for path in ("old", "new"):
+                new = path == "new"
+                loader = TrainLoader(dataset, batch, state.rank, state.world_size, workers=size["input_workers"],
+                                     on_device=new, device=state.device if new else None, pin_memory=new and cuda)
+                batches = _loader_batches(loader)
+                read_losses([train_step(parts, *next(batches)) for _ in range(3)], parts, 0)  # warm-up, wait
+                started = time.perf_counter()
+                read_losses([train_step(parts, *next(batches)) for _ in range(steps)], parts, 3)
+                rates[path].append(batch * state.world_size * steps / (time.perf_counter() - started))
+                loader.close()
+        del parts
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    best = {path: max(values) for path, values in rates.items()}
+    pixels = 3 * 112 * 112
+    return {"network": size["input_net"], "batch_per_rank": batch, "steps": steps, "workers": size["input_workers"],
+            "samples_per_s": {path: [round(v, 1) for v in values] for path, values in rates.items()},
+            "new_over_old": round(best["new"] / best["old"], 3),
+            "bytes_per_image_to_device": {"old": 4 * pixels, "new": pixels}, "ok": all(best.values())}
+
+
+def _raw_pool(state: Any, batch: int, classes: int, count: int = 4) -> list[tuple[Any, torch.Tensor]]:
+    """uint8 batches already on the device, as the new input path hands them to train_step."""
+    from megaface.data.augment import Augment, RawBatch
+
+    gen = torch.Generator().manual_seed(4321 + state.rank)
+    return [(RawBatch(torch.randint(0, 256, (batch, 3, 112, 112), generator=gen, dtype=torch.uint8).to(state.device),
+                      None, Augment()),
+             torch.randint(0, classes, (batch,), generator=gen).to(state.device)) for _ in range(count)]
+
+
+def _site(stack: list[traceback.FrameSummary], filename: str, lineno: int) -> str:
+    """The innermost frame of megaface or DeepSpeed that led to a sync, as package/path.py:line function."""
+    for frame in reversed(stack):
+        for package in ("/megaface/", "/deepspeed/"):
+            if package in frame.filename:
+                where = package.strip("/") + "/" + frame.filename.split(package, 1)[1]
+                return f"{where}:{frame.lineno} {frame.name}"
+    return f"{filename}:{lineno}"
+
+
+def check_syncs(state: Any, size: dict[str, Any]) -> dict[str, Any]:
+    from megaface.train.step import read_losses, train_step
+
+    if state.device.type != "cuda":
+        return {"skipped": "no CUDA device: torch.cuda.set_sync_debug_mode exists only there (on CPU "
+                           "tests/unit/test_step_syncs.py counts the step's host reads)", "ok": True}
+    batch, steps, classes = 128, 10, 100_000
+    parts = build_parts_for(state, "mobilefacenet", ROOT / "ds_configs" / "zero1_bf16.json", [], batch, classes, 0.1,
+                            None)
+    pool = _raw_pool(state, batch, classes)
+    read_losses([train_step(parts, *pool[i % 4]) for i in range(3)], parts, 0)
+    torch.cuda.synchronize()
+    sites: collections.Counter[str] = collections.Counter()
+
+    def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" in str(message):
+            sites[_site(traceback.extract_stack()[:-1], filename, lineno)] += 1
+
+    pending = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pending = [train_step(parts, *pool[i % 4]) for i in range(steps)]
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    read_losses(pending, parts, 3)
+    del parts
+    own = {site: count for site, count in sites.items() if site.startswith("megaface/")}
+    own_per_step = sum(own.values()) / steps
+    return {"steps": steps, "syncs_per_step": round(sum(sites.values()) / steps, 2),
+            "megaface_syncs_per_step": round(own_per_step, 2), "documented": DOCUMENTED_SYNCS,
+            "sites": dict(sites.most_common()),
+            "ok": own_per_step <= DOCUMENTED_SYNCS and all(site.startswith("megaface/head/") for site in own)}
+
+
+def check_compile(state: Any, size: dict[str, Any]) -> dict[str, Any]:
+    from megaface.train.step import read_losses, train_step
+
+    batch, steps, classes = size["compile_batch"], size["compile_steps"], 1000
+    out: dict[str, Any] = {"network": size["compile_net"], "batch_per_rank": batch}
+    losses = {}
+    for compiled in (False, True):
+        name = "compiled" if compiled else "eager"
+        parts = build_parts_for(state, size["compile_net"], ROOT / "ds_configs" / "zero1_bf16.json", [], batch,
+                                classes, 1.0, None, config_overrides=[f"--model.compile={str(compiled).lower()}"])
+        pool = _pool(state, batch, classes)
+        started = time.perf_counter()
+        losses[name] = read_losses([train_step(parts, *pool[i % 4]) for i in range(3)], parts, 0)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        read_losses([train_step(parts, *pool[i % 4]) for i in range(steps)], parts, 3)
+        out[name] = {"first_3_steps_s": round(first, 2),
+                     "samples_per_s": round(batch * state.world_size * steps / (time.perf_counter() - started), 1),
+                     "losses": [round(v, 5) for v in losses[name]]}
+        del parts
+    # the first loss comes from the same weights and batch; later ones follow bf16 updates, which drift apart
+    close = abs(losses["eager"][0] - losses["compiled"][0]) <= 1e-2 * abs(losses["eager"][0])
+    out.update(first_loss_close=close, ok=close and all(math.isfinite(v) for v in losses["compiled"]))
+    return out
+
+
 def _guarded(name: str, fn: Callable[[], Any]) -> tuple[Any, bool]:
     try:
         result = fn()
@@ -203,7 +352,8 @@ def _guarded(name: str, fn: Callable[[], Any]) -> tuple[Any, bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny sizes, bf16 only")
-    parser.add_argument("--only", default="train,overflow,speed", help="comma list of checks to run")
+    parser.add_argument("--only", default=None, help="comma list of checks to run (default: all; the dry run "
+                        "leaves out compile)")
     args = parser.parse_args(argv)
     from megaface.distributed import init_distributed, shutdown
 
@@ -214,11 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = _sizes(args.dry_run)
     checks = {"train": lambda: check_train(state, size), "overflow": lambda: check_overflow(state, size, args.dry_run),
-              "speed": lambda: check_speed(state, size)}
+              "speed": lambda: check_speed(state, size), "input": lambda: check_input(state, size),
+              "syncs": lambda: check_syncs(state, size), "compile": lambda: check_compile(state, size)}
     summary: dict[str, Any] = {"device": str(state.device), "dry_run": args.dry_run}
     ok = True
     try:
-        for name in args.only.split(","):
+        names = args.only or ("train,overflow,speed,input,syncs" if args.dry_run else ",".join(checks))
+        for name in names.split(","):
             summary[name], passed = _guarded(name, checks[name])
             ok = ok and passed
     finally:

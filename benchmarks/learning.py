@@ -65,9 +65,11 @@ ARMS: dict[str, list[str]] = {
     "defaults": None,  # type: ignore[dict-item]
     # The shipped config in bf16 (DeepSpeed bf16; the head follows it: head.compute_dtype auto).
     "defaults_bf16": ["--ds.bf16.enabled=true"],
+    # The shipped config with a bf16 FC7 master weight (stochastically rounded updates; docs/head_precision.md).
+    "head_weight_bf16": ["--head.weight_dtype=bf16"],
 }
 # Arms that start from the shipped config instead of SEED_BEHAVIOUR.
-FROM_DEFAULTS = {"defaults", "defaults_bf16"}
+FROM_DEFAULTS = {"defaults", "defaults_bf16", "head_weight_bf16"}
 # Arms whose schedule depends on the run length: they cannot be stopped early and extended later.
 FULL_LENGTH_ONLY = {"schedule_polynomial"}
 

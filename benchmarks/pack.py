@@ -34,15 +34,21 @@ DATASETS = {"ms1m": 5_822_653, "webface42m": 42_474_557}
 
 
 def make_images(root: Path, identities: int, per_identity: int, seed: int = 0) -> int:
+    """Writes the JPEGs once; a --dir that holds them from an earlier run with the same sizes is reused."""
     from megaface.data.decode import encode_jpeg
     from megaface.data.synthetic import generate
 
+    stamp = root / f".made_{identities}x{per_identity}_seed{seed}"
+    if stamp.is_file():
+        return identities * per_identity
+    shutil.rmtree(root, ignore_errors=True)
     for i in range(identities):
         folder = root / f"{i:06d}"
         folder.mkdir(parents=True)
         faces = generate(np.full(per_identity, i), np.arange(per_identity), seed)
         for j, face in enumerate(faces):
             (folder / f"{j}.jpg").write_bytes(encode_jpeg(face, 95))
+    stamp.touch()
     return identities * per_identity
 
 
@@ -79,7 +85,8 @@ def main() -> None:
     ap.add_argument("--quality", type=int, default=None, help="re-encode as JPEG at this quality")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--cores", type=int, nargs="+", default=[1, 2, 8, 16, 32, 64])
-    ap.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
+    ap.add_argument("--dir", default=None, help="working directory, kept (its images are reused by a later run "
+                    "with the same sizes); default: a temporary one, removed")
     args = ap.parse_args()
     from megaface.data.pack_rec import PackOptions, default_workers
 

@@ -115,26 +115,29 @@ def build_peer_backbone(peer: dict[str, Any], network: str, embedding_size: int)
     return peer["backbones"].get_model(PEER_NAMES[network], dropout=0.0, fp16=False, num_features=embedding_size)
 
 
-def build_peer(peer: dict[str, Any], network: str, case: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor],
-                                                                                     float]:
-    """train_v2.py's objects for this rank (CPU/gloo) and its step, returning the host loss as its loop logs it."""
+def build_train_v2(peer: dict[str, Any], network: str, embedding_size: int, num_classes: int,
+                   sample_rate: float, *, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                   warmup: int = 2, total: int = 10_000, margin: tuple[float, float, float] = (1.0, 0.5, 0.0),
+                   scale: float = 64, seed: int = 0) -> tuple[Any, Any, Any, Any, Callable[..., float]]:
+    """train_v2.py's objects for this rank (CPU/gloo, after init_process_group) and its fp32 iteration:
+    (backbone DDP, PartialFC_V2, SGD, PolynomialLRWarmup, step(images, labels) -> the host loss as its loop
+    logs it). The one builder of the peer trainer: this benchmark and tests/support/arcface_torch_fixtures.py."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # every rank builds the same backbone; PartialFC_V2 draws its own shard
     backbone = torch.nn.parallel.DistributedDataParallel(
-        build_peer_backbone(peer, network, case["embedding_size"]), broadcast_buffers=False, bucket_cap_mb=16,
+        build_peer_backbone(peer, network, embedding_size), broadcast_buffers=False, bucket_cap_mb=16,
         find_unused_parameters=True)
     backbone.register_comm_hook(None, fp16_compress_hook)
     backbone.train()
     backbone._set_static_graph()
-    margin = peer["losses"].CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0)
-    head = peer["partial_fc_v2"].PartialFC_V2(margin, case["embedding_size"], case["classes"], case["sample_rate"],
-                                              False).train()
-    opt = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=0.1,
-                          momentum=0.9, weight_decay=5e-4)
+    margin_loss = peer["losses"].CombinedMarginLoss(scale, *margin, 0)
+    head = peer["partial_fc_v2"].PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate, False).train()
+    opt = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=lr,
+                          momentum=momentum, weight_decay=weight_decay)
     with scheduler_without_verbose(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scheduler = peer["lr_scheduler"].PolynomialLRWarmup(opt, warmup_iters=2, total_iters=10_000)
+        scheduler = peer["lr_scheduler"].PolynomialLRWarmup(opt, warmup_iters=warmup, total_iters=total)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> float:
         with cuda_as_identity(), warnings.catch_warnings():
@@ -146,7 +149,7 @@ def build_peer(peer: dict[str, Any], network: str, case: dict[str, Any]) -> Call
             opt.zero_grad()
             scheduler.step()
             return loss.item()
-    return step
+    return backbone, head, opt, scheduler, step
 
 
 def build_megaface(state: Any, network: str, case: dict[str, Any]) -> Callable[..., float]:
@@ -180,7 +183,8 @@ def _run_network(state: Any, network: str, case: dict[str, Any]) -> dict[str, An
         trainers["megaface"] = megaface
         trainers["megaface_cl"] = lambda images, labels: megaface(images, labels, channels_last=True)
     if "peer" in case["trainers"]:
-        trainers["peer"] = build_peer(import_peer(Path(case["arcface_torch"])), network, case)
+        trainers["peer"] = build_train_v2(import_peer(Path(case["arcface_torch"])), network, case["embedding_size"],
+                                          case["classes"], case["sample_rate"])[-1]
     names = [n for n in TRAINERS if n in case["trainers"]]
     gen = torch.Generator().manual_seed(1000 + state.rank)
     pool = [(torch.randn(case["batch"], 3, 112, 112, generator=gen),

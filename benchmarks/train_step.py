@@ -142,7 +142,8 @@ def _legacy_fc7_norm(parts: Any) -> None:
 
 def build_parts_for(state: Any, network: str, ds_config: str | Path, overrides: list[str], batch: int,
                     classes: int, sample_rate: float, embedding_size: int | None = 512,
-                    channels_last: bool = False, input_channels_last: bool = False) -> Any:
+                    channels_last: bool = False, input_channels_last: bool = False,
+                    config_overrides: list[str] = ()) -> Any:
     """TrainParts through the library's own build_parts: a DeepSpeed JSON + overrides, a backbone, PartialFC."""
     from megaface.config import load_config, load_ds_config, precision, resolve_ds_config
     from megaface.head import PartialFC
@@ -153,7 +154,8 @@ def build_parts_for(state: Any, network: str, ds_config: str | Path, overrides: 
     raw["train_micro_batch_size_per_gpu"] = batch
     ds = resolve_ds_config(raw, state.world_size, state.device.type)
     # the input layout is pinned here (NCHW unless asked), whatever the library's default model.channels_last
-    cfg = load_config(None, ["--train.max_steps=1", f"--model.channels_last={str(input_channels_last).lower()}"])
+    cfg = load_config(None, ["--train.max_steps=1", f"--model.channels_last={str(input_channels_last).lower()}",
+                             *config_overrides])
     torch.manual_seed(0)
     model = build_model(network, embedding_size=embedding_size)
     head = PartialFC(model.embedding_size, classes, sample_rate=sample_rate, group=state.group)

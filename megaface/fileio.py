@@ -14,7 +14,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def atomic_output_file(path: str | os.PathLike, fsync: bool = False) -> Iterator
 
 
 @contextlib.contextmanager
-def atomic_output_files(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+def atomic_output_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     """Several files that belong together (an embedding and its sidecars): all renamed, or none.
 
     The renames happen one after another once the block succeeds; a failure inside the block leaves every

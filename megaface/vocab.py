@@ -61,6 +61,10 @@ MomentumDtype = Literal["fp32", "bf16"]
 """Storage dtype of the FC7 optimizer's momentum."""
 MOMENTUM_DTYPES: tuple[str, ...] = get_args(MomentumDtype)
 
+WeightDtype = Literal["fp32", "bf16"]
+"""Storage dtype of the FC7 master weight (bf16: updated in fp32, stored with stochastic rounding)."""
+WEIGHT_DTYPES: tuple[str, ...] = get_args(WeightDtype)
+
 OptimizerName = Literal["sgd", "adamw"]
 """The optimizer of backbone and FC7 (ShardSGD / ShardAdamW for a sharded FC7)."""
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)

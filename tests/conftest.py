@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import lzma
 import multiprocessing as mp
 import os
 import pty
 import select
+import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -220,12 +223,37 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def params_or_skip(name: str) -> Path:
+def params_or_skip(name: str, tmp_path: Path) -> Path:
+    """The MXNet prefix of fixture `name`: its own directory when make.sh has written the .params there, else
+    a copy in `tmp_path` with the committed model-0000.params.xz decompressed (the bytes MXNet wrote)."""
     prefix = FIXTURES / name / "model"
-    if not Path(f"{prefix}-0000.params").is_file():
-        pytest.skip(f"{name}'s MXNet weights are not committed (too large); regenerate them with "
-                    "INSIGHTFACE=... ONEFLOW_FACE=... ONEFLOW_SRC=... bash tests/fixtures/interop/make.sh")
-    return prefix
+    if Path(f"{prefix}-0000.params").is_file():
+        return prefix
+    packed = Path(f"{prefix}-0000.params.xz")
+    if not packed.is_file():
+        pytest.skip(f"{name}'s MXNet weights are absent; regenerate them with "
+                    "INSIGHTFACE=... ONEFLOW_FACE=... bash tests/fixtures/interop/make.sh " + name)
+    out = tmp_path / f"mxnet_{name}" / "model"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / name / "model-symbol.json", f"{out}-symbol.json")
+    with lzma.open(packed) as src, open(f"{out}-0000.params", "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return out
+
+
+def snapshot_or_skip(name: str, tmp_path: Path) -> Path:
+    """oneflow_face's converter snapshot of fixture `name`: the directory make.sh wrote, else the committed
+    oneflow/<name>_snapshot.tar.xz extracted into `tmp_path`."""
+    snapshot = FIXTURES / "oneflow" / f"{name}_snapshot"
+    if snapshot.is_dir():
+        return snapshot
+    packed = FIXTURES / "oneflow" / f"{name}_snapshot.tar.xz"
+    if not packed.is_file():
+        pytest.skip(f"{snapshot} is absent; regenerate it with "
+                    "INSIGHTFACE=... ONEFLOW_FACE=... bash tests/fixtures/interop/make.sh " + name)
+    with tarfile.open(packed) as tar:
+        tar.extractall(tmp_path / "oneflow", filter="data")
+    return tmp_path / "oneflow" / f"{name}_snapshot"
 
 
 def _child(args: list[str], log: str, queue: "mp.Queue[int]", hook: Callable[[], None] | None) -> None:

@@ -1,6 +1,7 @@
 """The checkpoint format: layout and discovery, backbone files, DeepSpeed partitions, FC7 shard files.
 
-    layout.py       tags, `latest`, meta.json, every sub-folder and file name, discovery
+    layout.py       every file and folder name and pattern (tags, `latest`, meta.json, shards, rank
+                    files, DeepSpeed's files, best backbones, the run lock), discovery
     backbone.py     backbone files (.pt / .safetensors + meta) and the backbone of a checkpoint
     zero_reader.py  fp32 weights from DeepSpeed's ZeRO 0-3 partition files, without DeepSpeed
     fc7_shards.py   the FC7 shard file format: one file per rank, its validator, merge, split and reshard
@@ -28,6 +29,8 @@ from megaface.checkpoint.layout import (
                                           META_FILE,
                                           TAG_PREFIX,
                                           TRAINER_DIR,
+                                          best_file_name,
+                                          fc7_shard_file_name,
                                           find_checkpoint,
                                           load_torch_file,
                                           read_meta,
@@ -37,6 +40,6 @@ from megaface.checkpoint.layout import (
 )
 
 __all__ = ["BACKBONE_FORMAT", "CHECKPOINT_FORMAT", "CHECKPOINTS_DIR", "DS_DIR", "FC7_DIR", "LATEST", "META_FILE",
-           "TAG_PREFIX", "TRAINER_DIR", "checkpoint_backbone_state", "find_checkpoint", "load_backbone",
+           "TAG_PREFIX", "TRAINER_DIR", "best_file_name", "checkpoint_backbone_state", "fc7_shard_file_name", "find_checkpoint", "load_backbone",
            "load_torch_file", "read_backbone_file", "read_meta", "resolve_checkpoint", "resolve_network",
            "save_backbone_file", "strip_prefixes", "strip_wrappers", "tag_for", "trainer_file_name"]

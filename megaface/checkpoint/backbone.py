@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megaface.checkpoint.filetype import require_weight_file
 from megaface.checkpoint.integrity import open_checkpoint, sha256_file, skipped_verification, verify_backbone_file
-from megaface.checkpoint.layout import DS_DIR, load_torch_file, read_meta
+from megaface.checkpoint.layout import DS_DIR, load_torch_file, read_meta, sidecar_path
 from megaface.checkpoint.zero_reader import read_fp32_state_dict
 from megaface.fileio import atomic_output_file, atomic_torch_save, atomic_write_text, save_bytes
+
+if TYPE_CHECKING:
+    from megaface.models.layers import Backbone
 
 BACKBONE_FORMAT = "megaface.backbone.v1"
 WEIGHTS_SHA256 = "weights_sha256"  # sidecar key: the sha256 of the weights file it describes
@@ -45,7 +48,7 @@ def save_backbone_file(path: str | os.PathLike, state_dict: dict[str, torch.Tens
         atomic_torch_save(tensors, path)
     # the digest readers check (`read_backbone_file`), computed while the file is still in the page cache
     meta[WEIGHTS_SHA256] = sha256_file(path)
-    atomic_write_text(Path(f"{path}.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -59,7 +62,7 @@ def read_backbone_file(path: str | os.PathLike, verify: bool = True) -> tuple[di
         raise FileNotFoundError(f"backbone file {str(path)!r} does not exist")
     require_weight_file(path, "a backbone file (.pt state_dict or .safetensors)")
     meta: dict[str, Any] = {}
-    sidecar = Path(f"{path}.json")
+    sidecar = sidecar_path(path)
     if sidecar.is_file():
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
     expected = meta.pop(WEIGHTS_SHA256, None)
@@ -129,7 +132,7 @@ def resolve_network(meta: dict[str, Any], network: str | None, source: str | os.
 
 def load_backbone(path: str | os.PathLike, network: str | None = None,
                   map_location: str | torch.device = "cpu", verify: bool = True
-                  ) -> tuple[torch.nn.Module, dict[str, Any]]:
+                  ) -> tuple[Backbone, dict[str, Any]]:
     """Build the backbone stored at `path` (output dir, checkpoints dir, tag dir or backbone file) in eval mode.
 
     `network` is required when the file carries no meta; when both exist they must agree. `verify`: check the

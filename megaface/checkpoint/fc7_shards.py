@@ -1,11 +1,10 @@
 """The FC7 shard file format: one file per rank, its one validator, merge, split and reshard.
 
-A checkpoint saved at world size W holds `fc7/shard_RRRRR_of_WWWWW.pt` for r < W, each the dict of
-`shard_state_dict` (format megaface.fc7_shard.v1): the rank's classifier rows `weight [num_local * K, D]`
-(K = `subcenters`, rows per class, 1 unless sub-center ArcFace; a class's K rows are adjacent and never
-split between ranks), the
-optimizer's per-row state (`megaface.head.optim.ROW_STATE_KEYS`: SGD momentum, or AdamW moments and row
-steps), the class range (`class_start`, `num_local`, `num_classes`), `rank`, `world_size`, the Partial FC
+A checkpoint saved at world size W holds `fc7/shard_RRRRR_of_WWWWW.pt` for r < W (the name is
+`layout.fc7_shard_file_name`), each the dict of `shard_state_dict` (format megaface.fc7_shard.v1): the
+rank's classifier rows `weight [num_local * K, D]` (K = `subcenters`, rows per class, 1 unless sub-center
+ArcFace; a class's K rows are adjacent and never split between ranks), the optimizer's per-row state
+(`megaface.head.optim.ROW_STATE_KEYS`: SGD momentum, or AdamW moments and row steps), the class range (`class_start`, `num_local`, `num_classes`), `rank`, `world_size`, the Partial FC
 sampler state and the optimizer's hyper-parameters. `merge_shards` stacks a set into the full
 [num_classes, D] matrix in class order; `reshard` re-splits it for another world size with
 `megaface.head.sharding.class_range`, so a run can resume on a different number of ranks.
@@ -14,32 +13,25 @@ sampler state and the optimizer's hyper-parameters. `merge_shards` stacks a set 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from megaface.checkpoint.layout import FC7_DIR, load_torch_file
+from megaface.checkpoint.layout import FC7_DIR, FC7_SHARD_FILE, FC7_SHARD_GLOB, fc7_shard_file_name, load_torch_file
 from megaface.head.optim import ROW_STATE_KEYS
 from megaface.head.partial_fc import PartialFC
 from megaface.head.sharding import class_range
 
 SHARD_FORMAT = "megaface.fc7_shard.v1"
 MERGED_FORMAT = "megaface.fc7_full.v1"
-_SHARD_NAME = re.compile(r"^shard_(\d+)_of_(\d+)\.pt$")
 _REQUIRED = ("weight", "class_start", "num_local", "num_classes", "embedding_size", "rank", "world_size")
 # Keys that describe one rank's slice (rebuilt by reshard); everything else is a run-wide setting that is
 # copied from rank 0. The Partial FC sampler state belongs to a rank and is dropped: the head re-seeds it.
 _PER_RANK = {"format", "weight", *ROW_STATE_KEYS, "class_start", "num_local", "rank", "world_size", "sampler_rng"}
 
-__all__ = ["SHARD_FORMAT", "MERGED_FORMAT", "shard_file_name", "merge_shards", "reshard", "split_merged",
+__all__ = ["SHARD_FORMAT", "MERGED_FORMAT", "merge_shards", "reshard", "split_merged",
            "load_rank_shard", "load_checkpoint_shards", "shard_state_dict", "load_shard_state_dict", "subcenters_of"]
-
-
-def shard_file_name(rank: int, world_size: int) -> str:
-    """The file name of rank `rank`'s FC7 shard in a checkpoint saved at `world_size` ranks."""
-    return f"shard_{rank:05d}_of_{world_size:05d}.pt"
 
 
 # ---- validation -------------------------------------------------------------------------------------------
@@ -94,7 +86,7 @@ def _check_ranks(states: Sequence[dict], names: Sequence[str], world_size: int) 
     missing = [r for r in range(world_size) if r not in seen]
     if missing:
         raise ValueError(f"missing FC7 shard(s) for rank(s) {missing} of world size {world_size} (expected "
-                         f"{', '.join(shard_file_name(r, world_size) for r in missing)}); found {list(names)}")
+                         f"{', '.join(fc7_shard_file_name(r, world_size) for r in missing)}); found {list(names)}")
 
 
 def _check_ranges(order: Sequence[int], states: Sequence[dict], names: Sequence[str], num_classes: int) -> None:
@@ -224,7 +216,7 @@ def load_checkpoint_shards(tag_dir: str | os.PathLike, mmap: bool = False) -> tu
         raise FileNotFoundError(f"{fc7_dir} holds no shard_RRRRR_of_WWWWW.pt files")
     worlds = set()
     for path in files:
-        match = _SHARD_NAME.match(path.name)
+        match = FC7_SHARD_FILE.match(path.name)
         if match is None:
             raise ValueError(f"{path}: unexpected file in {fc7_dir} (expected shard_RRRRR_of_WWWWW.pt)")
         worlds.add(int(match.group(2)))
@@ -234,7 +226,8 @@ def load_checkpoint_shards(tag_dir: str | os.PathLike, mmap: bool = False) -> tu
     states = [load_torch_file(p, "an FC7 shard (megaface.head.shard_state_dict)", mmap=mmap) for p in files]
     names = [str(p) for p in files]
     for state, path in zip(states, files, strict=False):
-        match = _SHARD_NAME.match(path.name)
+        match = FC7_SHARD_FILE.match(path.name)
+        assert match is not None  # every name matched in the loop above
         if isinstance(state, dict) and "rank" in state and (int(state["rank"]), int(state.get("world_size", -1))) \
                 != (int(match.group(1)), int(match.group(2))):
             raise ValueError(f"{path}: holds rank {state['rank']} of world size {state.get('world_size')}, "
@@ -250,8 +243,8 @@ def load_rank_shard(tag_dir: str | os.PathLike, world_size: int, rank: int) -> t
     whole set and reshards it (every rank does the same, deterministic work).
     """
     fc7_dir = Path(tag_dir) / FC7_DIR
-    own = fc7_dir / shard_file_name(rank, world_size)
-    stored = {int(m.group(2)) for p in fc7_dir.glob("shard_*_of_*.pt") if (m := _SHARD_NAME.match(p.name))}
+    own = fc7_dir / fc7_shard_file_name(rank, world_size)
+    stored = {int(m.group(2)) for p in fc7_dir.glob(FC7_SHARD_GLOB) if (m := FC7_SHARD_FILE.match(p.name))}
     if stored == {int(world_size)} and own.is_file():
         state = load_torch_file(own, "an FC7 shard (megaface.head.shard_state_dict)")
         _check_one(state, str(own))
@@ -276,6 +269,8 @@ def shard_state_dict(head: PartialFC, optimizer: Any = None) -> dict[str, Any]:
         "momentum": None,
         **{key: None if value is None else value.detach().to("cpu", copy=True) for key, value in rows.items()},
         "optimizer": None if optimizer is None else type(optimizer).__name__,
+        # ShardSGD's step counter (the bf16 weight's stochastic-rounding counter; run-wide, the same on every rank)
+        "optimizer_steps": getattr(optimizer, "step_count", None),
         "class_start": head.class_start,
         "num_local": head.num_local,
         "num_classes": head.num_classes,
@@ -316,7 +311,7 @@ def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]
     if tuple(weight.shape) != tuple(head.weight.shape):
         raise ValueError(f"FC7 shard weight shape {tuple(weight.shape)} != {tuple(head.weight.shape)}")
     with torch.no_grad():
-        head.weight.copy_(weight)
+        head.weight.copy_(weight)  # into the head's weight dtype (bf16 <- fp32 rounds to nearest)
     head.set_sampler_state(state.get("sampler_rng"))
     head.margin.load_state(state.get("margin_state"), f"FC7 shard (rank {head.rank})")
     if optimizer is None:
@@ -329,6 +324,8 @@ def load_shard_state_dict(head: PartialFC, optimizer: Any, state: dict[str, Any]
         raise ValueError(f"FC7 shard carries {foreign} of optimizer {saved_with or 'ShardSGD'} but this run uses "
                          f"{type(optimizer).__name__}; resume with the optim.name the checkpoint was trained with")
     optimizer.load_row_state(rows, f"FC7 shard (rank {head.rank})")
+    if hasattr(optimizer, "step_count"):
+        optimizer.step_count = int(state.get("optimizer_steps") or 0)
     lr = (state.get("hyper") or {}).get("lr")
     if lr is not None:
         optimizer.param_groups[0]["lr"] = float(lr)

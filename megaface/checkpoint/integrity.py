@@ -16,21 +16,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from megaface.checkpoint.layout import CHECKPOINTS_DIR, DS_DIR, META_FILE, TAG_PREFIX, read_meta
+from megaface.checkpoint.layout import (
+    CHECKPOINTS_DIR,
+    DS_DIR,
+    META_FILE,
+    TAG_PREFIX,
+    TMP_SUFFIX,
+    file_owner_rank,
+    read_meta,
+    sidecar_path,
+)
 
 FILES_KEY = "files"
 FINITE_KEY = "verified_finite"
 _CHUNK = 8 << 20
-# the rank that wrote a file, from its name: trainer/rank_R.pt, fc7/shard_R_of_W.pt, ds/zero_pp_rank_R_*
-_OWNER_PATTERNS = (re.compile(r"(?:^|/)rank_(\d+)\.pt$"), re.compile(r"(?:^|/)shard_(\d+)_of_\d+\.pt$"),
-                   re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_"))
 
 
 def sha256_file(path: Path) -> str:
@@ -50,11 +55,8 @@ def list_files(tag_dir: Path) -> list[str]:
 
 def file_owner(rel_path: str, world_size: int) -> int:
     """The rank that wrote `rel_path` (by its name); files of no rank (DeepSpeed's model states) -> 0."""
-    for pattern in _OWNER_PATTERNS:
-        match = pattern.search(rel_path)
-        if match is not None:
-            return int(match.group(1)) % max(world_size, 1)
-    return 0
+    owner = file_owner_rank(rel_path)
+    return 0 if owner is None else owner % max(world_size, 1)
 
 
 def digests(tag_dir: Path, rel_paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -175,7 +177,7 @@ def last_verified(output_dir: str | os.PathLike) -> Path | None:
     ckpt_dir = Path(output_dir) / CHECKPOINTS_DIR
     if not ckpt_dir.is_dir():
         return None
-    tags = sorted((p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if not p.name.endswith(".tmp")), reverse=True)
+    tags = sorted((p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if not p.name.endswith(TMP_SUFFIX)), reverse=True)
     return next((p for p in tags if is_verified(p)), None)
 
 
@@ -223,6 +225,6 @@ def verify_backbone_file(path: Path, expected: str | None) -> None:
         return
     found = sha256_file(path)
     if found != expected:
-        raise ValueError(f"{path}: sha256 {found} does not match {expected} recorded in {path}.json (bit flips "
+        raise ValueError(f"{path}: sha256 {found} does not match {expected} recorded in {sidecar_path(path)} (bit flips "
                          "on disk or in a copy): copy it again from a good source or convert it again; "
                          "`--no-verify` uses it anyway")

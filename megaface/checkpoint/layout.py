@@ -11,12 +11,18 @@ convert and export read through it. Under `OUTPUT/checkpoints/`:
         ds/                     DeepSpeed engine.save_checkpoint(..., tag="ds") (backbone [+ data-parallel FC7])
         fc7/shard_00000_of_00002.pt   model-parallel FC7 rows + optimizer state (`megaface.checkpoint.fc7_shards`)
         trainer/rank_00000.pt   loader position, RNG states, counters, lr schedule state
+
+and beside it, in OUTPUT/: `best_<pack>.pt` (+ `best_<pack>.pt.json`, the backbone sidecar) and `.megaface.lock`.
+DeepSpeed chooses the names inside ds/; the ones the readers rely on are here too (`DS_MODEL_STATES` ...).
+Every name and pattern of these files is defined in this module, once; writers, readers, integrity checks
+and tests import them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +36,36 @@ META_FILE = "meta.json"
 DS_DIR = "ds"            # also the DeepSpeed tag: engine.save_checkpoint(tag_dir, tag=DS_DIR)
 FC7_DIR = "fc7"
 TRAINER_DIR = "trainer"
+TMP_SUFFIX = ".tmp"      # a tag directory while it is written (`tmp_tag_name`); never read
+LOCK_FILE = ".megaface.lock"   # OUTPUT/.megaface.lock: one trainer per output directory
+BEST_PREFIX = "best_"
+SIDECAR_SUFFIX = ".json"  # a backbone file's meta: `<file>.json` beside `<file>`
+
+# DeepSpeed's own file names inside ds/ (DeepSpeed 0.19), as the readers expect them
+DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+"""ZeRO 0-2: the one model-states file ("module", and at stage 0 the optimizer with its fp32 groups)."""
+DS_OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+"""ZeRO 1-3: rank R's optimizer partition; group 1 the bf16 prefix, group 2 the rank."""
+DS_ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+"""ZeRO 3: rank R's model-states file (one per rank, parameters partitioned); group 1 the rank."""
+DS_RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")
+"""Any per-rank DeepSpeed file (optimizer partition, ZeRO-3 model states); group 1 the rank that wrote it."""
+
+FC7_SHARD_FILE = re.compile(r"^shard_(\d+)_of_(\d+)\.pt$")
+"""An FC7 shard file name (`fc7_shard_file_name`); group 1 the rank, group 2 the world size it was saved at."""
+FC7_SHARD_GLOB = "shard_*_of_*.pt"
+TRAINER_FILE = re.compile(r"^rank_(\d+)\.pt$")
+"""A trainer-state file name (`trainer_file_name`); group 1 the rank."""
 
 
 def tag_for(iteration: int) -> str:
+    """The tag directory name of the checkpoint saved after `iteration` steps (`step_00001000`)."""
     return f"{TAG_PREFIX}{iteration:08d}"
+
+
+def tmp_tag_name(tag: str) -> str:
+    """The name a tag directory has while its ranks write it (renamed to `tag` once complete)."""
+    return f"{tag}{TMP_SUFFIX}"
 
 
 def trainer_file_name(rank: int) -> str:
@@ -41,10 +73,50 @@ def trainer_file_name(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
+def fc7_shard_file_name(rank: int, world_size: int) -> str:
+    """The file name of rank `rank`'s FC7 shard (under FC7_DIR) in a checkpoint saved at `world_size` ranks."""
+    return f"shard_{rank:05d}_of_{world_size:05d}.pt"
+
+
+def ds_optim_file_name(rank: int, bf16: bool = False) -> str:
+    """DeepSpeed's name of rank `rank`'s ZeRO 1-3 optimizer partition (`bf16_` prefixed under bf16)."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def ds_zero3_model_file_name(rank: int) -> str:
+    """DeepSpeed's name of rank `rank`'s ZeRO-3 model-states file."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def best_file_name(pack: str) -> str:
+    """OUTPUT/best_<pack>.pt: the backbone with the best Accuracy-Flip on validation pack `pack` so far."""
+    return f"{BEST_PREFIX}{pack}.pt"
+
+
+BEST_SIDECAR_GLOB = f"{BEST_PREFIX}*.pt{SIDECAR_SUFFIX}"
+"""The sidecars of every best backbone in an output directory (`best_val.pt.json`, ...)."""
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The meta sidecar of a backbone file: `<file>.json` beside `<file>`."""
+    return Path(f"{path}{SIDECAR_SUFFIX}")
+
+
+def file_owner_rank(rel_path: str) -> int | None:
+    """The rank that wrote a checkpoint file, from its name (`trainer/rank_R.pt`, `fc7/shard_R_of_W.pt`,
+    `ds/[bf16_]zero_pp_rank_R_*`); None for a file of no rank (meta.json, DeepSpeed's model states)."""
+    name = rel_path.rsplit("/", 1)[-1]
+    for pattern in (TRAINER_FILE, FC7_SHARD_FILE, DS_RANK_FILE):
+        match = pattern.match(name)
+        if match is not None:
+            return int(match.group(1))
+    return None
+
+
 # ---- checkpoint discovery ---------------------------------------------------------------------------------
 
 def _is_tag_dir(path: Path) -> bool:
-    return (path / META_FILE).is_file() and not path.name.endswith(".tmp")
+    return (path / META_FILE).is_file() and not path.name.endswith(TMP_SUFFIX)
 
 
 def find_checkpoint(path_or_latest: str | os.PathLike | None, output_dir: str | os.PathLike | None = None) -> Path:
@@ -63,7 +135,7 @@ def find_checkpoint(path_or_latest: str | os.PathLike | None, output_dir: str | 
                          "dir, its checkpoints/ dir or a step_NNNNNNNN tag dir)")
     if _is_tag_dir(path):
         return path
-    if path.name.endswith(".tmp"):
+    if path.name.endswith(TMP_SUFFIX):
         raise ValueError(f"{path} is an incomplete checkpoint (a save was interrupted); use the one in 'latest'")
     if (path / CHECKPOINTS_DIR).is_dir():
         return _latest_in(path / CHECKPOINTS_DIR)

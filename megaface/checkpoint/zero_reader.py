@@ -13,24 +13,26 @@ Where DeepSpeed (0.19) keeps the weights:
 |            |                                                          | elements; rank R holds its slice of each     |
 
 Names and shapes of the trainable params come from "param_shapes" (one ordered dict per param group),
-buffers (BatchNorm statistics) from "module". DeepSpeed imports are needed only to unpickle its files.
+buffers (BatchNorm statistics) from "module". The file names are `megaface.checkpoint.layout`'s (`DS_*`).
+DeepSpeed imports are needed only to unpickle its files.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megaface.checkpoint.layout import load_torch_file
+from megaface.checkpoint.layout import (
+    DS_MODEL_STATES,
+    DS_OPTIM_FILE,
+    ds_optim_file_name,
+    ds_zero3_model_file_name,
+    load_torch_file,
+)
 from megaface.utils.progress import Progress
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-_Z3_MODEL = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
 
 __all__ = ["detect_zero_stage", "read_fp32_state_dict"]
 
@@ -40,20 +42,21 @@ def _optim_files(ds_dir: Path, world_size: int | None = None) -> list[Path]:
     a missing or an extra rank is an error naming the file."""
     found: dict[int, Path] = {}
     for path in ds_dir.iterdir():
-        match = _OPTIM.match(path.name)
+        match = DS_OPTIM_FILE.match(path.name)
         if match:
             found[int(match.group(2))] = path
     expected = range(world_size) if world_size is not None else range(max(found, default=-1) + 1)
     missing = [r for r in expected if r not in found]
     if missing and found:
-        prefix = "bf16_" if next(iter(found.values())).name.startswith("bf16_") else ""
-        names = ", ".join(f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in missing)
+        bf16 = next(iter(found.values())).name.startswith("bf16_")
+        names = ", ".join(ds_optim_file_name(r, bf16) for r in missing)
         raise FileNotFoundError(f"{ds_dir}: missing the optimizer partitions of rank(s) {missing} ({names}); "
                                 f"every rank of the saving job writes one")
     extra = sorted(set(found) - set(expected))
     if extra:
         raise ValueError(f"{ds_dir}: extra optimizer partition file(s) {[found[r].name for r in extra]} for a "
-                         f"job of {world_size} ranks (dp_world_size in {MODEL_STATES}); files of two saves mixed?")
+                         f"job of {world_size} ranks (dp_world_size in {DS_MODEL_STATES}); files of two "
+                         "saves mixed?")
     return [found[r] for r in sorted(found)]
 
 
@@ -62,7 +65,7 @@ def detect_zero_stage(ds_dir: str | Path) -> int:
     ds_dir = Path(ds_dir)
     if not ds_dir.is_dir():
         raise FileNotFoundError(f"{ds_dir} does not exist (expected the DeepSpeed part of a checkpoint)")
-    if (ds_dir / _Z3_MODEL.format(0)).is_file():
+    if (ds_dir / ds_zero3_model_file_name(0)).is_file():
         return 3
     optim = _optim_files(ds_dir)
     if not optim:
@@ -72,7 +75,7 @@ def detect_zero_stage(ds_dir: str | Path) -> int:
 
 
 def _model_states(ds_dir: Path, stage: int, rank: int = 0) -> dict[str, Any]:
-    name = _Z3_MODEL.format(rank) if stage == 3 else MODEL_STATES
+    name = ds_zero3_model_file_name(rank) if stage == 3 else DS_MODEL_STATES
     state = load_torch_file(ds_dir / name, "DeepSpeed model states", weights_only=False)
     if not isinstance(state, dict) or "module" not in state:
         raise ValueError(f"{ds_dir / name}: no 'module' entry; not a DeepSpeed model-states file")
@@ -143,7 +146,7 @@ def _params_zero0(model_states: dict[str, Any], buffers: set[str], ds_dir: Path)
     flat = torch.cat([t.detach().float().reshape(-1) for t in masters])
     total = sum(module[k].numel() for k in names)
     if flat.numel() != total:
-        raise ValueError(f"{ds_dir / MODEL_STATES}: the optimizer's fp32 master weights hold {flat.numel()} "
+        raise ValueError(f"{ds_dir / DS_MODEL_STATES}: the optimizer's fp32 master weights hold {flat.numel()} "
                          f"values but the module's parameters {total}; cannot map them to names")
     out, offset = {}, 0
     for k in names:

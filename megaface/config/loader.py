@@ -24,20 +24,11 @@ import yaml
 
 from megaface import vocab
 from megaface.config.ranges import check_ranges, range_docs
-from megaface.config.sections import (
-    DataConfig,
-    ExperimentConfig,
-    HeadConfig,
-    ModelConfig,
-    OptimConfig,
-    SyntheticConfig,
-    TrainConfig,
-    ValidationConfig,
-    _to_plain,
-)
+from megaface.config.sections import ExperimentConfig, OptimConfig, _to_plain
+from megaface.head.margin import resolve_margin
 
-__all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "OptimConfig", "SyntheticConfig",
-           "TrainConfig", "ValidationConfig", "field_docs", "load_config", "parse_override", "validate"]
+# the section classes are exported by the package (`megaface.config`), where callers import them from
+__all__ = ["field_docs", "load_config", "parse_override", "validate"]
 
 
 # ---- coercion and validation --------------------------------------------------------------------------
@@ -119,22 +110,12 @@ def _build(cls: type, raw: dict[str, Any], base: Path | None, where: str) -> Any
             kwargs[key] = _build(hint, value or {}, base, f"{where}{key}.")
             continue
         if where == "head." and key == "margin" and isinstance(value, str) and value not in vocab.ADAPTIVE_MARGINS:
-            value = _margin_preset(value)
+            value = resolve_margin(value, "head.margin", vocab.ADAPTIVE_MARGINS)
         value = _coerce(value, hint, f"{where}{key}")
         if fields[key].metadata.get("path"):
             value = _resolve_paths(value, base)
         kwargs[key] = value
     return cls(**kwargs)
-
-
-def _margin_preset(name: str) -> tuple[float, float, float]:
-    if name not in vocab.MARGIN_PRESETS:
-        names = [*vocab.MARGIN_PRESETS, *vocab.ADAPTIVE_MARGINS]
-        near = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"head.margin={name!r} is not a preset{hint}; use one of {sorted(names)} "
-                         "or three numbers [m1, m2, m3]")
-    return vocab.MARGIN_PRESETS[name]
 
 
 def _resolve_paths(value: Any, base: Path | None) -> Any:
@@ -169,6 +150,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if h.parallel == "data" and h.momentum_dtype != "fp32":
         raise ValueError(f"head.momentum_dtype={h.momentum_dtype!r} needs head.parallel=model (a data-parallel FC7 "
                          "lives in the DeepSpeed engine, whose optimizer keeps its own momentum): drop the key")
+    if h.weight_dtype != "fp32" and (h.parallel == "data" or o.name != "sgd"):
+        raise ValueError(f"head.weight_dtype={h.weight_dtype!r} needs head.parallel=model and optim.name=sgd (got "
+                         f"parallel={h.parallel!r}, optim.name={o.name!r}): ShardSGD alone updates a bf16 master "
+                         "weight; set head.weight_dtype=fp32")
     if h.clip_grad_norm is not None and h.parallel == "data":
         raise ValueError("head.clip_grad_norm needs head.parallel=model: a data-parallel FC7 lives in the "
                          "DeepSpeed engine and is clipped with the backbone by the JSON's gradient_clipping")

@@ -13,23 +13,24 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from megaface.head.adaface import ADAFACE_RANGES
+from megaface.head.margin import MARGIN_RANGES
+from megaface.head.partial_fc import HEAD_RANGES
+from megaface.utils.ranges import Range, check_range, range_text
+
 INF = math.inf
 
 # 'section.key' -> (low, high, low excluded, high excluded)
-RANGES: dict[str, tuple[float, float, bool, bool]] = {
+RANGES: dict[str, Range] = {
     "model.embedding_size": (1, INF, False, False),
     "model.dropout": (0.0, 1.0, False, True),
     "model.drop_path_rate": (0.0, 1.0, False, True),  # ViT stochastic depth
     "model.mask_ratio": (0.0, 1.0, False, True),  # ViT random patch masking in training
     "model.bn_eps": (0.0, 1.0, True, True),  # CNN BatchNorm eps; arcface_torch's is 1e-5
-    "head.margin[0]": (0.0, 10.0, True, False),  # m1: multiplies theta (SphereFace); 1 = none
-    "head.margin[1]": (0.0, math.pi / 2, False, True),  # m2: additive angle in radians (ArcFace 0.5)
-    "head.margin[2]": (0.0, 2.0, False, True),  # m3: subtracted cosine (CosFace 0.35); cos spans 2
-    "head.adaface.m": (0.0, math.pi / 2, False, True),  # AdaFace margin size (0.4)
-    "head.adaface.h": (0.0, INF, False, True),  # AdaFace concentration (0.333)
-    "head.adaface.t_alpha": (0.0, 1.0, False, False),  # AdaFace EMA momentum (0.01)
-    "head.subcenters": (1, 64, False, False),  # sub-center ArcFace's K rows per class; 1 = plain
-    "head.scale": (0.0, INF, True, True),
+    # margin (m1, m2, m3), AdaFace, sub-centers and scale: the head's own rules, which its constructors check too
+    **MARGIN_RANGES,
+    **ADAFACE_RANGES,
+    **HEAD_RANGES,
     "head.sample_rate": (0.0, 1.0, True, False),
     "head.num_sample": (1, INF, False, True),
     "head.num_classes": (1, INF, False, True),
@@ -97,10 +98,6 @@ WARNINGS: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
-    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
 def range_docs() -> dict[str, str]:
     """'section.key' -> 'range (0, inf)' ('range [0]: ..., [1]: ...' per position, 'range of each value ...')."""
     parts: dict[str, list[str]] = {}
@@ -111,14 +108,8 @@ def range_docs() -> dict[str, str]:
     return {field: "range " + ", ".join(texts) for field, texts in parts.items()}
 
 
-def _check(name: str, value: Any, rule: tuple[float, float, bool, bool]) -> None:
-    low, high, low_open, high_open = rule
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name}={value} is not a finite number; it must lie in {range_text(*rule)}")
-    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not inside:
-        raise ValueError(f"{name}={value!r} is out of range: it must lie in {range_text(*rule)}; fix it in the "
-                         f"YAML or with --{name.split('[')[0]}=...")
+def _check(name: str, value: Any, rule: Range) -> None:
+    check_range(name, value, rule, f"fix it in the YAML or with --{name.split('[')[0]}=...")
 
 
 def _values(cfg: Any, key: str) -> list[tuple[str, Any]]:

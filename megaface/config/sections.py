@@ -106,6 +106,11 @@ class HeadConfig:
     momentum_dtype: vocab.MomentumDtype = "fp32"
     """FC7 momentum storage (model-parallel head): fp32, or bf16 to hold 3 KB instead of 4 KB per class
     (D=512), i.e. about 1.33x the classes per GB; the update itself is computed in fp32."""
+    weight_dtype: vocab.WeightDtype = "fp32"
+    """FC7 master weight storage (model-parallel head, optim.name=sgd): fp32, or bf16 to hold 1 KB instead of
+    2 KB per class (D=512; with momentum_dtype=bf16 the state is 2 KB a class). The update is computed in fp32
+    and rounded to bf16 stochastically (unbiased; its random bits are a hash of seed, step, row and column, so
+    runs and resumes stay exact). Accuracy against fp32: docs/head_precision.md."""
     subcenters: int = 1
     """Sub-center ArcFace: K rows per class, the class cosine is the max over them and the margin applies to
     that max (noisy web data; the paper uses 3). Costs K x the FC7 memory and GEMM work of the sampled classes."""

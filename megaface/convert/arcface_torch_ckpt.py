@@ -43,9 +43,9 @@ from megaface.checkpoint.fc7_shards import (
     MERGED_FORMAT,
     load_checkpoint_shards,
     merge_shards,
-    shard_file_name,
     split_merged,
 )
+from megaface.checkpoint.layout import DS_DIR
 from megaface.head.sharding import class_range
 
 CKPT_NAME = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
@@ -185,7 +185,7 @@ def _save_ds(tmp: Path, cfg: Any, backbone_state: dict[str, torch.Tensor], momen
     process.join()
     handoff.unlink()
     if process.exitcode != 0:
-        raise RuntimeError(f"the DeepSpeed save of {tmp / 'ds'} failed (exit code {process.exitcode}); its "
+        raise RuntimeError(f"the DeepSpeed save of {tmp / DS_DIR} failed (exit code {process.exitcode}); its "
                            "traceback is above")
     return DS_CONFIG
 
@@ -224,14 +224,21 @@ def _save_ds_main(tmp: str, handoff: str) -> None:
             if name in params:  # arcface_torch's fixed final BN scale is a parameter there, a buffer here
                 sgd.state[params[name]]["momentum_buffer"] = buffer.float().clone()
         engine.global_steps = given["iteration"]
-        engine.save_checkpoint(tmp, tag="ds", save_latest=False)
+        engine.save_checkpoint(tmp, tag=DS_DIR, save_latest=False)
 
 
 def import_arcface_torch(ckpt_dir: str | os.PathLike, output: str | os.PathLike, network: str,
                          world_size: int = 1) -> str:
     """Write a megaface checkpoint tag directory `output` from arcface_torch's resume files; returns a report."""
     import megaface
-    from megaface.checkpoint import CHECKPOINT_FORMAT, FC7_DIR, META_FILE, TRAINER_DIR, trainer_file_name
+    from megaface.checkpoint import (
+        CHECKPOINT_FORMAT,
+        FC7_DIR,
+        META_FILE,
+        TRAINER_DIR,
+        fc7_shard_file_name,
+        trainer_file_name,
+    )
     from megaface.checkpoint.integrity import FILES_KEY, FINITE_KEY, digests, list_files
     from megaface.config import load_config
     from megaface.convert.insightface import import_insightface
@@ -275,7 +282,7 @@ def import_arcface_torch(ckpt_dir: str | os.PathLike, output: str | os.PathLike,
         meta["ds_config"] = _save_ds(tmp, cfg, backbone, momentum, iteration)
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
-            torch.save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
+            torch.save(shard, tmp / FC7_DIR / fc7_shard_file_name(shard["rank"], world_size))
         (tmp / TRAINER_DIR).mkdir()
         for rank in range(world_size):
             torch.save(trainer, tmp / TRAINER_DIR / trainer_file_name(rank))
@@ -317,10 +324,9 @@ def _arcface_param_names(model: torch.nn.Module) -> list[str]:
 
 def _backbone_momentum(tag_dir: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Backbone SGD momentum by parameter name from a ZeRO-0 fp32 checkpoint (empty otherwise)."""
-    from megaface.checkpoint import DS_DIR
-    from megaface.checkpoint.zero_reader import MODEL_STATES
+    from megaface.checkpoint.layout import DS_MODEL_STATES
 
-    states = torch.load(tag_dir / DS_DIR / MODEL_STATES, map_location="cpu", weights_only=False)
+    states = torch.load(tag_dir / DS_DIR / DS_MODEL_STATES, map_location="cpu", weights_only=False)
     optimizer = states.get("optimizer") or {}
     groups = optimizer.get("param_groups", [])
     names = [name for name, _ in model.named_parameters()]
@@ -389,7 +395,7 @@ def export_arcface_torch(checkpoint: str | os.PathLike, output: str | os.PathLik
             if merged.get("momentum") is not None:
                 state[len(names)] = {"momentum_buffer": merged["momentum"][start:start + count].clone()}
             torch.save({"epoch": epoch, "global_step": iteration, "state_dict_backbone": backbone,
-                        "state_dict_softmax_fc": {"weight": merged["weight"][start:start + count].clone()},
+                        "state_dict_softmax_fc": {"weight": merged["weight"][start:start + count].to(torch.float32, copy=True)},
                         "state_optimizer": {"state": state, "param_groups": groups},
                         "state_lr_scheduler": scheduler}, tmp / f"checkpoint_gpu_{rank}.pt")
         torch.save(backbone, tmp / "model.pt")

@@ -22,10 +22,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _consolidate(args: argparse.Namespace) -> int:
+    from megaface.checkpoint.layout import sidecar_path
     from megaface.convert.consolidate import consolidate
 
     out = consolidate(args.checkpoint, args.output, network=args.network, verify=args.verify)
-    print(f"wrote fp32 backbone {out} (+ {out}.json)")
+    print(f"wrote fp32 backbone {out} (+ {sidecar_path(out)})")
     return 0
 
 

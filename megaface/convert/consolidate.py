@@ -58,7 +58,7 @@ def consolidate_state_dict(path: str | os.PathLike, network: str | None = None, 
     name = resolve_network(meta, network, tag_dir / META_FILE)
     check_architecture(state, name, meta.get("embedding_size"), str(tag_dir / DS_DIR))
     if "zero_stage" in meta and int(meta["zero_stage"]) != info["zero_stage"]:
-        raise ValueError(f"{tag_dir / 'meta.json'} says ZeRO stage {meta['zero_stage']} but {tag_dir / 'ds'} "
+        raise ValueError(f"{tag_dir / META_FILE} says ZeRO stage {meta['zero_stage']} but {tag_dir / DS_DIR} "
                          f"holds a ZeRO-{info['zero_stage']} checkpoint; the directory was mixed up")
     backbone_meta = {
         "network": name,

@@ -9,12 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megaface.checkpoint import DS_DIR, FC7_DIR, META_FILE, read_meta
+from megaface.checkpoint import DS_DIR, FC7_DIR, META_FILE, fc7_shard_file_name, read_meta
 from megaface.checkpoint.fc7_shards import (
     MERGED_FORMAT,
     load_checkpoint_shards,
     merge_shards,
-    shard_file_name,
     split_merged,
 )
 from megaface.checkpoint.integrity import FILES_KEY, digests, list_files
@@ -25,7 +24,7 @@ from megaface.utils.progress import Progress
 def _check_meta(meta: dict[str, Any], merged: dict[str, Any], tag_dir: Path) -> None:
     for key in ("num_classes", "embedding_size"):
         if key in meta and int(meta[key]) != int(merged[key]):
-            raise ValueError(f"{tag_dir / 'meta.json'}: {key}={meta[key]} but the FC7 shards have "
+            raise ValueError(f"{tag_dir / META_FILE}: {key}={meta[key]} but the FC7 shards have "
                              f"{key}={merged[key]}; the shards belong to another run")
 
 
@@ -36,7 +35,7 @@ def _data_parallel_fc7(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
     state = strip_wrappers(read_fp32_state_dict(tag_dir / DS_DIR)[0])
     if "head.weight" not in state:
-        raise ValueError(f"{tag_dir / 'ds'}: no 'head.weight' although meta.json says parallel='data' "
+        raise ValueError(f"{tag_dir / DS_DIR}: no 'head.weight' although meta.json says parallel='data' "
                          f"(found e.g. {list(state)[:4]})")
     weight, k = state["head.weight"], int(meta.get("subcenters", 1))  # K rows per class (sub-center ArcFace)
     classes = int(weight.shape[0]) // k
@@ -94,7 +93,7 @@ def reshard_checkpoint(tag_dir: str | os.PathLike, world_size: int, output: str 
             bar.update(1)
         (tmp / FC7_DIR).mkdir()
         for shard in shards:
-            torch_save(shard, tmp / FC7_DIR / shard_file_name(shard["rank"], world_size))
+            torch_save(shard, tmp / FC7_DIR / fc7_shard_file_name(shard["rank"], world_size))
             bar.update(1)
         if FILES_KEY in meta:  # the copy's own digests (the shard files are new)
             meta[FILES_KEY] = digests(tmp, list_files(tmp))

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from megaface.checkpoint import CHECKPOINT_FORMAT
-from megaface.checkpoint.fc7_shards import SHARD_FORMAT, shard_file_name
-from megaface.checkpoint.layout import FC7_DIR
+from megaface.checkpoint.fc7_shards import SHARD_FORMAT
+from megaface.checkpoint.layout import FC7_DIR, META_FILE, fc7_shard_file_name
 from megaface.fileio import atomic_output_dir, torch_save
 
 
@@ -49,8 +49,8 @@ def write_fc7_shard_set(output: str | os.PathLike, weight: np.ndarray, momentum:
             "world_size": 1, "class_ranges": [[0, num_classes]], "parallel": "model", "fc7_only": True, **meta}
     with atomic_output_dir(output) as tmp:
         (tmp / FC7_DIR).mkdir()
-        torch_save(shard, tmp / FC7_DIR / shard_file_name(0, 1))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        torch_save(shard, tmp / FC7_DIR / fc7_shard_file_name(0, 1))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     dropped = f", {rows - num_classes} padding rows dropped" if rows > num_classes else ""
     with_momentum = " + momentum" if momentum is not None else ""
     return f"wrote FC7 shard set {Path(output)} ({num_classes} classes x {dim}{with_momentum}{dropped})"

@@ -152,14 +152,14 @@ def _describe(diff: Mapping[str, list[str]]) -> str:
 
 
 def _resolve_network(state: Mapping[str, torch.Tensor], network: str | None) -> tuple[str, int]:
+    if network is None:
+        return detect_network(state)
+    detected: str | None
+    embedding_size: int | None
     try:
         detected, embedding_size = detect_network(state)
     except ValueError:
-        if network is None:
-            raise
         detected, embedding_size = None, None
-    if network is None:
-        return detected, embedding_size
     if network not in INSIGHTFACE_NETWORKS:
         raise ValueError(f"{network!r} has no arcface_torch counterpart; choose one of {list(INSIGHTFACE_NETWORKS)}")
     if embedding_size is None:

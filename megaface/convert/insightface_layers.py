@@ -42,16 +42,17 @@ class Naming:
 
     def fields(self, kind: str) -> list[tuple[str | None, str]]:
         """(megaface field or None for a folded parameter, suffix) of one layer kind."""
-        bn = [("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
-              ("running_var", self.moving_var)]
-        return {
+        bn: list[tuple[str | None, str]] = [("weight", "gamma"), ("bias", "beta"),
+                                            ("running_mean", "moving_mean"), ("running_var", self.moving_var)]
+        table: dict[str, list[tuple[str | None, str]]] = {
             "conv": [("weight", "weight")],
             "bn": bn,
             "embedding": bn if self.embedding_gamma else bn[1:],
             "prelu": [("weight", self.prelu)],
             "fc": [("weight", "weight"), ("bias", "bias")],
             "fc_nobias": [("weight", "weight"), (None, "bias")],
-        }[kind]
+        }
+        return table[kind]
 
     def name(self, layer: Layer, suffix: str) -> str:
         return f"{layer.name}{self.sep}{suffix}"

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megaface.checkpoint import DS_DIR, TRAINER_DIR, read_meta, resolve_checkpoint
+from megaface.checkpoint import DS_DIR, META_FILE, TRAINER_DIR, read_meta, resolve_checkpoint
 from megaface.checkpoint.integrity import (
     FILES_KEY,
     FINITE_KEY,
@@ -25,6 +25,7 @@ from megaface.checkpoint.integrity import (
     unlisted_files,
     verify_files,
 )
+from megaface.checkpoint.layout import DS_OPTIM_FILE, DS_ZERO3_MODEL_FILE
 
 __all__ = ["inspect_checkpoint", "format_report"]
 
@@ -44,16 +45,19 @@ def _fc7_section(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     first = states[0]
     return {"parallel": meta.get("parallel", "model"), "world_size": int(first["world_size"]),
             "num_classes": int(first["num_classes"]), "embedding_size": int(first["embedding_size"]),
-            "subcenters": int(first.get("subcenters", 1)), "hyper": first.get("hyper"), "shards": sorted(shards, key=lambda s: s["rank"])}
+            "subcenters": int(first.get("subcenters", 1)),
+            "weight_dtype": str(first["weight"].dtype).removeprefix("torch."),
+            "momentum_dtype": None if first.get("momentum") is None else str(first["momentum"].dtype).removeprefix("torch."),
+            "hyper": first.get("hyper"), "shards": sorted(shards, key=lambda s: s["rank"])}
 
 
 def _ds_section(tag_dir: Path) -> dict[str, Any]:
     """The DeepSpeed files and the layout their names imply (no file is loaded)."""
     ds_dir = tag_dir / DS_DIR
     files = sorted(p.name for p in ds_dir.iterdir()) if ds_dir.is_dir() else []
-    if any(f.startswith("zero_pp_rank_") and f.endswith("_model_states.pt") for f in files):
+    if any(DS_ZERO3_MODEL_FILE.match(f) for f in files):
         layout = "ZeRO-3 (parameters partitioned)"
-    elif any(f.endswith("_optim_states.pt") for f in files):
+    elif any(DS_OPTIM_FILE.match(f) for f in files):
         layout = "ZeRO-1/2 (optimizer state partitioned)"
     elif files:
         layout = "ZeRO-0 (unpartitioned)"
@@ -68,7 +72,7 @@ def _integrity_problems(tag_dir: Path, meta: dict[str, Any], verify: bool) -> li
     if expected:
         problems += verify_files(tag_dir, expected) + unlisted_files(tag_dir, expected)
     else:
-        problems.append(f"{tag_dir / 'meta.json'} records no file digests (saved by an older megaface): "
+        problems.append(f"{tag_dir / META_FILE} records no file digests (saved by an older megaface): "
                         "its files cannot be verified; `--verify` still checks the tensors")
     if not meta.get(FINITE_KEY):
         problems.append(f"{tag_dir}: meta.json does not say the weights were verified finite when saved; run "
@@ -122,7 +126,8 @@ def format_report(report: dict[str, Any]) -> str:
     if fc7.get("shards"):
         lines.append(f"  fc7 shards       {len(fc7['shards'])} (world size {fc7['world_size']}, "
                      f"{fc7['num_classes']} classes x {fc7['embedding_size']}"
-                     f"{f', {sub} sub-centers per class' if (sub := fc7.get('subcenters', 1)) > 1 else ''})")
+                     f"{f', {sub} sub-centers per class' if (sub := fc7.get('subcenters', 1)) > 1 else ''}; "
+                     f"weight {fc7.get('weight_dtype')}, momentum {fc7.get('momentum_dtype') or '-'})")
         for s in fc7["shards"]:
             end = s["class_start"] + s["num_local"]
             rows = s["num_local"] * fc7.get("subcenters", 1)

@@ -6,6 +6,7 @@
     image_list.py     what `pack rec` packs: an image folder or an im2rec .lst, as paths and labels
     pack_rec.py       `megaface pack rec`: parallel worker processes, deterministic bytes, shards
     pack_journal.py   the resume journal of a partial `pack rec`
+    pack_workers.py   the worker processes of `pack rec`: records staged in files, appended by the kernel
     bin_pack.py       verification packs (lfw.bin, ...)
     ofrecord.py       OneFlow OFRecord directories: read, index, encode
     ofrecord_pack.py  `megaface pack ofrecord`

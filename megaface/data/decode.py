@@ -36,7 +36,7 @@ try:
 
     cv2.setNumThreads(1)
 except ImportError:  # pragma: no cover - opencv is a declared dependency
-    cv2 = None
+    cv2 = None  # type: ignore[assignment]  # None marks opencv absent; users test `cv2 is not None`
 try:
     import simplejpeg
 except ImportError:  # optional: cv2 decodes JPEG too, a little slower

@@ -22,7 +22,7 @@ to float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class _BatchTask(torch.utils.data.Dataset):
             raise CorruptImageError(f"every image of a batch is corrupt, e.g. {skipped[0]}")
         # a corrupt image is replaced by a good one of the same batch so batch shapes stay equal on all ranks
         src = [k if loaded[k][1] is not None else good[k % len(good)] for k in range(len(loaded))]
-        shapes = {loaded[k][1].shape for k in good}
+        shapes = {im.shape for _, im, _ in loaded if im is not None}
         if len(shapes) > 1:
             raise ValueError(
                 f"images of one batch differ in size {sorted(shapes)} "
@@ -143,8 +143,9 @@ class _BatchTask(torch.utils.data.Dataset):
             images.share_memory_()  # filled in place: sending it to the main process then copies nothing
         buffer = images.numpy()
         for j, k in enumerate(src):
-            image = loaded[k][1][:, ::-1] if flips[j] else loaded[k][1]
-            buffer[j] = image.transpose(2, 0, 1)
+            image = loaded[k][1]
+            assert image is not None  # src names good images only
+            buffer[j] = (image[:, ::-1] if flips[j] else image).transpose(2, 0, 1)
         labels = torch.tensor([int(loaded[k][0]) for k in src], dtype=torch.int64)
         uniforms = None
         if self.augment is not None and self.augment.enabled:
@@ -322,6 +323,7 @@ class TrainLoader:
         perm = epoch_permutation(self.num_samples, self.seed, self._epoch)
         flips = epoch_flips(self.num_samples, self.seed, self._epoch)
         tasks = list(self._tasks(perm, flips, self._position))
+        source: Iterable[Any]
         if self.workers > 0 and tasks:
             self._sampler.tasks = tasks
             source = self._worker_pool()

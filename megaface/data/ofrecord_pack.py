@@ -91,12 +91,12 @@ def pack_ofrecord(source: str | os.PathLike, output: str | os.PathLike, parts: i
                                 "property), an image folder root/<identity>/*.jpg or a .bin verification pack")
     dataset, kind = _training_source(source)
 
-    def records() -> Iterator[bytes]:
+    def training_records() -> Iterator[bytes]:
         for i in range(len(dataset)):
             label, image = dataset[i]
             yield _counted(bar, encode_record({"encoded": image, "label": int(label)}))
 
     with Progress("pack", len(dataset), "images", mode=progress) as bar:
-        write_parts(output, len(dataset), records(), parts, suffix_length, overwrite)
+        write_parts(output, len(dataset), training_records(), parts, suffix_length, overwrite)
     return {"kind": "training", "source": kind, "images": len(dataset), "classes": int(dataset.num_classes),
             "parts": parts, "output": str(output)}

@@ -1,23 +1,21 @@
 """`megaface pack rec`: images -> InsightFace pack(s), in worker processes, resumable, byte-deterministic.
 
 Workers read, decode (verify: every image decodes and has the first image's size), optionally re-encode as
-JPEG, and frame whole RecordIO records (keys are known from the image order); the parent only appends those
-bytes and the index lines, chunk by chunk in list order, so the output is the same for any worker count and
-the same as `PackWriter` writes. With ``shards > 1`` the classes are split into contiguous ranges of about
+JPEG, and frame whole RecordIO records (keys are known from the image order) into a staged file per chunk;
+the parent only appends those bytes (a copy inside the kernel: megaface.data.pack_workers) and the index
+lines, chunk by chunk in list order, so the output is the same for any worker count and chunk split and the
+same as `PackWriter` writes. With ``shards > 1`` the classes are split into contiguous ranges of about
 equal image counts, one complete pack per range, and a ``shards.json`` lists them (megaface.data.sharded).
 Progress of the chunks is journaled (megaface.data.pack_journal): a killed run continues with ``resume``.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
+import contextlib
 import json
-import multiprocessing
 import os
 import shutil
-import signal
-import sys
+from array import array
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 from megaface.data.decode import CorruptImageError, decode_image, encode_jpeg
 from megaface.data.image_list import ImageList
 from megaface.data.pack_journal import Journal, fingerprint, partial_dir
+from megaface.data.pack_workers import ChunkWorkers, append_range, write_records
 from megaface.data.recordio import encode_record, pack_payload
 from megaface.data.sharded import MANIFEST_NAME, manifest_text, shard_name
 from megaface.fileio import output_error, replace_dir
@@ -34,8 +33,12 @@ from megaface.utils.progress import Progress
 from megaface.vocab import ProgressMode
 
 DEFAULT_CHUNK = 2000
-"""Images per chunk at most: the unit of work of a worker and of the resume journal (smaller for small jobs,
-so that every worker gets chunks)."""
+"""Images per chunk at most: the unit of work of a worker and of the resume journal (smaller towards the end
+of a job with several workers: `chunk_bounds`)."""
+MIN_CHUNK = 64
+"""The smallest chunk `chunk_bounds` makes (unless --chunk-size is smaller): ~15 ms of a worker's time."""
+STAGING = ".chunks"
+"""The folder of the partial pack where workers stage their chunks' records (megaface.data.pack_workers)."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,8 @@ class _Chunk:
     source: str
 
 
-def encode_chunk(chunk: _Chunk) -> tuple[bytes, list[int]]:
-    """Worker: the physical RecordIO bytes of the image records of `chunk`, joined in order, and their sizes
-    (one bytes object per chunk: pickling thousands of small ones would cost the parent more)."""
+def encode_chunk(chunk: _Chunk) -> list[bytes]:
+    """Worker: the physical RecordIO bytes of each image record of `chunk`, in order."""
     out = []
     for path, label, key in zip(chunk.paths, chunk.labels, chunk.keys, strict=True):
         try:
@@ -82,7 +84,7 @@ def encode_chunk(chunk: _Chunk) -> tuple[bytes, list[int]]:
             if chunk.quality is not None:
                 data = encode_jpeg(image, chunk.quality)
         out.append(encode_record(pack_payload(float(label), data, id=key)))
-    return b"".join(out), [len(r) for r in out]
+    return out
 
 
 def _checked(data: bytes, path: str, size: tuple[int, int]) -> np.ndarray:
@@ -128,30 +130,23 @@ class _Layout:
         return [(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True)]
 
 
-def _results(chunks: Iterator[_Chunk], workers: int) -> Iterator[tuple[bytes, list[int]]]:
-    """encode_chunk over `chunks`, in order; at most 2 chunks per worker in flight (bounded memory)."""
-    if workers == 1:
-        yield from map(encode_chunk, chunks)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers, initializer=_die_with_parent) as pool:  # exiting terminates the workers
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+def _in_process(chunks: Iterator[_Chunk]) -> Iterator[tuple[list[bytes], array]]:
+    for chunk in chunks:
+        records = encode_chunk(chunk)
+        yield records, array("q", map(len, records))
 
 
-def _die_with_parent() -> None:
-    # A SIGKILLed parent cannot terminate its pool: ask Linux to kill the workers with it.
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+def chunk_bounds(done: int, total: int, chunk_size: int, workers: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) of each chunk after the `done` images. With several workers the chunks shrink towards the
+    end (a quarter of what is left over two workers, at least MIN_CHUNK), so that the workers finish
+    together; any split gives the same bytes."""
+    start = done
+    while start < total:
+        size = chunk_size
+        if workers > 1:
+            size = min(chunk_size, max(-(-(total - start) // (2 * workers)), MIN_CHUNK))
+        yield start, min(start + size, total)
+        start += size
 
 
 def pack_images(images: ImageList, output: str | os.PathLike, options: PackOptions = PackOptions(),
@@ -248,44 +243,63 @@ def _write_chunks(images: ImageList, layout: _Layout, options: PackOptions, size
                   journal: Journal, workers: int, chunk_size: int, bar: Progress) -> None:
     names = _file_names(options.shards)
     sizes = dict(journal.sizes)
-    if workers > 1:  # small jobs: small chunks, so that every worker gets some
-        chunk_size = max(1, min(chunk_size, -(-(len(images) - journal.done) // (4 * workers))))
-    files = [(open(journal.directory / rec, "ab"), open(journal.directory / idx, "ab")) for rec, idx in names]
-    total = len(images)
 
     def chunks() -> Iterator[_Chunk]:
-        for start in range(journal.done, total, chunk_size):
-            stop = min(start + chunk_size, total)
+        for start, stop in chunk_bounds(journal.done, len(images), chunk_size, workers):
             _, local, keys = layout.place(start, stop)
             yield _Chunk(images.paths[start:stop], local.tolist(), keys.tolist(), size, options.verify,
                          options.quality, images.source)
 
+    files = [(os.open(journal.directory / rec, os.O_WRONLY), os.open(journal.directory / idx, os.O_WRONLY))
+             for rec, idx in names]
     try:
-        done = journal.done
-        for blob, lengths in _results(chunks(), workers):
-            ends = np.cumsum(lengths)
-            shard_of, _, keys = layout.place(done, done + len(lengths))
-            for k in np.unique(shard_of).tolist():  # a chunk's images are contiguous within each shard
-                a, b = np.searchsorted(shard_of, k, side="left"), np.searchsorted(shard_of, k, side="right")
-                start = int(ends[a - 1]) if a else 0
-                (rec_name, idx_name), (rec, idx) = names[k], files[k]
-                offsets = (sizes[rec_name] - start + np.concatenate([[start], ends[a:b - 1]])).tolist()
-                lines = "".join(f"{key}\t{off}\n" for key, off in
-                                zip(keys[a:b].tolist(), offsets, strict=True)).encode()
-                rec.write(blob[start:int(ends[b - 1])])
-                idx.write(lines)
-                sizes[rec_name] += int(ends[b - 1]) - start
-                sizes[idx_name] += len(lines)
-            for rec, idx in files:
-                rec.flush()
-                idx.flush()
-            done += len(lengths)
-            journal.commit(done, sizes)
-            bar.update(len(lengths))
+        for rec, idx in files:
+            os.lseek(rec, 0, os.SEEK_END)
+            os.lseek(idx, 0, os.SEEK_END)
+        with contextlib.ExitStack() as stack:
+            if workers == 1:
+                results: Iterator[tuple[list[bytes] | Path, array]] = _in_process(chunks())
+            else:
+                pool = stack.enter_context(ChunkWorkers(encode_chunk, workers, journal.directory / STAGING,
+                                                        window=4 * workers))
+                results = pool.results(chunks())
+            done = journal.done
+            for records, lengths in results:
+                _append_chunk(records, np.asarray(lengths), layout.place(done, done + len(lengths)), names,
+                              files, sizes)
+                done += len(lengths)
+                journal.commit(done, sizes)
+                bar.update(len(lengths))
     finally:
         for rec, idx in files:
-            rec.close()
-            idx.close()
+            os.close(rec)
+            os.close(idx)
+
+
+def _append_chunk(records: list[bytes] | Path, lengths: np.ndarray, placed: tuple[np.ndarray, ...],
+                  names: list[tuple[str, str]], files: list[tuple[int, int]], sizes: dict[str, int]) -> None:
+    """A chunk's records (in memory, or staged by a worker) and index lines appended to their shards."""
+    shard_of, _, keys = placed
+    ends = np.cumsum(lengths)
+    staged = os.open(records, os.O_RDONLY) if isinstance(records, Path) else None
+    try:
+        for k in np.unique(shard_of).tolist():  # a chunk's images are contiguous within each shard
+            a, b = np.searchsorted(shard_of, k, side="left"), np.searchsorted(shard_of, k, side="right")
+            start, stop = (int(ends[a - 1]) if a else 0), int(ends[b - 1])
+            (rec_name, idx_name), (rec, idx) = names[k], files[k]
+            offsets = (sizes[rec_name] - start + np.concatenate([[start], ends[a:b - 1]])).tolist()
+            lines = "".join(f"{key}\t{off}\n" for key, off in zip(keys[a:b].tolist(), offsets, strict=True)).encode()
+            if staged is None:
+                assert not isinstance(records, Path)
+                write_records(rec, records[a:b])
+            else:
+                append_range(staged, rec, start, stop - start)
+            write_records(idx, [lines])
+            sizes[rec_name] += stop - start
+            sizes[idx_name] += len(lines)
+    finally:
+        if staged is not None:
+            os.close(staged)
 
 
 def _finish(journal: Journal, layout: _Layout, size: tuple[int, int], shards: int) -> int:
@@ -310,6 +324,7 @@ def _finish(journal: Journal, layout: _Layout, size: tuple[int, int], shards: in
         text = manifest_text(layout.class_bounds[-1], (size[0], size[1]), entries)
         (journal.directory / MANIFEST_NAME).write_text(text)
         written += len(text)
+    shutil.rmtree(journal.directory / STAGING, ignore_errors=True)  # left by a killed run resumed with 1 worker
     journal.remove()
     return written
 

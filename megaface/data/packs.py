@@ -102,7 +102,10 @@ class RecordPack:
 
     def _record(self, key: int):
         where = f"{self.rec_path}: key {key}"
-        return unpack_payload(self.reader.read_at(self._offset_of(key), key), where)
+        offset = self._offset_of(key)
+        if offset is None:  # callers check first; a missing key must not reach os.pread as None
+            raise KeyError(f"{where}: not in {self.idx_path}")
+        return unpack_payload(self.reader.read_at(offset, key), where)
 
     def _is_identity_record(self, key: int) -> bool:
         if self._offset_of(key) is None:

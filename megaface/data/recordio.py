@@ -20,6 +20,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -159,7 +160,7 @@ class RecordReader:
         return {"path": self.path}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        RecordReader.__init__(self, state["path"])
 
 
 class RecordWriter:
@@ -232,7 +233,7 @@ def read_index(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 0].copy(), table[:, 1].copy()
 
 
-def _raise_bad_line(path: Path, data: bytes) -> None:
+def _raise_bad_line(path: Path, data: bytes) -> NoReturn:
     for n, line in enumerate(data.split(b"\n"), 1):
         fields = line.split()
         if not fields:

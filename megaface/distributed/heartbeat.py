@@ -15,6 +15,12 @@ any world size). When it has not moved for `timeout_s` (train.collective_timeout
 SIGKILL (a stopped process ignores everything else, and torchrun would wait 30 s more before killing it).
 A rank that sees an error posted by another ends with that line: from its main thread when a collective
 fails (`peer_error`), or from the watcher when the main thread stays blocked for longer than two beats.
+When a collective fails and nobody posts an error, a rank ended without a word (SIGKILL, the OOM killer,
+a lost host: its process is gone or its counter stopped) is named by `explain_lost_peer`.
+An error that every rank raised by itself, after agreeing on it in a collective (a checkpoint that could
+not be written), is not posted: each rank prints its own line, however late its main thread gets there;
+a watcher acting on such a post would end a slow rank with the peer's line first, and the rank's own
+exit status would be lost.
 The thread reads the counter's changes on its own monotonic clock, so hosts need no synchronised clocks.
 """
 
@@ -28,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
@@ -66,6 +73,7 @@ class Heartbeat:
         self._reported = threading.Lock()  # one line per process, from whichever thread gets there first
         self._thread: threading.Thread | None = None
         self._acked = False  # this rank has told the failing rank it read its error (it may then exit)
+        self._ack_lock = threading.Lock()  # the watcher and the main thread may both ack; count one
         self.peer_quiet_s = 0.0  # how long the watched rank's counter has not moved (0 while it beats)
 
     # ---- life cycle ----------------------------------------------------------------------------------
@@ -104,14 +112,22 @@ class Heartbeat:
 
     # ---- errors ----------------------------------------------------------------------------------------
 
-    def report_error(self, line: str, wait_s: float | None = None) -> None:
+    def report_error(self, line: str, wait_s: float | None = None, every_rank: bool = False) -> None:
         """Post this rank's one-line error for the others (the first error of the job wins) and give them
-        up to `wait_s` to read it (rank 0 may host the store, which ends with this process)."""
-        if self._reader is None:
-            return
+        up to `wait_s` to read it (rank 0 may host the store, which ends with this process). `every_rank`:
+        every rank raised this error itself (agreed in a collective): nothing is posted (module docstring)."""
         self._reported.acquire(blocking=False)  # this rank has printed its own line: the watcher stays quiet
+        if self._reader is None or every_rank:
+            return
+        mine = f"rank {self.rank}: {line}"
+        with self._ack_lock:  # from here this rank's watcher never acks: its own error is not read by a peer
+            had_acked, self._acked = self._acked, True
         try:
-            self._reader.compare_set("error", "", f"rank {self.rank}: {line}")
+            posted = self._reader.compare_set("error", "", mine).decode()
+            if posted != mine:  # another rank's error came first: this rank has read it; nobody waits on it
+                if not had_acked:
+                    self._reader.add("ack", 1)
+                return
             deadline = time.monotonic() + (2 * self.interval_s + 1 if wait_s is None else wait_s)
             while time.monotonic() < deadline and int(self._reader.add("ack", 0)) < self.world_size - 1:
                 time.sleep(0.1)
@@ -171,8 +187,7 @@ class Heartbeat:
 
     def _silent(self, peer: int, seconds: float, store: dist.Store) -> str:
         """Post (first one wins) and return the line naming the silent `peer`; SIGKILL it when it is local."""
-        who = store.get(f"who/{peer}").decode().split(" ", 1) if store.check([f"who/{peer}"]) else []
-        pid, host = (int(who[0]), who[1]) if len(who) == 2 else (None, "?")
+        host, pid = _parse_who(store.get(f"who/{peer}").decode() if store.check([f"who/{peer}"]) else None)
         line = (f"rank {peer} (pid {pid} on {host}) sent no heartbeat for {seconds:.0f} s (train."
                 f"collective_timeout_s={self.timeout_s:g}): it is stopped (SIGSTOP, a debugger), swapping or hung; "
                 "the job is ended. Check that rank's host, then resume with --resume latest")
@@ -198,16 +213,71 @@ class Heartbeat:
         except (RuntimeError, OSError):
             return None
 
+    def explain_lost_peer(self) -> str | None:
+        """After a collective failed with no error posted (gloo's "Connection closed by peer"): the line naming
+        a rank that ended without a word (SIGKILL from the OOM killer, kill -9, a lost host), posted for the
+        others, or the error a peer posts meanwhile (it may be just about to); None when every rank is alive."""
+        if self._reader is None:
+            return None
+        try:
+            start = {r: self._value(f"beat/{r}") for r in range(self.world_size) if r != self.rank}
+            deadline = time.monotonic() + 2 * self.interval_s + 1
+            while time.monotonic() < deadline:
+                if (posted := self.peer_error()) is not None:
+                    return posted
+                lost = [r for r in start if self._gone(r)]
+                if lost:
+                    return self._lost(lost[0], "its process is gone")
+                time.sleep(0.1)
+            quiet = [r for r, beat in start.items() if beat not in (None, _DONE) and self._value(f"beat/{r}") == beat]
+            return self._lost(quiet[0], "its heartbeat stopped") if quiet else None
+        except (RuntimeError, OSError):
+            return None
+
+    def _value(self, key: str) -> str | None:
+        assert self._reader is not None
+        return self._reader.get(key).decode() if self._reader.check([key]) else None
+
+    def _who(self, rank: int) -> tuple[str, int | None]:
+        return _parse_who(self._value(f"who/{rank}"))
+
+    def _gone(self, rank: int) -> bool:
+        """A rank on this host whose process no longer runs (or is a zombie its launcher has not reaped)."""
+        host, pid = self._who(rank)
+        if pid is None or host != self.host or self._value(f"beat/{rank}") == _DONE:
+            return False
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+        except (FileNotFoundError, IndexError):
+            return True
+
+    def _lost(self, rank: int, how: str) -> str:
+        host, pid = self._who(rank)
+        line = (f"rank {rank} (pid {pid} on {host}) ended without an error line ({how}): it was killed (the OOM "
+                "killer, kill -9) or its host went down; the job is ended. Check that host (dmesg for the OOM "
+                "killer), then resume with --resume latest")
+        assert self._reader is not None
+        self._reader.compare_set("error", "", f"rank {self.rank}: {line}")
+        return self._reader.get("error").decode()  # another rank may have posted first: say the same
+
     def _ack(self, store: dist.Store) -> None:
-        if not self._acked:
+        with self._ack_lock:
+            if self._acked:
+                return
             self._acked = True
-            store.add("ack", 1)
+        store.add("ack", 1)
 
     def _end(self, line: str) -> None:
         if self.take_report():
             print(f"{prefix_of(self.rank)}megaface {self.prefix}: error: {line}", file=sys.stderr, flush=True)
             self._exit(EXIT_PEER_FAILED)
         self._stop.set()
+
+
+def _parse_who(value: str | None) -> tuple[str, int | None]:
+    """(host as "address (host name)", pid) from a `who/<rank>` value "pid host"; ("?", None) if unknown."""
+    who = (value or "").split(" ", 1)
+    return (who[1], int(who[0])) if len(who) == 2 and who[0].isdigit() else ("?", None)
 
 
 def prefix_of(rank: int) -> str:

@@ -52,7 +52,8 @@ def check_normalize(mode: str) -> str:
 
 def decode_images(images: Sequence[Any]) -> np.ndarray:
     """Encoded bytes or uint8 HWC arrays -> one uint8 [N, H, W, 3] RGB array (all of one size)."""
-    out, damaged = [], []
+    out: list[np.ndarray] = []
+    damaged: list[tuple[int, str]] = []
     for i, img in enumerate(images):
         if isinstance(img, np.ndarray) and img.ndim == 3:
             arr = img
@@ -95,7 +96,7 @@ class _Share:
         return self.images[self.start + i]
 
 
-def _batch(images_local: Sequence[Any] | np.ndarray, lo: int, hi: int) -> np.ndarray:
+def _batch(images_local: Sequence[Any] | np.ndarray | _Share, lo: int, hi: int) -> np.ndarray:
     if isinstance(images_local, np.ndarray):  # already decoded uint8 [n, H, W, 3]
         return images_local[lo:hi]
     # Decoded one batch at a time: a 469k-image IJB-C folder never sits in memory as pixels.
@@ -103,7 +104,7 @@ def _batch(images_local: Sequence[Any] | np.ndarray, lo: int, hi: int) -> np.nda
 
 
 @torch.no_grad()
-def embed_share(model: torch.nn.Module, images_local: Sequence[Any] | np.ndarray, num_batches: int,
+def embed_share(model: torch.nn.Module, images_local: Sequence[Any] | np.ndarray | _Share, num_batches: int,
                 batch_size: int, normalize: str, flip: bool, image_shape: tuple[int, ...], state: DistState,
                 on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Embed this rank's share in exactly `num_batches` batches (x2 with flip).
@@ -166,5 +167,5 @@ def embed_images(model: torch.nn.Module, images: Sequence[Any], state: DistState
     finally:
         model.train(was_training)
     emb_all = gather_rows(emb.contiguous(), state.group).cpu().numpy()
-    flip_all = gather_rows(emb_flip.contiguous(), state.group).cpu().numpy() if flip else None
+    flip_all = gather_rows(emb_flip.contiguous(), state.group).cpu().numpy() if emb_flip is not None else None
     return emb_all, flip_all

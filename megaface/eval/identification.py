@@ -61,8 +61,8 @@ def count_above(probe: np.ndarray, genuine: np.ndarray, candidates: np.ndarray,
     return counts
 
 
-def identify(probe: np.ndarray, probe_labels: Sequence[int], gallery: np.ndarray, gallery_labels: Sequence[int],
-             distractors: Sequence[np.ndarray] = (), max_rank: int = 10,
+def identify(probe: np.ndarray, probe_labels: Sequence[int] | np.ndarray, gallery: np.ndarray,
+             gallery_labels: Sequence[int] | np.ndarray, distractors: Sequence[np.ndarray] = (), max_rank: int = 10,
              block_bytes: int = 256 << 20) -> dict[str, Any]:
     """Rank-1 and CMC up to `max_rank` of probes against gallery + distractors (cosine similarity)."""
     probe_ids, gallery_ids = np.asarray(probe_labels), np.asarray(gallery_labels)

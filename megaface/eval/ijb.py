@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from megaface.data.align import read_ijb_landmarks
+from megaface.data.align import FaceRecord, read_ijb_landmarks
 from megaface.vocab import IJB_POOLINGS, IjbPooling
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -96,14 +96,21 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def read_detector_scores(meta_dir: str | os.PathLike, target: str, names: list[str]) -> np.ndarray:
-    """Detector score of each face-list image, from `<prefix>_name_5pts_score.txt` -> float32 [N]."""
+def read_face_list(meta_dir: str | os.PathLike, target: str, names: list[str], needed_for: str) -> list[FaceRecord]:
+    """Every face-list image's 5 landmarks and detector score, from `<prefix>_name_5pts_score.txt`, checked to
+    list the images `names` (the media list's) in the same order. `needed_for` ends the error of a missing file."""
     path = Path(meta_dir) / f"{target.lower()}_name_5pts_score.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: pooling 'arcface_torch' weighs images by their detector "
-                                "score; add the released file or use --pooling unit")
+        raise FileNotFoundError(f"{path} is missing: {needed_for}")
     records = read_ijb_landmarks(path)
     check_same_images(names, [r.name for r in records], path)
+    return records
+
+
+def read_detector_scores(meta_dir: str | os.PathLike, target: str, names: list[str]) -> np.ndarray:
+    """Detector score of each face-list image, from `<prefix>_name_5pts_score.txt` -> float32 [N]."""
+    records = read_face_list(meta_dir, target, names, "pooling 'arcface_torch' weighs images by their detector "
+                             "score; add the released file or use --pooling unit")
     return np.array([r.score for r in records], np.float32)
 
 

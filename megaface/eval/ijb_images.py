@@ -30,10 +30,10 @@ from typing import cast
 import numpy as np
 import torch
 
-from megaface.data.align import AlignedFaces, FaceRecord, read_ijb_landmarks
+from megaface.data.align import AlignedFaces, FaceRecord
 from megaface.distributed import DistState
 from megaface.eval.embed import embed_images, shard_range
-from megaface.eval.ijb import check_same_images, protocol_paths, read_media_list
+from megaface.eval.ijb import protocol_paths, read_face_list, read_media_list
 from megaface.utils.progress import Progress
 from megaface.vocab import ProgressMode
 
@@ -49,16 +49,11 @@ def ijb_layout(ijb_dir: str | os.PathLike, target: str) -> tuple[Path, Path]:
     return images, meta
 
 
-def read_face_list(meta: Path, target: str) -> list[FaceRecord]:
+def _faces_to_align(meta: Path, target: str) -> list[FaceRecord]:
     """Landmarks and detector scores of every face-list image, in face-list order."""
-    path = meta / f"{target.lower()}_name_5pts_score.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: it gives each loose crop's 5 landmarks and detector score "
-                                "('<image> x1 y1 ... x5 y5 <score>' lines), needed to align the faces")
-    records = read_ijb_landmarks(path)
     names, _, _ = read_media_list(protocol_paths(meta, target)[0])
-    check_same_images(names, [r.name for r in records], path)
-    return records
+    return read_face_list(meta, target, names, "it gives each loose crop's 5 landmarks and detector score "
+                          "('<image> x1 y1 ... x5 y5 <score>' lines), needed to align the faces")
 
 
 def embed_ijb(model: torch.nn.Module, ijb_dir: str | os.PathLike, target: str, state: DistState,
@@ -66,7 +61,7 @@ def embed_ijb(model: torch.nn.Module, ijb_dir: str | os.PathLike, target: str, s
               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """-> features [N, D] (image + flip embeddings), detector scores [N], image names; on every rank."""
     images, meta = ijb_layout(ijb_dir, target)
-    records = read_face_list(meta, target)
+    records = _faces_to_align(meta, target)
     start, stop = shard_range(len(records), state.world_size, state.rank)
     # Each rank aligns only its share; the main rank shows its own share's progress.
     with Progress(f"eval-ijb {target.upper()}", stop - start, "faces", enabled=state.is_main,

@@ -134,6 +134,7 @@ class Validator:
         batches = num_forward_batches(pack.num_images, self.state.world_size, self.batch_size)
         emb, emb_flip = embed_share(model, local, batches, self.batch_size, self.normalize, True,
                                     pack._shape, self.state)
+        assert emb_flip is not None  # flip=True
         return (gather_rows(emb.contiguous(), self.state.group).cpu().numpy(),
                 gather_rows(emb_flip.contiguous(), self.state.group).cpu().numpy())
 
@@ -159,10 +160,10 @@ class Validator:
             for pack in self.packs:
                 emb, emb_flip = self._embed(model, pack)
                 result = self._score(pack, emb, emb_flip)
-                if self.state.is_main:
+                if result is not None:  # the main rank's; the broadcast below brings it to the others
                     for line in format_result(pack.name, result):
                         log(line)
-                results[pack.name] = result
+                    results[pack.name] = result
         finally:
             model.train(was_training)
         results = broadcast_object(results, src=0, group=self.state.group)

@@ -13,6 +13,7 @@ Modules:
     row_grads.py   SampledRowGrads: the Partial FC rows' gradients from the head's forward to the optimizer
     softmax.py     distributed margin softmax cross-entropy as one autograd Function
     optim.py       ShardSGD, sparse over the sampled rows
+    rounding.py    stochastic rounding fp32 -> bf16 keyed by (seed, step, row, column) for a bf16 master weight
     adamw.py       ShardAdamW, sparse over the sampled rows
 """
 

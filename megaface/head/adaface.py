@@ -30,10 +30,20 @@ import torch
 from torch import nn
 
 from megaface.head.margin import Margin
+from megaface.utils.ranges import Range, check_range
 
 EPS = 1e-3
 NORM_RANGE = (0.001, 100.0)
 START_MEAN, START_STD = 20.0, 100.0
+
+# The one rule for AdaFace's parameters (config key -> range), checked by the config and by AdaFaceMargin.
+# m in [0, pi/2) for the reason of m2 in `megaface.head.margin.MARGIN_RANGES`: a high-quality sample's
+# angular margin reaches m and a low-quality one's additive margin 2m, and from pi/2 on no target can lead.
+ADAFACE_RANGES: dict[str, Range] = {
+    "head.adaface.m": (0.0, math.pi / 2, False, True),  # AdaFace margin size (0.4)
+    "head.adaface.h": (0.0, math.inf, False, True),  # AdaFace concentration (0.333)
+    "head.adaface.t_alpha": (0.0, 1.0, False, False),  # AdaFace EMA momentum (0.01)
+}
 
 
 class AdaFaceMargin(nn.Module, Margin):
@@ -45,11 +55,9 @@ class AdaFaceMargin(nn.Module, Margin):
     def __init__(self, m: float = 0.4, h: float = 0.333, t_alpha: float = 0.01,
                  straight_through: bool = False) -> None:
         super().__init__()
-        for name, value, ok in (("m", m, 0.0 <= m < math.pi / 2), ("h", h, h >= 0.0),
-                                ("t_alpha", t_alpha, 0.0 <= t_alpha <= 1.0)):
-            if not (math.isfinite(float(value)) and ok):
-                raise ValueError(f"AdaFace {name}={value} is out of range (m in [0, pi/2), h >= 0, t_alpha in "
-                                 "[0, 1]); the paper uses m=0.4, h=0.333, t_alpha=0.01")
+        for name, value in (("m", m), ("h", h), ("t_alpha", t_alpha)):
+            check_range(f"AdaFace {name}", float(value), ADAFACE_RANGES[f"head.adaface.{name}"],
+                        "the paper uses m=0.4, h=0.333, t_alpha=0.01")
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
         self.straight_through = bool(straight_through)
         self.register_buffer("batch_mean", torch.full((1,), START_MEAN))

@@ -46,6 +46,9 @@ class ShardAdamW(ShardOptimizer):
             raise ValueError(f"ShardAdamW lr={lr}, weight_decay={weight_decay} must be >= 0 and eps={eps} > 0")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"ShardAdamW betas={betas} must be two values in [0, 1)")
+        if head.weight.dtype != torch.float32:
+            raise ValueError(f"ShardAdamW needs an fp32 FC7 weight, the head's is {head.weight.dtype}: build the head "
+                             "with weight_dtype='fp32' (a bf16 master weight is supported by ShardSGD)")
         defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
                         weight_decay=float(weight_decay), sparse=bool(sparse))
         super().__init__(head, defaults)

@@ -27,11 +27,13 @@ Boundaries (decided here, tested in tests/unit/test_margin.py)
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
 import torch
 
+from megaface.utils.ranges import Range, check_range
 from megaface.vocab import MARGIN_PRESETS
 
 EPS = 1e-6
@@ -39,23 +41,49 @@ EPS = 1e-6
 FALLBACKS = ("shifted", "none")  # past theta_limit: the shifted cosine above, or plain cos(m1*theta + m2)
 
 
-def resolve_margin(margin: str | tuple[float, float, float] | list[float]) -> tuple[float, float, float]:
-    """A preset name or an (m1, m2, m3) triple -> validated (m1, m2, m3)."""
+# The one rule for (m1, m2, m3), keyed by the config key; `megaface.config.ranges` checks the config with it
+# and `resolve_margin` every margin built directly, so both entry points accept and refuse the same values.
+#
+# m2 in [0, pi/2): the target logit is cos(m1*theta + m2) - m3, so the best a perfectly aligned sample can
+# reach (theta = 0) is cos(m2) - m3. With m2 >= pi/2 that is <= -m3 <= 0 while the cosines of unrelated
+# classes sit around 0 (near-orthogonal embeddings), so the target could never lead: the margin has passed
+# from "harder" to "impossible". Below pi/2 the fallback threshold theta_limit = (pi - m2) / m1 of an
+# additive margin (m1 = 1) is above pi/2, which is where InsightFace's two treatments agree: its easy_margin
+# applies the margin only where cos > 0 (theta < pi/2) and its threshold variant switches at
+# cos(theta) = cos(pi - m2) < 0; with m2 < pi/2 both leave every acute angle on the plain formula, and so
+# does megaface's shifted cosine (see "Boundaries" above). m1 in (0, 10]: a positive multiplier (SphereFace
+# uses up to 4; 1 = none). m3 in [0, 2): a subtracted cosine; cosines span 2, so m3 >= 2 pushes every target
+# below every possible non-target.
+MARGIN_RANGES: dict[str, Range] = {
+    "head.margin[0]": (0.0, 10.0, True, False),  # m1: multiplies theta (SphereFace); 1 = none
+    "head.margin[1]": (0.0, math.pi / 2, False, True),  # m2: additive angle in radians (ArcFace 0.5)
+    "head.margin[2]": (0.0, 2.0, False, True),  # m3: subtracted cosine (CosFace 0.35); cos spans 2
+}
+_MEANING = ("1 = no multiplicative margin", "0 = no additive angular margin; ArcFace uses 0.5",
+            "0 = no subtracted cosine; CosFace uses 0.35")
+
+
+def resolve_margin(margin: str | tuple[float, float, float] | list[float], key: str = "margin",
+                   other_names: tuple[str, ...] = ()) -> tuple[float, float, float]:
+    """A preset name or an (m1, m2, m3) triple -> (m1, m2, m3), checked against MARGIN_RANGES.
+
+    `key` names the value in errors (the config passes 'head.margin'); `other_names` are further names
+    the caller accepts (the config's adaptive margins), offered in the error of an unknown name.
+    """
     if isinstance(margin, str):
         if margin not in MARGIN_PRESETS:
-            raise ValueError(f"margin={margin!r} is not a preset; use one of {sorted(MARGIN_PRESETS)} "
-                             "or an (m1, m2, m3) triple")
+            names = [*MARGIN_PRESETS, *other_names]
+            near = difflib.get_close_matches(margin, names, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ValueError(f"{key}={margin!r} is not a preset{hint}; use one of {sorted(names)} "
+                             "or three numbers [m1, m2, m3]")
         return MARGIN_PRESETS[margin]
     values = tuple(float(m) for m in margin)
     if len(values) != 3:
-        raise ValueError(f"margin={margin!r} must be a preset name or three numbers (m1, m2, m3)")
+        raise ValueError(f"{key}={margin!r} must be a preset name or three numbers [m1, m2, m3]")
+    for i, (name, value, meaning) in enumerate(zip(("m1", "m2", "m3"), values, _MEANING, strict=True)):
+        check_range(f"{key} {name}", value, MARGIN_RANGES[f"head.margin[{i}]"], meaning)
     m1, m2, m3 = values
-    if not all(math.isfinite(m) for m in values):
-        raise ValueError(f"margin={values} must be finite")
-    if m1 <= 0:
-        raise ValueError(f"margin m1={m1} must be > 0 (1 = no multiplicative margin)")
-    if not 0 <= m2 < math.pi:
-        raise ValueError(f"margin m2={m2} must lie in [0, pi) (0 = no additive angular margin)")
     return m1, m2, m3
 
 

@@ -15,6 +15,12 @@ Momentum storage (momentum_dtype): "fp32" (default, 4 KB of weight + momentum pe
 (3 KB per class). With bf16 the update is still computed in fp32 - the momentum rows are widened, updated,
 applied to the fp32 weight and rounded back to bf16 - in chunks of ROW_CHUNK rows, so no fp32 copy of the
 whole shard's momentum is ever made. Only the stored momentum is rounded (to 8 significant bits, each step).
+
+Master weight storage (the head's weight_dtype): with a bf16 weight the same chunked step widens the weight rows
+to fp32, updates them and rounds the result back to bf16 stochastically (`megaface.head.rounding`: unbiased,
+so updates far below the weight's ulp still move it on average). The random bits are a hash of (head seed,
+`step_count`, global row, column): deterministic, independent of the world size, and a resume is bit-exact
+because `step_count` travels in the shard file. The momentum is rounded to nearest as above.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from megaface.head.partial_fc import ROW_CHUNK, PartialFC
+from megaface.head.rounding import stochastic_round_bf16
 
 MOMENTUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,7 +71,8 @@ class ShardOptimizer(torch.optim.Optimizer):
         elif sampled is not None and self.param_groups[0]["sparse"]:
             self._update(*sampled)
         elif sampled is not None:  # dense mode: every row takes the step (InsightFace PyTorch's behaviour)
-            self._update(None, torch.zeros_like(weight).index_copy_(0, sampled[0], sampled[1]))
+            dense = torch.zeros_like(weight, dtype=torch.float32)  # fp32 whatever the weight's storage
+            self._update(None, dense.index_copy_(0, sampled[0], sampled[1].float()))  # bf16 rows: widened
         return loss
 
     def _update(self, index: torch.Tensor | None, grad: torch.Tensor) -> None:
@@ -85,6 +93,8 @@ class ShardSGD(ShardOptimizer):
         defaults = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
                         sparse=bool(sparse))
         super().__init__(head, defaults)
+        # Steps applied so far: the counter of the bf16 weight's stochastic rounding (saved in the shard file).
+        self.step_count = 0
 
     def _momentum_buffer(self) -> torch.Tensor | None:
         if self.param_groups[0]["momentum"] == 0:
@@ -105,7 +115,8 @@ class ShardSGD(ShardOptimizer):
         group, weight = self.param_groups[0], self.head.weight
         lr, wd = group["lr"], group["weight_decay"]
         buf = self._momentum_buffer()
-        if buf is not None and buf.dtype != weight.dtype:
+        self.step_count += 1
+        if weight.dtype != torch.float32 or (buf is not None and buf.dtype != weight.dtype):
             self._update_chunked(index, grad, buf)
             return
         w_rows = weight if index is None else weight.index_select(0, index)
@@ -122,23 +133,36 @@ class ShardSGD(ShardOptimizer):
         if index is not None:
             weight.index_copy_(0, index, w_rows)
 
-    def _update_chunked(self, index: torch.Tensor | None, grad: torch.Tensor, buf: torch.Tensor) -> None:
-        """The same step with a low-precision momentum: per chunk of rows, widen to fp32, update, round back."""
+    def _update_chunked(self, index: torch.Tensor | None, grad: torch.Tensor, buf: torch.Tensor | None) -> None:
+        """The same step with a low-precision momentum and/or weight: per chunk of rows, widen to fp32, update,
+        round back (the momentum to nearest, a bf16 weight stochastically)."""
         group, weight = self.param_groups[0], self.head.weight
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        first_row = self.head.class_start * self.head.subcenters  # global index of local row 0
         for lo in range(0, grad.shape[0], ROW_CHUNK):
             hi = min(lo + ROW_CHUNK, grad.shape[0])
             rows = None if index is None else index[lo:hi]
             w_rows = weight[lo:hi] if rows is None else weight.index_select(0, rows)  # a view when dense
-            d = (buf[lo:hi] if rows is None else buf.index_select(0, rows)).float()
-            torch.add(grad[lo:hi], d, alpha=momentum, out=d)
-            if wd:
-                d.add_(w_rows, alpha=wd)
-            w_rows.add_(d, alpha=-lr)
-            if rows is None:
-                buf[lo:hi].copy_(d)
+            w32 = w_rows.float()  # w_rows itself for an fp32 weight
+            if buf is None:  # no momentum (only reached with a bf16 weight)
+                d = grad[lo:hi].float().add(w32, alpha=wd) if wd else grad[lo:hi].float()
             else:
-                buf.index_copy_(0, rows, d.to(buf.dtype))
+                d = (buf[lo:hi] if rows is None else buf.index_select(0, rows)).float()
+                torch.add(grad[lo:hi], d, alpha=momentum, out=d)
+                if wd:
+                    d.add_(w32, alpha=wd)
+            w32.add_(d, alpha=-lr)
+            if buf is not None:
+                if rows is None:
+                    buf[lo:hi].copy_(d)
+                else:
+                    buf.index_copy_(0, rows, d.to(buf.dtype))
+            if w32 is not w_rows:  # low-precision master: unbiased rounding, randomness keyed by the global row
+                local = torch.arange(lo, hi, device=weight.device) if rows is None else rows
+                w_rows = stochastic_round_bf16(w32, self.head.seed, self.step_count, local + first_row)
+                if rows is None:
+                    weight[lo:hi].copy_(w_rows)
+            if rows is not None:
                 weight.index_copy_(0, rows, w_rows)
 
     def momentum_buffer(self) -> torch.Tensor | None:

@@ -49,9 +49,16 @@ from megaface.head.margin import CombinedMargin, Margin
 from megaface.head.row_grads import SampledRowGrads
 from megaface.head.sharding import class_range
 from megaface.head.softmax import COMPUTE_DTYPES, sharded_margin_cross_entropy
+from megaface.utils.ranges import Range, check_range
 
 INIT_STD = 0.01
+# The one rule for the head's scale and sub-centers (config key -> range), checked by the config and here.
+HEAD_RANGES: dict[str, Range] = {
+    "head.subcenters": (1, 64, False, False),  # sub-center ArcFace's K rows per class; 1 = plain
+    "head.scale": (0.0, math.inf, True, True),  # s multiplies every logit (64 is usual)
+}
 INIT_BLOCK = 4096  # rows drawn per seeded block: the initial weight does not depend on the world size
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class _DataParallelGradScale(torch.autograd.Function):
@@ -71,9 +78,10 @@ class _DataParallelGradScale(torch.autograd.Function):
 
 
 def init_shard(class_start: int, num_local: int, embedding_size: int, seed: int = 0,
-               std: float = INIT_STD) -> torch.Tensor:
-    """N(0, std) rows [class_start, class_start + num_local), drawn in seeded blocks of class ids."""
-    out = torch.empty((num_local, embedding_size), dtype=torch.float32)
+               std: float = INIT_STD, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, std) rows [class_start, class_start + num_local), drawn in seeded blocks of class ids (fp32) and
+    stored in `dtype` block by block (rounded to nearest), so no fp32 copy of a low-precision shard is made."""
+    out = torch.empty((num_local, embedding_size), dtype=dtype)
     end = class_start + num_local
     gen = torch.Generator()
     for block in range(class_start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
@@ -113,6 +121,9 @@ class PartialFC(nn.Module):
         interclass_filtering_threshold: > 0 treats every non-target cosine above it as label noise: set to
             0 before margin and scale (it stays in the softmax as exp(0), with no gradient); 0 disables it.
         accumulation_steps: training forwards allowed between two optimizer steps (gradient accumulation).
+        weight_dtype: "fp32" or "bf16": storage of the shard's master weight (the Parameter). bf16 halves it
+            (1 KB a row at D=512); `ShardSGD` then updates it in fp32 per chunk and rounds stochastically
+            (megaface.head.rounding). The initial rows are the fp32 draw rounded to nearest.
 
     The optimizer contract (Partial FC, sample_rate < 1): the sampled rows are detached copies whose
     gradients wait in `head.row_grads` (`megaface.head.row_grads.SampledRowGrads`) until the shard optimizer
@@ -130,10 +141,16 @@ class PartialFC(nn.Module):
                  margin: Margin | str | tuple[float, float, float] = (1.0, 0.5, 0.0), scale: float = 64.0,
                  sample_rate: float = 1.0, group: dist.ProcessGroup | None = None, parallel: str = "model",
                  seed: int = 0, compute_dtype: str = "fp32", interclass_filtering_threshold: float = 0.0,
-                 accumulation_steps: int = 1, init_std: float = INIT_STD, subcenters: int = 1) -> None:
+                 accumulation_steps: int = 1, init_std: float = INIT_STD, subcenters: int = 1,
+                 weight_dtype: str = "fp32") -> None:
         super().__init__()
         _check_config(embedding_size, num_classes, scale, sample_rate, parallel)
         _check_precision(compute_dtype, interclass_filtering_threshold)
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype={weight_dtype!r} must be one of {sorted(WEIGHT_DTYPES)}")
+        if weight_dtype != "fp32" and parallel != "model":
+            raise ValueError(f"weight_dtype={weight_dtype!r} needs parallel='model' (a data-parallel FC7 is "
+                             "updated by the DeepSpeed engine's optimizer); use weight_dtype='fp32'")
         self.compute_dtype = compute_dtype
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
@@ -147,22 +164,26 @@ class PartialFC(nn.Module):
         self.margin = margin if isinstance(margin, Margin) else CombinedMargin(margin)
         if not (math.isfinite(float(init_std)) and float(init_std) > 0):
             raise ValueError(f"init_std={init_std} must be a positive finite number (0.01 is usual)")
-        if not (isinstance(subcenters, int) and 1 <= subcenters):
-            raise ValueError(f"subcenters={subcenters} must be an integer >= 1 (1 = plain ArcFace; the paper uses 3)")
+        if not isinstance(subcenters, int):
+            raise ValueError(f"subcenters={subcenters!r} must be an integer (1 = plain ArcFace; the paper uses 3)")
+        check_range("subcenters", subcenters, HEAD_RANGES["head.subcenters"], "1 = plain ArcFace; the paper uses 3")
         self.subcenters = subcenters
         # K rows per class, class c's at rows c*K .. c*K + K - 1: drawn as "row classes" c*K + j, so the full
         # [C*K, D] matrix is the same at any world size and a rank's rows are one contiguous slice of it.
         self.weight = nn.Parameter(init_shard(self.class_start * subcenters, self.num_local * subcenters,
-                                              self.embedding_size, seed, float(init_std)))
+                                              self.embedding_size, seed, float(init_std),
+                                              WEIGHT_DTYPES[weight_dtype]))
         self.sampled_index: torch.Tensor | None = None  # rows of the last forward (None: all rows)
         self._generator: torch.Generator | None = None
-        self.row_grads = SampledRowGrads(self.embedding_size, accumulation_steps, self.weight.dtype)
+        # merged micro-batch gradients are summed in fp32 whatever the weight's storage dtype
+        self.row_grads = SampledRowGrads(self.embedding_size, accumulation_steps, torch.float32)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, margin={self.margin}, "
                 f"scale={self.scale}, sample_rate={self.sample_rate}, parallel={self.parallel!r}, "
-                f"compute_dtype={self.compute_dtype!r}, subcenters={self.subcenters}, "
+                f"compute_dtype={self.compute_dtype!r}, weight_dtype={self.weight.dtype}, "
+                f"subcenters={self.subcenters}, "
                 f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -217,8 +238,9 @@ class PartialFC(nn.Module):
         """Dtype of the sampled rows' copy and of their gradient. bf16 compute keeps them in bf16 (they are
         only the GEMM operand, which is bf16 anyway, and a gradient the fp32 master update widens again):
         3 KB less per sampled row than an fp32 copy + fp32 gradient + bf16 operand, i.e. 300 bytes per class
-        at rate 0.1. fp16 keeps fp32: its gradients carry the loss scale and would overflow fp16."""
-        return torch.bfloat16 if self.compute_dtype == "bf16" else self.weight.dtype
+        at rate 0.1. fp16 keeps fp32: its gradients carry the loss scale and would overflow fp16. fp32 compute
+        keeps fp32 (also over a bf16 master weight: the rows are widened exactly)."""
+        return torch.bfloat16 if self.compute_dtype == "bf16" else torch.float32
 
     def _local_targets(self, labels_global: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """[B]: the column of each label among this rank's (selected) rows, -1 where it lives elsewhere."""
@@ -298,11 +320,11 @@ def _check_config(embedding_size: int, num_classes: int, scale: float, sample_ra
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
         raise ValueError(f"sample_rate={sample_rate} must lie in (0, 1] (1.0 = no Partial FC sampling)")
-    if parallel == "data" and float(sample_rate) != 1.0:
-        raise ValueError(f"sample_rate={sample_rate} needs parallel='model': the data-parallel FC7 "
-                         "(parallel='data') supports only sample_rate=1.0")
-    if not (math.isfinite(float(scale)) and float(scale) > 0):
-        raise ValueError(f"scale={scale} must be a positive finite number (64 is usual)")
+    # Partial FC with a data-parallel head is refused where users set it, at config load
+    # (`megaface.config.loader.validate`); reaching here with both is a caller's bug, not a user's.
+    assert parallel == "model" or float(sample_rate) == 1.0, \
+        f"sample_rate={sample_rate} with parallel='data': validate the config before building the head"
+    check_range("scale", float(scale), HEAD_RANGES["head.scale"], "64 is usual")
 
 
 def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: int) -> None:

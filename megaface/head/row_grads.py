@@ -28,7 +28,7 @@ class SampledRowGrads:
         if int(accumulation_steps) < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps} must be >= 1 (gradient_accumulation_steps)")
         self.embedding_size, self.accumulation_steps = int(embedding_size), int(accumulation_steps)
-        self.grad_dtype = grad_dtype  # merged gradients are summed in the master weight's dtype
+        self.grad_dtype = grad_dtype  # merged gradients are summed in this dtype (the head passes fp32)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def check_room(self) -> None:

@@ -106,6 +106,7 @@ class _ShardedMarginCE(torch.autograd.Function):
             block_max = block.amax(dim=1)
             shift = block_max if shift is None else torch.maximum(shift, block_max)
             blocks.append(block)
+        assert shift is not None  # k >= 1 (every rank owns a class, head/sharding.py): the loop ran
         if reduce:
             shift = comm.all_reduce_max(shift, group)
         # sum-exp and the target logit (zero where the class lives elsewhere) travel in one all-reduce.
@@ -159,13 +160,13 @@ class _ShardedMarginCE(torch.autograd.Function):
                 block.mul_(ctx.col_scale[c0 * K:c1 * K])
             r0, r1 = c0 * K, c1 * K  # this block's weight rows
             block_grad = None
-            if want_weight:  # fp32 rows: written in place; bf16 rows: formed and projected in fp32, rounded once
+            if grad_weight is not None:  # fp32 rows: in place; bf16 rows: formed and projected in fp32, rounded once
                 block_grad = grad_weight[r0:r1] if grad_weight.dtype == torch.float32 else torch.empty(
                     (r1 - r0, weight_rows.shape[1]), dtype=torch.float32, device=block.device)
             _backward_gemms(block, emb_op, weight_op[r0:r1], grad_emb, block_grad)
             if block_grad is not None:
                 _project_out_rows(block_grad, weight_rows[r0:r1].float(), ctx.inv_norm[r0:r1])
-                if grad_weight.dtype != torch.float32:
+                if grad_weight is not None and grad_weight.dtype != torch.float32:
                     grad_weight[r0:r1].copy_(block_grad)
         return grad_emb, grad_weight, None, None, None, None, None, None, None, None
 

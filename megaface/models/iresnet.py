@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ScalelessBatchNorm1d, check_input, init_conv_weights
+from .layers import Backbone, ScalelessBatchNorm1d, check_input, init_conv_weights
 
 # Units per stage of each depth (He et al. counting: depth = 2 * sum(units) + 2).
 IRESNET_UNITS: dict[int, tuple[int, int, int, int]] = {
@@ -58,7 +58,7 @@ class IResidualUnit(nn.Module):
         return out + shortcut
 
 
-class IResNet(nn.Module):
+class IResNet(Backbone):
     """IResNet-<depth>: float [N, 3, 112, 112] -> embeddings [N, embedding_size]."""
 
     layer1: nn.Sequential  # the four stages, set by name in __init__ (their names are the checkpoint keys)

@@ -1,8 +1,15 @@
-"""Small building blocks shared by the backbones."""
+"""Small building blocks shared by the backbones, and their base class `Backbone`."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class Backbone(nn.Module):
+    """Base of every network :func:`megaface.models.build_model` builds: float [N, 3, 112, 112] -> [N, D]."""
+
+    network_name: str  # its registry name, e.g. "iresnet50" (stored in checkpoint meta)
+    embedding_size: int  # D
 
 
 class ScalelessBatchNorm1d(nn.BatchNorm1d):

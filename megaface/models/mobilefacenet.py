@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import ScalelessBatchNorm1d, check_input, init_conv_weights
+from .layers import Backbone, ScalelessBatchNorm1d, check_input, init_conv_weights
 
 # The seed's conv BatchNorm eps (OneFlow/MXNet fmobilefacenet) and its embedding BatchNorm eps.
 CONV_BN_EPS = 1e-3
@@ -139,7 +139,7 @@ class GDCHead(nn.Module):
         return self.layers(x)
 
 
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(Backbone):
     """MobileFaceNet family member: float [N, 3, 112, 112] -> embeddings [N, embedding_size]."""
 
     def __init__(self, network_name: str, spec: MobileFaceNetSpec, embedding_size: int | None = None,

@@ -4,9 +4,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
-from torch import nn
-
 from .iresnet import IRESNET_UNITS, IResNet
+from .layers import Backbone
 from .mobilefacenet import MOBILEFACENET_SPECS, MobileFaceNet
 from .vit import VIT_SPECS, VisionTransformer
 
@@ -16,15 +15,15 @@ _CNN_OPTIONS = ("bn_eps", "bn_momentum")
 _VIT_OPTIONS = ("drop_path_rate", "mask_ratio", "checkpointing")
 
 
-def _iresnet_factory(depth: int) -> Callable[..., nn.Module]:
-    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> nn.Module:
+def _iresnet_factory(depth: int) -> Callable[..., Backbone]:
+    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> Backbone:
         p = _IRESNET_DROPOUT.get(depth, 0.0) if dropout is None else dropout
         return IResNet(depth, embedding_size or 512, p, **options)
     return build
 
 
-def _mobilefacenet_factory(name: str) -> Callable[..., nn.Module]:
-    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> nn.Module:
+def _mobilefacenet_factory(name: str) -> Callable[..., Backbone]:
+    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> Backbone:
         if dropout:
             raise ValueError(
                 f"{name} has no dropout layer (the GDC head is linear), got dropout={dropout}; "
@@ -34,8 +33,8 @@ def _mobilefacenet_factory(name: str) -> Callable[..., nn.Module]:
     return build
 
 
-def _vit_factory(name: str) -> Callable[..., nn.Module]:
-    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> nn.Module:
+def _vit_factory(name: str) -> Callable[..., Backbone]:
+    def build(embedding_size: int | None, dropout: float | None, **options: Any) -> Backbone:
         if dropout:
             raise ValueError(f"{name} has no dropout layer (use drop_path_rate / mask_ratio), got "
                              f"dropout={dropout}; pass dropout=None or 0")
@@ -43,7 +42,7 @@ def _vit_factory(name: str) -> Callable[..., nn.Module]:
     return build
 
 
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+_FACTORIES: dict[str, Callable[..., Backbone]] = {
     **{name: _mobilefacenet_factory(name) for name in MOBILEFACENET_SPECS},
     **{f"iresnet{depth}": _iresnet_factory(depth) for depth in sorted(IRESNET_UNITS)},
     **{name: _vit_factory(name) for name in VIT_SPECS},
@@ -77,7 +76,7 @@ def default_embedding_size(name: str) -> int:
 
 
 def build_model(name: str, embedding_size: int | None = None, dropout: float | None = None,
-                **kwargs: Any) -> nn.Module:
+                **kwargs: Any) -> Backbone:
     """Build backbone ``name``: float [N, 3, 112, 112] -> embeddings [N, D].
 
     embedding_size: D (None: :func:`default_embedding_size`).

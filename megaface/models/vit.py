@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import check_input
+from .layers import Backbone, check_input
 
 IMAGE_SIZE = 112
 PATCH_SIZE = 9
@@ -134,7 +134,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Backbone):
     """arcface_torch-layout ViT: float [N, 3, 112, 112] -> embeddings [N, embedding_size].
 
     drop_path_rate / mask_ratio: None = the size's arcface_torch default (VIT_SPECS).

@@ -25,6 +25,8 @@ from megaface.config import ExperimentConfig, check_optimizer_single_source, res
 from megaface.config import precision as ds_precision
 from megaface.distributed import DistState, comm
 from megaface.distributed.ds_shm import skip_shm_build
+from megaface.head import PartialFC
+from megaface.head.optim import ShardOptimizer
 from megaface.train.optim import backbone_optimizer
 from megaface.train.optim import fc7_optimizer as build_fc7_optimizer
 from megaface.train.schedule import resolve_milestones, resolve_warmup
@@ -47,8 +49,8 @@ class TrainParts:
     """What the train step needs. `fc7_optimizer` is None when the head lives inside the engine."""
 
     engine: Any
-    head: nn.Module
-    fc7_optimizer: torch.optim.Optimizer | None
+    head: PartialFC
+    fc7_optimizer: ShardOptimizer | None
     backbone: nn.Module
     state: DistState
     clip: float
@@ -60,7 +62,7 @@ class TrainParts:
 
 
 def build_parts(cfg: ExperimentConfig, ds: dict[str, Any], state: DistState, backbone: nn.Module,
-                head: nn.Module, precision: str) -> TrainParts:
+                head: PartialFC, precision: str) -> TrainParts:
     """deepspeed.initialize for the backbone (+ data-parallel head); ShardSGD / ShardAdamW for a model-parallel
     head. Both optimizers come from the experiment's optim section (`megaface.train.optim`).
 
@@ -292,7 +294,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
         # built (and each pack checked) before the model: a bad pack fails now, not hours in
         validator = Validator(bins, state, batch_size=cfg.validation.batch_size, normalize=cfg.data.normalize)
     from megaface.data import TrainLoader
-    from megaface.head import PartialFC, resolve_compute_dtype
+    from megaface.head import resolve_compute_dtype
     from megaface.models import build_model
 
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
@@ -318,10 +320,15 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
                      group=state.group, parallel=h.parallel,
                      seed=cfg.train.seed, compute_dtype=resolve_compute_dtype(head_dtype, precision),
                      interclass_filtering_threshold=h.interclass_filtering_threshold,
-                     accumulation_steps=gas, init_std=h.init_std, subcenters=h.subcenters)
+                     accumulation_steps=gas, init_std=h.init_std, subcenters=h.subcenters,
+                     weight_dtype=h.weight_dtype)
     parts = build_parts(cfg, ds, state, model, head, precision)
     per_epoch = max(len(loader) // gas, 1)
-    total = cfg.train.max_steps or max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
+    if cfg.train.max_steps is not None:
+        total = cfg.train.max_steps
+    else:
+        assert cfg.train.epochs is not None  # the loader requires exactly one of max_steps and epochs
+        total = max(int(math.ceil(cfg.train.epochs * per_epoch)), 1)
     return Run(cfg, ds, state, parts, loader, validator, Path(cfg.train.output_dir), total,
                resolve_milestones(cfg.optim, per_epoch),
                resolve_warmup(cfg.optim.warmup_steps, cfg.optim.warmup_epochs, per_epoch), gas, num_classes,

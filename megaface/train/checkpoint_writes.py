@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from megaface.checkpoint import DS_DIR, FC7_DIR, LATEST, TRAINER_DIR, trainer_file_name
-from megaface.checkpoint.fc7_shards import shard_file_name, shard_state_dict
+from megaface.checkpoint import DS_DIR, FC7_DIR, LATEST, TRAINER_DIR, fc7_shard_file_name, trainer_file_name
+from megaface.checkpoint.fc7_shards import shard_state_dict
 from megaface.fileio import atomic_torch_save
 from megaface.train.build import TrainParts
 
@@ -41,6 +41,12 @@ def write_failure(path: Path | str, err: BaseException) -> str:
     return f"{path} ({reason})"
 
 
+def rank_failure(rank: int, failure: str) -> str:
+    """'rank R cannot write PATH (what failed)': every rank's line then says whose write failed, the ranks whose
+    own writes succeeded included."""
+    return f"rank {rank} cannot write {failure}"
+
+
 def _human(size: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -50,7 +56,8 @@ def _human(size: float) -> str:
 
 
 def not_written_message(tag: str, failures: list[str], ckpt_dir: Path) -> str:
-    """One line: what could not be written, the free space and the file-size limit, what `latest` still is."""
+    """One line (`failures` as `rank_failure` gives them): which rank could not write what, the free space
+    and the file-size limit, what `latest` still is."""
     try:
         free = f"{_human(shutil.disk_usage(ckpt_dir).free)} free on {ckpt_dir}"
     except OSError:
@@ -62,8 +69,8 @@ def not_written_message(tag: str, failures: list[str], ckpt_dir: Path) -> str:
         previous = f"{(ckpt_dir / LATEST).read_text().strip()} is still latest"
     except OSError:
         previous = "no earlier checkpoint"
-    more = f" (and {len(failures) - 1} more ranks failed)" if len(failures) > 1 else ""
-    return (f"checkpoint {tag} not saved: cannot write {failures[0]}{more}; {free}; {previous}: free space or "
+    more = f" (and {len(failures) - 1} more failed writes)" if len(failures) > 1 else ""
+    return (f"checkpoint {tag} not saved: {failures[0]}{more}; {free}; {previous}: free space or "
             "raise the quota / file-size limit, then resume with --resume latest")
 
 
@@ -81,7 +88,7 @@ def write_rank_files(parts: TrainParts, tmp: Path, trainer_state: dict[str, Any]
         if parts.fc7_optimizer is not None:
             path = tmp / FC7_DIR
             path.mkdir(exist_ok=True)
-            path = tmp / FC7_DIR / shard_file_name(state.rank, state.world_size)
+            path = tmp / FC7_DIR / fc7_shard_file_name(state.rank, state.world_size)
             atomic_torch_save(shard_state_dict(parts.head, parts.fc7_optimizer), path)
         path = tmp / TRAINER_DIR / trainer_file_name(state.rank)
         atomic_torch_save(trainer_state, path)

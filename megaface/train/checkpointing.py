@@ -58,10 +58,17 @@ from megaface.checkpoint.integrity import (
     missing_ds_problem,
     verify_files,
 )
+from megaface.checkpoint.layout import TMP_SUFFIX, tmp_tag_name
 from megaface.distributed import comm
 from megaface.fileio import atomic_write_text
 from megaface.train.build import TrainParts
-from megaface.train.checkpoint_writes import CheckpointNotWritten, not_written_message, write_failure, write_rank_files
+from megaface.train.checkpoint_writes import (
+    CheckpointNotWritten,
+    not_written_message,
+    rank_failure,
+    write_failure,
+    write_rank_files,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -155,17 +162,18 @@ def save_checkpoint(parts: TrainParts, output_dir: Path, iteration: int, trainer
         raise NonFiniteState(f"weights, buffers, optimizer state or FC7 hold inf/NaN after iteration {iteration}")
     ckpt_dir = Path(output_dir) / CHECKPOINTS_DIR
     tag = tag_for(iteration)
-    tmp, final = ckpt_dir / f"{tag}.tmp", ckpt_dir / tag
+    tmp, final = ckpt_dir / tmp_tag_name(tag), ckpt_dir / tag
     failure = None
     if state.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
         try:
             tmp.mkdir(parents=True)
         except OSError as err:
-            failure = write_failure(tmp, err)
+            failure = rank_failure(0, write_failure(tmp, err))
     failure = comm.broadcast_object(failure, src=0, group=state.group)  # also the barrier before writing
     if failure is None:
         failure = write_rank_files(parts, tmp, {**trainer_state, "rng": rng_state()})
+        failure = None if failure is None else rank_failure(state.rank, failure)
     comm.barrier(state.group)
     files, failures = _agree_on_files(tmp, state, failure)  # also the barrier: every rank's files are complete
     if not failures and state.is_main:
@@ -199,7 +207,7 @@ def _commit(tmp: Path, final: Path, ckpt_dir: Path, meta_text: str) -> list[str]
     except OSError as err:
         if path == ckpt_dir / LATEST:
             shutil.rmtree(final, ignore_errors=True)
-        return [write_failure(path, err)]
+        return [rank_failure(0, write_failure(path, err))]
     return []
 
 
@@ -207,7 +215,7 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     """Delete all but the newest `keep_last` checkpoints, never `keep` nor the newest verified-finite one."""
     if keep_last <= 0:
         return
-    tags = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    tags = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith(TMP_SUFFIX))
     healthy = next((p.name for p in reversed(tags) if is_verified(p)), None)
     for old in tags[:-keep_last]:
         if old.name not in (keep, healthy):
@@ -230,6 +238,9 @@ def _load_fc7(parts: TrainParts, tag_dir: Path, meta: dict[str, Any], log: Calla
     shard, stored_world = load_rank_shard(tag_dir, state.world_size, state.rank)
     if stored_world != state.world_size:
         log(f"resume: FC7 resharded from {stored_world} to {state.world_size} ranks")
+    if shard["weight"].dtype != parts.head.weight.dtype:
+        log(f"resume: FC7 weight converted from {shard['weight'].dtype} to {parts.head.weight.dtype} "
+            "(head.weight_dtype differs from the checkpoint's)")
     load_shard_state_dict(parts.head, parts.fc7_optimizer, shard)
 
 

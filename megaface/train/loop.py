@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from megaface.checkpoint import find_checkpoint, save_backbone_file
+from megaface.checkpoint import LATEST, best_file_name, find_checkpoint, save_backbone_file
 from megaface.config import ExperimentConfig
 from megaface.data.loader import WorkerDied, worker_death
 from megaface.distributed import comm, shutdown
@@ -71,11 +71,12 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any], argv: list[str] 
         if peer is not None and not peer.endswith(" ".join(str(err).split())):  # it follows another rank's
             return _peer_failed(heartbeat, prefix, peer)
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
-        heartbeat.report_error(" ".join(str(err).split()))
+        heartbeat.report_error(" ".join(str(err).split()), every_rank=isinstance(err, _RaisedOnEveryRank))
         return 1 if isinstance(err, WorkerDied) else 2  # a dead worker is the environment, not the input
     except CheckpointNotWritten as err:  # full disk, quota, ulimit -f: the environment, as in megaface.cli
+        # Every rank raised it (the save agrees on every rank's failures): each prints its own line.
         print(f"{prefix}megaface train: error: {err}", file=sys.stderr, flush=True)
-        heartbeat.report_error(" ".join(str(err).split()))
+        heartbeat.report_error(" ".join(str(err).split()), every_rank=True)
         return 1
     except RuntimeError as err:
         if (peer := heartbeat.peer_error()) is not None:  # gloo's "Connection closed by peer" and the like
@@ -84,6 +85,8 @@ def run_training(cfg: ExperimentConfig, ds_raw: dict[str, Any], argv: list[str] 
             print(f"{prefix}megaface train: error: {death}", file=sys.stderr, flush=True)
             heartbeat.report_error(death)
             return 1
+        if not _is_timeout(err) and (lost := heartbeat.explain_lost_peer()) is not None:  # a SIGKILLed rank
+            return _peer_failed(heartbeat, prefix, lost)
         if not _is_timeout(err):
             raise
         if (silent := heartbeat.explain_timeout()) is not None:  # the heartbeat names the silent rank
@@ -107,6 +110,11 @@ def _peer_failed(heartbeat: Heartbeat, prefix: str, message: str) -> int:
     return EXIT_PEER_FAILED
 
 
+class _RaisedOnEveryRank(ValueError):
+    """A user error every rank raises after agreeing on it in a collective: each prints its own line and nothing
+    is posted to the heartbeat (see megaface.distributed.heartbeat)."""
+
+
 def _lock_output(output_dir: Path, state: Any, log: Callable[[str], None]) -> RunLock | None:
     """Collective: rank 0 takes the output directory's lock; every rank raises the same error if it is busy."""
     lock, error = None, None
@@ -117,7 +125,7 @@ def _lock_output(output_dir: Path, state: Any, log: Callable[[str], None]) -> Ru
             error = str(err)
     error = comm.broadcast_object(error, src=0, group=state.group)
     if error is not None:
-        raise ValueError(error)
+        raise _RaisedOnEveryRank(error)
     return lock
 
 
@@ -150,9 +158,9 @@ def _resume(run: Run, log: Callable[[str], None]) -> None:
     if not resume:
         return
     try:  # auto: latest when the output directory has a checkpoint, else a fresh start (requeued jobs)
-        tag_dir = find_checkpoint("latest" if resume == "auto" else resume, run.output_dir)
+        tag_dir = find_checkpoint(LATEST if resume == "auto" else resume, run.output_dir)
     except FileNotFoundError:
-        if resume not in ("latest", "auto"):
+        if resume not in (LATEST, "auto"):
             raise
         log(f"resume: no checkpoint under {run.output_dir} yet, starting from scratch")
         return
@@ -274,7 +282,7 @@ def _resume_command(argv: list[str] | None) -> str:
             skip = True
         elif not (arg.startswith("--resume=") or arg.startswith("--train.resume=")):
             kept.append(arg)
-    return shlex.join(["megaface", "train", *kept, "--resume", "latest"])
+    return shlex.join(["megaface", "train", *kept, "--resume", LATEST])
 
 
 def _due(run: Run, done: int) -> tuple[bool, bool]:
@@ -311,7 +319,7 @@ def _validate(run: Run, done: int, logger: TrainLogger) -> None:
         if run.state.is_main:
             meta = {k: v for k, v in run.meta().items() if k not in ("ds_config",)}
             for name in run.validator.improved:
-                path = Path(run.output_dir) / f"best_{name}.pt"
+                path = Path(run.output_dir) / best_file_name(name)
                 save_backbone_file(path, state_dict, {**meta, "iteration": done, "pack": name,
                                                       "accuracy_flip": run.validator.best[name]})
                 logger.info(f"validation: new best {name} {run.validator.best[name]:.5f} -> {path}")

@@ -23,7 +23,7 @@ from megaface.vocab import OPTIMIZER_NAMES
 def backbone_optimizer(params: Iterable[torch.nn.Parameter], o: OptimConfig) -> torch.optim.Optimizer:
     """torch.optim.SGD (momentum, coupled weight decay) or torch.optim.AdamW (decoupled) per optim.name."""
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     raise ValueError(f"optim.name={o.name!r} is not one of {list(OPTIMIZER_NAMES)}")
@@ -34,7 +34,7 @@ def fc7_optimizer(head: PartialFC, o: OptimConfig, lr_scale: float = 1.0,
     """The model-parallel FC7 shard's optimizer: sparse over Partial FC rows (see head/optim.py, head/adamw.py)."""
     lr = o.lr * lr_scale
     if o.name == "adamw":
-        return ShardAdamW(head, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return ShardAdamW(head, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "sgd":
         return ShardSGD(head, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
                         momentum_dtype=momentum_dtype)

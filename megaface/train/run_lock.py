@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-LOCK_FILE = ".megaface.lock"
+from megaface.checkpoint.layout import LOCK_FILE
 
 
 def _holder_text() -> str:

@@ -37,6 +37,7 @@ import torch
 
 from megaface.data.augment import RawBatch, prepare_batch
 from megaface.distributed import DistState, comm
+from megaface.head.optim import ShardOptimizer
 from megaface.train.build import TrainParts
 
 
@@ -114,7 +115,7 @@ def engine_step_applied(engine: Any, skipped_before: int) -> bool:
 
 
 @torch.no_grad()
-def step_fc7(optimizer: torch.optim.Optimizer, state: DistState, scale: float | None, max_norm: float,
+def step_fc7(optimizer: ShardOptimizer, state: DistState, scale: float | None, max_norm: float,
              engine_applied: bool) -> bool:
     """Unscale, check, clip and step the FC7 shard optimizer at an accumulation boundary; True if stepped.
 

@@ -17,22 +17,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megaface.checkpoint.layout import BEST_SIDECAR_GLOB, sidecar_path
 from megaface.data.synthetic import synthetic_dir
-
-SIDECAR_GLOB = "best_*.pt.json"
 
 
 def best_models(output_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     """(backbone file, its meta) for every best_<pack>.pt in `output_dir`, best Accuracy-Flip first."""
     found = []
-    for sidecar in sorted(Path(output_dir).glob(SIDECAR_GLOB)):
+    for sidecar in sorted(Path(output_dir).glob(BEST_SIDECAR_GLOB)):
         model = sidecar.with_suffix("")  # best_val.pt.json -> best_val.pt
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
         if model.is_file() and "accuracy_flip" in meta:
             found.append((model, meta))
     if not found:
         raise FileNotFoundError(
-            f"{output_dir} holds no best_<pack>.pt with its {SIDECAR_GLOB} sidecar: the run has not validated "
+            f"{output_dir} holds no best_<pack>.pt with its {BEST_SIDECAR_GLOB} sidecar: the run has not validated "
             "yet, or validation is off (validation.interval=0, validation.save_best=false, or no pack); "
             "check the training log, or evaluate a checkpoint with `megaface eval --checkpoint DIR --bin FILE`")
     return sorted(found, key=lambda item: -float(item[1]["accuracy_flip"]))
@@ -60,7 +59,7 @@ def summarize(output_dir: str | Path, seconds: float | None = None) -> list[str]
     took = f" in {int(seconds) // 60} min {int(seconds) % 60:02d} s" if seconds is not None else ""
     lines = [(f"done{took}: best Accuracy-Flip {float(meta['accuracy_flip']):.5f} on {meta.get('pack')} "
               f"(identities not seen in training) at iteration {meta.get('iteration')}"),
-             f"model: {model} ({meta.get('network')}, {meta.get('embedding_size')}-d; meta in {model}.json)"]
+             f"model: {model} ({meta.get('network')}, {meta.get('embedding_size')}-d; meta in {sidecar_path(model)})"]
     bin_path = pack_path(meta)
     evaluate = ["megaface", "eval", "--checkpoint", str(model), "--bin", bin_path or "lfw.bin"]
     lines.append(f"next: {shlex.join(evaluate)}")

@@ -10,8 +10,8 @@ import torch
 import torch._dynamo  # noqa: F401 - the first optimizer imports it (~10 s); once here, not in every forked rank
 
 from megaface.checkpoint.fc7_shards import (MERGED_FORMAT, SHARD_FORMAT, load_checkpoint_shards, load_rank_shard,
-                                            load_shard_state_dict, merge_shards, reshard, shard_file_name,
-                                            shard_state_dict)
+                                            load_shard_state_dict, merge_shards, reshard, shard_state_dict)
+from megaface.checkpoint.layout import FC7_DIR, META_FILE, fc7_shard_file_name
 from megaface.convert.fc7 import merge_checkpoint, reshard_checkpoint
 from megaface.head import PartialFC, ShardSGD
 from megaface.head.sharding import class_range
@@ -75,7 +75,7 @@ def test_reshard_more_ranks_than_classes_is_refused():
 # ---- bad shard sets: the error names the shard and what was expected ------------------------------------
 
 def _names(n: int) -> list[str]:
-    return [f"/ckpt/fc7/{shard_file_name(r, n)}" for r in range(n)]
+    return [f"/ckpt/fc7/{fc7_shard_file_name(r, n)}" for r in range(n)]
 
 
 def test_missing_shard():
@@ -138,10 +138,10 @@ def _write_checkpoint(tag_dir: Path, world_size: int, num_classes: int = C) -> l
     (tag_dir / "ds").mkdir()
     (tag_dir / "ds" / "placeholder.pt").write_bytes(b"ds files are copied verbatim")
     for s in shards:
-        torch.save(s, tag_dir / "fc7" / shard_file_name(s["rank"], world_size))
+        torch.save(s, tag_dir / FC7_DIR / fc7_shard_file_name(s["rank"], world_size))
     meta = {"format": "megaface.checkpoint.v1", "iteration": 3, "network": "iresnet18", "embedding_size": D,
             "num_classes": num_classes, "world_size": world_size, "class_ranges": [], "zero_stage": 0}
-    (tag_dir / "meta.json").write_text(json.dumps(meta))
+    (tag_dir / META_FILE).write_text(json.dumps(meta))
     return shards
 
 
@@ -153,7 +153,7 @@ def _no_output(directory: Path) -> None:
 def test_truncated_shard_file(tmp_path):
     tag = tmp_path / "step_00000003"
     _write_checkpoint(tag, 2)
-    bad = tag / "fc7" / shard_file_name(1, 2)
+    bad = tag / FC7_DIR / fc7_shard_file_name(1, 2)
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(ValueError, match=rf"{bad}: cannot read an FC7 shard .*truncated"):
         merge_checkpoint(tag, tmp_path / "out.pt")
@@ -165,10 +165,10 @@ def test_truncated_shard_file(tmp_path):
 def test_missing_and_extra_shard_files(tmp_path):
     tag = tmp_path / "step_00000003"
     _write_checkpoint(tag, 3)
-    (tag / "fc7" / shard_file_name(2, 3)).unlink()
+    (tag / FC7_DIR / fc7_shard_file_name(2, 3)).unlink()
     with pytest.raises(ValueError, match="missing FC7 shard.*shard_00002_of_00003.pt"):
         load_checkpoint_shards(tag)
-    torch.save(_shards(2)[0][0], tag / "fc7" / shard_file_name(0, 2))
+    torch.save(_shards(2)[0][0], tag / FC7_DIR / fc7_shard_file_name(0, 2))
     with pytest.raises(ValueError, match="mixes shards of world sizes \\[2, 3\\]"):
         merge_checkpoint(tag, tmp_path / "out.pt")
     _no_output(tmp_path)
@@ -187,7 +187,7 @@ def test_reshard_checkpoint_files(tmp_path):
     shards = _write_checkpoint(tag, 2)
     out = reshard_checkpoint(tag, 3, tmp_path / "w3")
     assert (out / "ds" / "placeholder.pt").read_bytes() == b"ds files are copied verbatim"
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / META_FILE).read_text())
     assert meta["world_size"] == 2 and meta["fc7_world_size"] == 3 and meta["fc7_resharded_from"] == 2
     own, stored = load_rank_shard(out, 3, 1)
     assert stored == 3 and (own["class_start"], own["num_local"]) == (4, 3)

@@ -268,7 +268,6 @@ def test_int32_labels_and_eval_mode_uses_all_rows():
 @pytest.mark.parametrize("kwargs,match", [
     ({"sample_rate": 0.0}, r"sample_rate=0.0 must lie in \(0, 1\]"),
     ({"sample_rate": 1.5}, r"sample_rate=1.5 must lie in \(0, 1\]"),
-    ({"sample_rate": 0.5, "parallel": "data"}, "supports only sample_rate=1.0"),
     ({"parallel": "pipeline"}, "parallel='pipeline'"),
     ({"num_classes": 0}, "num_classes=0"),
     ({"scale": 0.0}, "scale=0.0"),
@@ -277,6 +276,12 @@ def test_bad_construction(kwargs, match):
     args = {"embedding_size": D, "num_classes": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
         PartialFC(**args)
+
+
+def test_partial_fc_with_a_data_parallel_head_is_a_callers_bug():
+    # users meet this as a config error (tests/unit/test_config.py); here it is an internal assertion
+    with pytest.raises(AssertionError, match="validate the config before building the head"):
+        PartialFC(D, 10, sample_rate=0.5, parallel="data")
 
 
 @pytest.mark.parametrize("emb,labels,match", [

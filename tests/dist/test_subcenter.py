@@ -112,5 +112,5 @@ def test_shard_files_carry_k_through_merge_and_reshard() -> None:
     bad = {**saved, "weight": saved["weight"][:C]}
     with pytest.raises(ValueError, match=r"expected \[num_local=11 x subcenters=3, embedding_size=16\]"):
         merge_shards([bad])
-    with pytest.raises(ValueError, match="subcenters=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"subcenters=0 is out of range: it must lie in \[1, 64\]"):
         PartialFC(D, C, subcenters=0)

@@ -15,7 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaface.checkpoint.fc7_shards import load_checkpoint_shards, shard_file_name
+from megaface.checkpoint.fc7_shards import load_checkpoint_shards
+from megaface.checkpoint.layout import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINTS_DIR,
+    DS_DIR,
+    FC7_DIR,
+    LATEST,
+    META_FILE,
+    TRAINER_DIR,
+    fc7_shard_file_name,
+    tag_for,
+    trainer_file_name,
+)
 from megaface.convert.consolidate import consolidate, consolidate_state_dict
 from megaface.convert.fc7 import merge_checkpoint, reshard_checkpoint
 from megaface.convert.inspect import format_report, inspect_checkpoint
@@ -65,7 +77,7 @@ def save_bf16_mlp(state, output_dir: str, stage: int) -> dict:
         loss = engine(torch.randn(4, 24, generator=gen).bfloat16()).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
-    engine.save_checkpoint(str(Path(output_dir) / "tag"), tag="ds", save_latest=False)
+    engine.save_checkpoint(str(Path(output_dir) / "tag"), tag=DS_DIR, save_latest=False)
     return {"module": _full_backbone_state(engine, stage)}
 
 
@@ -100,22 +112,22 @@ def save_tiny_checkpoint(state, output_dir: str, stage: int, parallel: str = "mo
         if fc7_opt is not None:
             fc7_opt.step()
             fc7_opt.zero_grad()
-    tag_dir = Path(output_dir) / "checkpoints" / f"step_{STEPS:08d}"
-    engine.save_checkpoint(str(tag_dir), tag="ds", save_latest=False)
-    (tag_dir / "trainer").mkdir(exist_ok=True)
+    tag_dir = Path(output_dir) / CHECKPOINTS_DIR / tag_for(STEPS)
+    engine.save_checkpoint(str(tag_dir), tag=DS_DIR, save_latest=False)
+    (tag_dir / TRAINER_DIR).mkdir(exist_ok=True)
     if fc7_opt is not None:
-        (tag_dir / "fc7").mkdir(exist_ok=True)
-        torch.save(shard_state_dict(head, fc7_opt), tag_dir / "fc7" / shard_file_name(state.rank, state.world_size))
-    torch.save({"iteration": STEPS}, tag_dir / "trainer" / f"rank_{state.rank:05d}.pt")
+        (tag_dir / FC7_DIR).mkdir(exist_ok=True)
+        torch.save(shard_state_dict(head, fc7_opt), tag_dir / FC7_DIR / fc7_shard_file_name(state.rank, state.world_size))
+    torch.save({"iteration": STEPS}, tag_dir / TRAINER_DIR / trainer_file_name(state.rank))
     if state.rank == 0:
         ranges = [[0, 4], [4, 3]]
-        meta = {"format": "megaface.checkpoint.v1", "iteration": STEPS, "network": NETWORK,
+        meta = {"format": CHECKPOINT_FORMAT, "iteration": STEPS, "network": NETWORK,
                 "embedding_size": backbone.embedding_size, "num_classes": NUM_CLASSES,
                 "world_size": state.world_size, "class_ranges": ranges, "zero_stage": stage,
                 "precision": "fp32", "parallel": parallel, "normalize": "arcface_torch",
                 "config": {"model": {"network": NETWORK}}, "ds_config": _ds_config(stage)}
-        (tag_dir / "meta.json").write_text(json.dumps(meta))
-        (tag_dir.parent / "latest").write_text(tag_dir.name + "\n")
+        (tag_dir / META_FILE).write_text(json.dumps(meta))
+        (tag_dir.parent / LATEST).write_text(tag_dir.name + "\n")
     live = _full_backbone_state(engine, stage)
     if parallel == "data":
         weight = live["head.weight"]
@@ -144,7 +156,7 @@ def _deepspeed_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag="ds")
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag=DS_DIR)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -162,7 +174,7 @@ def test_consolidate_equals_live_weights_and_deepspeed(checkpoints, stage, tmp_p
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     assert meta["network"] == NETWORK and meta["zero_stage"] == stage and meta["embedding_size"] == 128
     if stage > 0:  # DeepSpeed's zero_to_fp32 only handles ZeRO 1-3
-        _assert_same_state(state, _deepspeed_fp32(root / "checkpoints" / f"step_{STEPS:08d}"))
+        _assert_same_state(state, _deepspeed_fp32(root / CHECKPOINTS_DIR / tag_for(STEPS)))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -203,7 +215,7 @@ def test_inspect_reports_layout(checkpoints):
 
 def test_fc7_merge_and_reshard_checkpoint(checkpoints, tmp_path):
     root, results = checkpoints[1]
-    tag_dir = root / "checkpoints" / f"step_{STEPS:08d}"
+    tag_dir = root / CHECKPOINTS_DIR / tag_for(STEPS)
     merged = torch.load(merge_checkpoint(tag_dir, tmp_path / "fc7.pt"), weights_only=True)
     assert torch.equal(merged["weight"], torch.cat([r["weight"] for r in results]))
     assert torch.equal(merged["momentum"], torch.cat([r["momentum"] for r in results]))
@@ -212,9 +224,9 @@ def test_fc7_merge_and_reshard_checkpoint(checkpoints, tmp_path):
     states, _ = load_checkpoint_shards(out)
     assert [(s["class_start"], s["num_local"]) for s in states] == [(0, 3), (3, 2), (5, 2)]
     assert torch.equal(torch.cat([s["weight"] for s in states]), merged["weight"])
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / META_FILE).read_text())
     assert meta["fc7_world_size"] == 3 and meta["class_ranges"] == [[0, 3], [3, 2], [5, 2]]
-    assert sorted(p.name for p in (out / "ds").iterdir()) == sorted(p.name for p in (tag_dir / "ds").iterdir())
+    assert sorted(p.name for p in (out / DS_DIR).iterdir()) == sorted(p.name for p in (tag_dir / DS_DIR).iterdir())
     # the copy is a complete checkpoint: its backbone consolidates to the same weights
     _assert_same_state(consolidate_state_dict(out)[0], consolidate_state_dict(tag_dir)[0])
 
@@ -224,13 +236,13 @@ def test_data_parallel_head(checkpoints, tmp_path):
     root, results = checkpoints["data"]
     state, meta = consolidate_state_dict(root)
     _assert_same_state(state, results[0]["backbone"])
-    merged = torch.load(merge_checkpoint(root / "checkpoints" / f"step_{STEPS:08d}", tmp_path / "fc7.pt"),
+    merged = torch.load(merge_checkpoint(root / CHECKPOINTS_DIR / tag_for(STEPS), tmp_path / "fc7.pt"),
                         weights_only=True)
     assert torch.equal(merged["weight"], results[0]["weight"]) and merged["momentum"] is None
     assert merged["parallel"] == "data" and merged["num_classes"] == NUM_CLASSES
     assert inspect_checkpoint(root)["fc7"]["shards"] == []
     with pytest.raises(ValueError, match="data-parallel FC7 .* no shards to reshard"):
-        reshard_checkpoint(root / "checkpoints" / f"step_{STEPS:08d}", 3, tmp_path / "w3")
+        reshard_checkpoint(root / CHECKPOINTS_DIR / tag_for(STEPS), 3, tmp_path / "w3")
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
@@ -238,7 +250,7 @@ def test_bf16_reads_the_fp32_masters(checkpoints, stage):
     from megaface.checkpoint.zero_reader import read_fp32_state_dict
 
     root, results = checkpoints[f"bf16-{stage}"]
-    state, info = read_fp32_state_dict(root / "tag" / "ds")
+    state, info = read_fp32_state_dict(root / "tag" / DS_DIR)
     live = results[0]["module"]
     assert info["zero_stage"] == stage and sorted(state) == sorted(live)
     assert all(v.dtype == torch.float32 for v in state.values())
@@ -252,19 +264,19 @@ def test_bf16_reads_the_fp32_masters(checkpoints, stage):
 def test_consolidate_bad_deepspeed_files(checkpoints, tmp_path):
     root, _ = checkpoints[3]
     tag = tmp_path / "step"
-    shutil.copytree(root / "checkpoints" / f"step_{STEPS:08d}", tag)
+    shutil.copytree(root / CHECKPOINTS_DIR / tag_for(STEPS), tag)
     out = tmp_path / "out" / "backbone.pt"
-    (tag / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (tag / DS_DIR / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"rank\(s\) \[1\] \(zero_pp_rank_1_mp_rank_00_optim_states.pt\)"):
         consolidate(tag, out)
-    shutil.copy(tag / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                tag / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
-    shutil.copy(tag / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                tag / "ds" / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    shutil.copy(tag / DS_DIR / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                tag / DS_DIR / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    shutil.copy(tag / DS_DIR / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                tag / DS_DIR / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
     with pytest.raises(ValueError, match="extra optimizer partition file.*zero_pp_rank_2"):
         consolidate(tag, out)
-    (tag / "ds" / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
-    model_file = tag / "ds" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    (tag / DS_DIR / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    model_file = tag / DS_DIR / "zero_pp_rank_1_mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:-50])
     with pytest.raises(ValueError, match=rf"{model_file}: cannot read DeepSpeed model states .*truncated"):
         consolidate(tag, out)
@@ -274,9 +286,9 @@ def test_consolidate_bad_deepspeed_files(checkpoints, tmp_path):
 def test_consolidate_rejects_another_architecture(checkpoints, tmp_path):
     root, _ = checkpoints[1]
     tag = tmp_path / "step"
-    shutil.copytree(root / "checkpoints" / f"step_{STEPS:08d}", tag)
-    meta = json.loads((tag / "meta.json").read_text())
-    (tag / "meta.json").write_text(json.dumps({**meta, "network": "iresnet18"}))
+    shutil.copytree(root / CHECKPOINTS_DIR / tag_for(STEPS), tag)
+    meta = json.loads((tag / META_FILE).read_text())
+    (tag / META_FILE).write_text(json.dumps({**meta, "network": "iresnet18"}))
     with pytest.raises(ValueError, match=r"not a 'iresnet18' backbone .* missing: .* unexpected: "):
         consolidate(tag, tmp_path / "b.pt")
     assert not (tmp_path / "b.pt").exists()

@@ -121,6 +121,12 @@ def test_killed_rank_stops_the_job_and_resume_continues(cache: Path, tmp_path: P
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+    text = (tmp_path / "first.log").read_text()
+    # the survivor ends with one line naming the killed rank (was gloo's "Connection closed by peer" traceback)
+    lines = [line for line in text.splitlines() if "megaface train: error:" in line]
+    assert len(lines) == 1 and f"(pid {ranks[1]} on " in lines[0] and "ended without an error line" in lines[0], \
+        text[-4000:]
+    assert "megaface/train" not in text and "Connection closed" not in text, text[-4000:]
     tag = find_checkpoint("latest", out)
     done = int(tag.name.split("_")[1])
     resume = _torchrun(tiny_args(cache, out, done + 2, "--resume", "latest"), tmp_path / "second.log")

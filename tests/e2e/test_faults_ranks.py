@@ -3,7 +3,8 @@
 - a label >= num_classes read by a loader worker of one rank: every rank ends with one line naming it
   (the other rank used to print gloo's "Connection closed by peer" traceback);
 - a loader worker killed with SIGKILL (what the OOM killer sends): one line naming the worker and the signal;
-- a SIGSTOP'd rank ends the job within train.collective_timeout_s + 15 s, every live rank naming it (slow);
+- a SIGSTOP'd rank ends the job within train.collective_timeout_s + 15 s, every live rank naming it, the
+  latest checkpoint intact (slow);
 - a single process whose MASTER_PORT is taken: one line, not DistNetworkError.
 """
 
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, tiny_args
+from megaface.cli import main as megaface_main
+from tests.conftest import ROOT, _rank_pids, free_port, tiny_args
 from tests.support.fault_fixtures import megaface, raw_pack
 
 
@@ -133,21 +135,45 @@ def test_killed_loader_worker_is_one_line_on_every_rank(tmp_path: Path) -> None:
     _no_rank_traceback(text)
 
 
+def test_busy_output_directory_is_each_ranks_own_line(tmp_path: Path) -> None:
+    """The output directory is locked by another run: every rank raises the same error after one broadcast and
+    prints it itself (not the peer path's "rank 0: ..." line that a heartbeat post would give a late rank)."""
+    from megaface.train.run_lock import RunLock
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    holder = RunLock(out, lambda message: None)
+    try:
+        job = _torchrun(tiny_args(tmp_path / "cache", out, 2), log)
+        code = _finish(job, timeout=240)
+    finally:
+        holder.release()
+    text = log.read_text()
+    lines = _rank_lines(text)
+    assert code != 0 and sorted(lines) == [0, 1], text[-4000:]
+    for rank in (0, 1):
+        assert len(lines[rank]) == 1 and "in use" in lines[rank][0] and f"pid {os.getpid()}" in lines[rank][0]
+        assert not lines[rank][0].startswith("rank 0: "), lines
+    _no_rank_traceback(text)
+
+
 @pytest.mark.slow
-def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path) -> None:
+def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rank stopped with SIGSTOP while the job saves every 2 iterations: the job ends within
+    collective_timeout_s + 15 s, the live rank names the stopped one (rank, pid, host) from the store heartbeat,
+    and the latest checkpoint stays intact."""
     out, log, timeout = tmp_path / "run", tmp_path / "run.log", 15
-    job = _torchrun(tiny_args(tmp_path / "cache", out, 100000, f"--train.collective_timeout_s={timeout}"), log)
+    job = _torchrun(tiny_args(tmp_path / "cache", out, 100000, "--save-every", "2",
+                              f"--train.collective_timeout_s={timeout}"), log)
     ranks: list[int] = []
     try:
         deadline = time.time() + 240
-        while "train: iter 2" not in log.read_text():
+        while not (out / "checkpoints" / "latest").exists() or "train: iter 3" not in log.read_text():
             assert job.poll() is None and time.time() < deadline, log.read_text()[-4000:]
             time.sleep(0.3)
-        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
-                                                text=True).stdout.split()]
-        rank_of = {int(Path(f"/proc/{pid}/environ").read_bytes().split(b"RANK=")[1].split(b"\0")[0]): pid
-                   for pid in ranks}
-        os.kill(rank_of[1], signal.SIGSTOP)
+        ranks = _rank_pids(job.pid)
+        assert len(ranks) == 2, ranks
+        stopped = ranks[1]
+        os.kill(stopped, signal.SIGSTOP)
         stopped_at = time.time()
         code = job.wait(timeout=timeout + 120)
         seconds = time.time() - stopped_at
@@ -159,12 +185,17 @@ def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path) -> None:
             os.killpg(job.pid, signal.SIGKILL)
     text = log.read_text()
     lines = _rank_lines(text)
-    assert code != 0 and lines.get(0), text[-4000:]
     # the host as "address (host name)": the host name alone is the same on many hosts
-    assert re.search(rf"rank 1 \(pid {rank_of[1]} on \S+ \({re.escape(socket.gethostname())}\)\) sent no heartbeat",
-                     lines[0][0]), lines
-    assert "train.collective_timeout_s=15" in lines[0][0]
+    named = re.search(rf"rank (\d) \(pid {stopped} on \S+ \({re.escape(socket.gethostname())}\)\) sent no heartbeat",
+                      text)
+    assert code != 0 and named, text[-4000:]
+    live = 1 - int(named.group(1))
+    assert lines.get(live) and named.group(0) in lines[live][0], lines
+    assert "train.collective_timeout_s=15" in lines[live][0]
     assert seconds < timeout + 15, f"job ended {seconds:.0f} s after the stop (timeout {timeout} s)"
+    _no_rank_traceback(text)
+    capsys.readouterr()
+    assert megaface_main(["convert", "inspect", str(out)]) == 0, capsys.readouterr()  # latest is intact
 
 
 def test_single_process_with_a_taken_master_port(tmp_path: Path) -> None:

@@ -25,7 +25,15 @@ from megaface.data import build_dataset, load_bin, open_pack
 from megaface.data.ofrecord import decode_record, find_parts
 from megaface.data.ofrecord_pack import pack_ofrecord
 from megaface.eval.validation import read_bin
-from tests.conftest import FIXTURES, MIN_COSINE, MODELS, cosines, megaface_embeddings, params_or_skip
+from tests.conftest import (
+    FIXTURES,
+    MIN_COSINE,
+    MODELS,
+    cosines,
+    megaface_embeddings,
+    params_or_skip,
+    snapshot_or_skip,
+)
 
 SNAPSHOT = FIXTURES / "oneflow" / "y1_snapshot"
 MANIFEST = json.loads((FIXTURES / "pack" / "manifest.json").read_text())
@@ -61,13 +69,11 @@ def test_import_converter_snapshot_matches_mxnet(tmp_path):
     assert all(torch.equal(ours[k], via_mxnet[k]) for k in ours)  # the converter copies bytes: lossless
 
 
-@pytest.mark.parametrize("name", ["r18", "r34", "r50", "r100"])
+@pytest.mark.parametrize("name", ["r18", *(pytest.param(n, marks=pytest.mark.slow) for n in ("r34", "r50", "r100"))])
 def test_import_resnet_converter_snapshots_match_mxnet(tmp_path, name):
-    """tools/model_convert/resnet100/mxnet_2_oneflow_model.py on the fresnets (snapshots not committed)."""
-    prefix = params_or_skip(name)
-    snapshot = FIXTURES / "oneflow" / f"{name}_snapshot"
-    if not snapshot.is_dir():
-        pytest.skip(f"{snapshot} is not committed (too large); tests/fixtures/interop/make.sh regenerates it")
+    """tools/model_convert/resnet100/mxnet_2_oneflow_model.py on the fresnets (committed as .tar.xz)."""
+    prefix = params_or_skip(name, tmp_path)
+    snapshot = snapshot_or_skip(name, tmp_path)
     import_oneflow(snapshot, tmp_path / "of.safetensors", MODELS[name])
     reference = np.load(FIXTURES / name / "embeddings.npy")
     assert cosines(megaface_embeddings(tmp_path / "of.safetensors"), reference).min() >= MIN_COSINE
@@ -84,39 +90,55 @@ def test_a_damaged_fc1_gamma_is_an_error(tmp_path):
         import_oneflow(snapshot, tmp_path / "b.safetensors", "mobilefacenet")
 
 
-def test_export_import_round_trip_is_bit_exact_and_laid_out_like_oneflow(tmp_path):
-    import_oneflow(SNAPSHOT, tmp_path / "of.safetensors", "mobilefacenet")
+def _converter_snapshot(name: str, tmp_path: Path) -> Path:
+    return SNAPSHOT if name == "y1" else snapshot_or_skip(name, tmp_path)
+
+
+@pytest.mark.parametrize("name, prelu", [("y1", "conv_1_relu-alpha"),
+                                         pytest.param("r18", "relu0-alpha", marks=pytest.mark.slow)])
+def test_export_import_round_trip_is_bit_exact_and_laid_out_like_oneflow(tmp_path, name, prelu):
+    snapshot = _converter_snapshot(name, tmp_path)
+    import_oneflow(snapshot, tmp_path / "of.safetensors", MODELS[name])
     export_oneflow(tmp_path / "of.safetensors", tmp_path / "export")
     exported = {p.name for p in (tmp_path / "export").iterdir() if p.is_dir()}
-    converter = {p.name for p in SNAPSHOT.iterdir()
+    converter = {p.name for p in snapshot.iterdir()
                  if not p.name.endswith("-momentum") and not p.name.startswith("System-")}
     assert exported == converter - {"fc1-gamma"}  # OneFlow's fc1 has no scale
-    for name in exported:  # same variables, same byte sizes; flow.checkpoint.save's meta next to each
-        assert (tmp_path / "export" / name / "out").stat().st_size == (SNAPSHOT / name / "out").stat().st_size
-        assert "data_type: kFloat" in (tmp_path / "export" / name / "meta").read_text()
-    assert "dim: 64\n  dim: 1\n  dim: 1" in (tmp_path / "export" / "conv_1_relu-alpha" / "meta").read_text()
+    for variable in exported:  # same variables, same byte sizes; flow.checkpoint.save's meta next to each
+        assert (tmp_path / "export" / variable / "out").stat().st_size == \
+            (snapshot / variable / "out").stat().st_size
+        assert "data_type: kFloat" in (tmp_path / "export" / variable / "meta").read_text()
+    assert "dim: 64\n  dim: 1\n  dim: 1" in (tmp_path / "export" / prelu / "meta").read_text()
     assert (tmp_path / "export" / "snapshot_done").is_file()
-    import_oneflow(tmp_path / "export", tmp_path / "back.safetensors", "mobilefacenet")
+    import_oneflow(tmp_path / "export", tmp_path / "back.safetensors", MODELS[name])
     before, after = _state(tmp_path / "of.safetensors"), _state(tmp_path / "back.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_oneflow_faces_reader_reads_our_export(tmp_path):
+# oneflow_face's own OneFlow -> MXNet readers (b144e82): the mobilefacenet one, and the resnet100 one, which
+# joins its snapshot path by string concatenation (hence the trailing slash)
+_READERS = {"y1": ("mobilefacenet", ""), "r18": ("resnet100", "/")}
+
+
+@pytest.mark.parametrize("name", list(_READERS))
+def test_oneflow_faces_reader_reads_our_export(tmp_path, name):
     """export-oneflow -> oneflow_face's of_model_2_mxnet_model.py -> import-mxnet: bit-exact."""
     python, repo = os.environ.get("MEGAFACE_MXNET_PYTHON"), os.environ.get("MEGAFACE_ONEFLOW_FACE")
     if not python or not repo:
         pytest.skip("set MEGAFACE_MXNET_PYTHON (a Python with mxnet 1.9.1) and MEGAFACE_ONEFLOW_FACE (an "
                     "oneflow_face checkout at b144e82) to run oneflow_face's OneFlow -> MXNet converter")
-    script = Path(repo) / "tools" / "model_convert" / "mobilefacenet" / "of_model_2_mxnet_model.py"
-    import_oneflow(SNAPSHOT, tmp_path / "of.safetensors", "mobilefacenet")
+    folder, slash = _READERS[name]
+    script = Path(repo) / "tools" / "model_convert" / folder / "of_model_2_mxnet_model.py"
+    prefix = params_or_skip(name, tmp_path)  # the reader takes the symbol and the names from an MXNet model
+    import_oneflow(_converter_snapshot(name, tmp_path), tmp_path / "of.safetensors", MODELS[name])
     export_oneflow(tmp_path / "of.safetensors", tmp_path / "export")
-    subprocess.run([python, str(script), "--mxnet_load_prefix", str(FIXTURES / "y1" / "model"),
+    subprocess.run([python, str(script), "--mxnet_load_prefix", str(prefix),
                     "--mxnet_load_epoch", "0", "--mxnet_save_prefix", str(tmp_path / "mx" / "model"),
-                    "--mxnet_save_epoch", "0", "--of_model_dir", str(tmp_path / "export")],
-                   check=True, cwd=tmp_path, timeout=240)
-    import_mxnet(tmp_path / "mx" / "model", tmp_path / "back.safetensors", "mobilefacenet")
+                    "--mxnet_save_epoch", "0", "--of_model_dir", f"{tmp_path / 'export'}{slash}"],
+                   check=True, cwd=tmp_path, timeout=240, capture_output=True)
+    import_mxnet(tmp_path / "mx" / "model", tmp_path / "back.safetensors", MODELS[name])
     before, after = _state(tmp_path / "of.safetensors"), _state(tmp_path / "back.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_training_parts_hold_the_source_packs_images():

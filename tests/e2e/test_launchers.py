@@ -10,7 +10,6 @@ launchers. Extra launcher variants are marked slow.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,15 +19,18 @@ from pathlib import Path
 import pytest
 
 from megaface.config import load_config
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
+from tests.support.launch_jobs import (
+    JOB_TIMEOUT_S,
+    LAUNCH,
+    QUICKSTART,
+    check_same_losses,
+    check_training,
+    job_env,
+    launcher_args,
+    run_job,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = ROOT / "launch"
-QUICKSTART = LAUNCH / "configs" / "quickstart.yaml"
-STEPS = 3
-TRAIN_LINE = re.compile(r"^train: iter (\d+), loss (\S+), throughput: ([0-9.]+)", re.M)
-STARTUP_LINE = re.compile(r"start-up: ([0-9.]+) s to the first step")
-JOB_TIMEOUT_S = 300  # generous: a loaded 2-core machine runs these jobs several times slower than an idle one
 SEED_SCRIPTS = {
     "train_mobilefacenet_dp.sh": "faces_emore_mobilefacenet_dp.yaml",
     "train_mobilefacenet_mp.sh": "faces_emore_mobilefacenet_mp.yaml",
@@ -39,69 +41,9 @@ SEED_SCRIPTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
-
-
-def tiny_args(output: Path, cache: Path) -> list[str]:
-    """`megaface train` arguments for a few-second run: quickstart with less of everything."""
-    return ["--config", str(QUICKSTART), "--max-steps", str(STEPS), "--output", str(output),
-            "--train.log_every=1", '--train.progress="off"', "--train.tensorboard=false",
-            "--validation.interval=0", "--data.cache_dir=" + str(cache),
-            "--data.synthetic.identities=40", "--data.synthetic.images_per_identity=4",
-            "--data.synthetic.val_pairs=50", "--ds.train_micro_batch_size_per_gpu=8"]
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("MASTER_ADDR", None)
-    env.pop("MASTER_PORT", None)
-    env.update(extra)
-    return env
-
-
-def run_job(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or job_env(), capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S)
-    proc.wall_s = time.monotonic() - start  # type: ignore[attr-defined]
-    return proc
-
-
-def check_training(proc: subprocess.CompletedProcess, world_size: int) -> list[float]:
-    """Exit code 0 and one train line per iteration; returns the losses."""
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n{out[-6000:]}"
-    lines = TRAIN_LINE.findall(proc.stdout)
-    assert [int(i) for i, _, _ in lines] == list(range(STEPS)), f"train lines: {lines}\n{out[-6000:]}"
-    assert all(float(t) > 0 for _, _, t in lines)
-    losses = [float(loss) for _, loss, _ in lines]
-    assert all(0 < loss < 100 for loss in losses), losses
-    assert f"world size {world_size}," in out, out[-3000:]
-    startup = STARTUP_LINE.search(out)
-    print(f"wall {proc.wall_s:.1f} s, start-up {startup.group(1) if startup else '?'} s")  # type: ignore
-    return losses
-
-
-@pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> list[float]:
-    """The explicit reference every 2-rank launcher is held to: plain `torchrun --nproc_per_node 2`.
-
-    The 2-rank jobs below see the same global batch sequence, so each must reproduce these losses."""
-    out = tmp_path_factory.mktemp("reference") / "out"
-    proc = run_job(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "megaface",
-                    "train", *tiny_args(out, synthetic_cache)])
-    return check_training(proc, world_size=2)
-
-
-def check_same_losses(losses: list[float], reference: list[float]) -> None:
-    assert losses == pytest.approx(reference, rel=1e-5), (losses, reference)
-
-
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_single_process(tmp_path: Path, synthetic_cache: Path) -> None:
-    proc = run_job([sys.executable, "-m", "megaface", "train", *tiny_args(tmp_path / "out", synthetic_cache)])
+    proc = run_job([sys.executable, "-m", "megaface", "train", *launcher_args(tmp_path / "out", synthetic_cache)])
     check_training(proc, world_size=1)
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
 
@@ -113,7 +55,7 @@ def test_deepspeed_hostfile(tmp_path: Path, synthetic_cache: Path, reference_los
     # the form users type: deepspeed appends --local_rank=N before `train`, and LOCAL_RANK to the env
     proc = run_job(["deepspeed", "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
                     "--master_port", str(free_port()), "--module", "megaface", "train",
-                    *tiny_args(tmp_path / "out", synthetic_cache)])
+                    *launcher_args(tmp_path / "out", synthetic_cache)])
     check_same_losses(check_training(proc, world_size=2), reference_losses)
 
 
@@ -121,7 +63,7 @@ def test_deepspeed_hostfile(tmp_path: Path, synthetic_cache: Path, reference_los
 def test_torchrun_through_launch_script(tmp_path: Path, synthetic_cache: Path, reference_losses: list[float]) -> None:
     """launch/train.sh with LAUNCHER=torchrun: the script's command line, run for real."""
     env = job_env(LAUNCHER="torchrun", GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), CONFIG=str(QUICKSTART))
-    args = tiny_args(tmp_path / "out", synthetic_cache)[2:]  # the script passes --config itself
+    args = launcher_args(tmp_path / "out", synthetic_cache)[2:]  # the script passes --config itself
     proc = run_job(["bash", str(LAUNCH / "train.sh"), *args], env)
     check_same_losses(check_training(proc, world_size=2), reference_losses)
 
@@ -142,7 +84,7 @@ def test_mpirun(tmp_path: Path, synthetic_cache: Path, reference_losses: list[fl
     # Loopback only: shared memory between the two ranks, and OpenMPI's own wire-up on lo.
     cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "--mca", "btl", "self,vader",
            "--mca", "oob_tcp_if_include", "lo", sys.executable, "-m", "megaface", "train",
-           *tiny_args(tmp_path / "out", synthetic_cache)]
+           *launcher_args(tmp_path / "out", synthetic_cache)]
     check_same_losses(check_training(run_job(cmd), world_size=2), reference_losses)
 
 
@@ -233,7 +175,7 @@ def test_recipes_load() -> None:
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_deepspeed_num_gpus_without_hostfile(tmp_path: Path, synthetic_cache: Path) -> None:
     proc = run_job(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "megaface",
-                    "train", *tiny_args(tmp_path / "out", synthetic_cache)])
+                    "train", *launcher_args(tmp_path / "out", synthetic_cache)])
     check_training(proc, world_size=2)
 
 
@@ -246,7 +188,7 @@ def test_deepspeed_script_with_zero_variants(tmp_path: Path, synthetic_cache: Pa
     hostfile.write_text("localhost slots=2\n")
     env = job_env(HOSTFILE=str(hostfile), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()),
                   CONFIG=str(QUICKSTART), DS_CONFIG=str(ROOT / "ds_configs" / ds_config))
-    proc = run_job(["bash", str(LAUNCH / "train.sh"), *tiny_args(tmp_path / "out", synthetic_cache)[2:]], env)
+    proc = run_job(["bash", str(LAUNCH / "train.sh"), *launcher_args(tmp_path / "out", synthetic_cache)[2:]], env)
     check_training(proc, world_size=2)
 
 
@@ -256,7 +198,7 @@ def test_deepspeed_script_with_zero_variants(tmp_path: Path, synthetic_cache: Pa
 def test_seed_script_runs_on_synthetic(tmp_path: Path, synthetic_cache: Path, script: str) -> None:
     """A seed script for real, its recipe pointed at synthetic data (data-parallel and model-parallel FC7)."""
     env = job_env(LAUNCHER="torchrun", GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))
-    args = tiny_args(tmp_path / "out", synthetic_cache)[2:] + [
+    args = launcher_args(tmp_path / "out", synthetic_cache)[2:] + [
         "--data.source=synthetic", "--head.num_classes=null", "--validation.bins=[]",
         "--model.network=mobilefacenet_tiny", "--train.ds_config=" + str(ROOT / "ds_configs/zero0_fp32.json")]
     check_training(run_job(["bash", str(LAUNCH / script), *args], env), world_size=2)
@@ -283,7 +225,7 @@ def test_deepspeed_two_nodes_without_ssh(tmp_path: Path, synthetic_cache: Path, 
     port = str(free_port())
     cmds = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i), "--master_addr",
              "127.0.0.1", "--master_port", port, "--no_local_rank", "--module", "megaface", "train",
-             *tiny_args(tmp_path / "out", synthetic_cache)] for i in (0, 1)]
+             *launcher_args(tmp_path / "out", synthetic_cache)] for i in (0, 1)]
     proc = run_two_nodes(cmds, [job_env(), job_env()])
     check_same_losses(check_training(proc, world_size=2), reference_losses)
 
@@ -295,7 +237,7 @@ def test_torchrun_two_nodes_through_launch_script(tmp_path: Path, synthetic_cach
     port = str(free_port())
     envs = [job_env(LAUNCHER="torchrun", NODES="2", NODE_RANK=str(i), GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=port, CONFIG=str(QUICKSTART)) for i in (0, 1)]
-    cmd = ["bash", str(LAUNCH / "train.sh"), *tiny_args(tmp_path / "out", synthetic_cache)[2:]]
+    cmd = ["bash", str(LAUNCH / "train.sh"), *launcher_args(tmp_path / "out", synthetic_cache)[2:]]
     check_same_losses(check_training(run_two_nodes([cmd, cmd], envs), world_size=2), reference_losses)
 
 
@@ -307,5 +249,5 @@ def test_mpirun_through_launch_script_with_hostfile(tmp_path: Path, synthetic_ca
     hostfile.write_text("localhost slots=2\n")
     env = job_env(LAUNCHER="mpirun", HOSTFILE=str(hostfile), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()),
                   CONFIG=str(QUICKSTART), LAUNCHER_ARGS="--mca btl self,vader --mca oob_tcp_if_include lo")
-    proc = run_job(["bash", str(LAUNCH / "train.sh"), *tiny_args(tmp_path / "out", synthetic_cache)[2:]], env)
+    proc = run_job(["bash", str(LAUNCH / "train.sh"), *launcher_args(tmp_path / "out", synthetic_cache)[2:]], env)
     check_same_losses(check_training(proc, world_size=2), reference_losses)

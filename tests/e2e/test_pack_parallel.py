@@ -21,7 +21,7 @@ from megaface.data import build_dataset, encode_jpeg, open_pack
 from megaface.data.datasets import FolderDataset
 from megaface.data.image_list import from_folder, from_lst
 from megaface.data.pack_journal import JOURNAL_NAME, partial_dir
-from megaface.data.pack_rec import PackOptions, pack_images
+from megaface.data.pack_rec import PackOptions, chunk_bounds, pack_images
 from megaface.data.packs import PackWriter
 from megaface.data.sharded import ShardedPack
 from tests.support.image_folders import make_folder
@@ -217,8 +217,9 @@ def test_a_failed_pack_keeps_its_complete_chunks_and_resumes_to_the_same_bytes(t
     late = images / "id006" / "5.jpg"  # the last image: in the last chunk
     good = late.read_bytes()
     late.write_bytes(good[:50])
-    # 22 images on 2 workers: chunks of min(4, ceil(22 / (4 * 2))) = 3, so 7 chunks (21 images) are complete
-    with pytest.raises(ValueError, match=r"5.jpg: .*the 21 images packed before it are kept .* --resume"):
+    # 22 images on 2 workers, --chunk-size 4: chunks 4, 4, 4, 4, 4, 2 (chunk_bounds), so 20 images are complete
+    assert [b - a for a, b in chunk_bounds(0, 22, 4, 2)] == [4, 4, 4, 4, 4, 2]
+    with pytest.raises(ValueError, match=r"5.jpg: .*the 20 images packed before it are kept .* --resume"):
         pack_images(from_folder(images), tmp_path / "out", workers=2, chunk_size=4, progress="off")
     partial = partial_dir(tmp_path / "out")
     assert not (tmp_path / "out").exists() and (partial / JOURNAL_NAME).is_file()
@@ -232,7 +233,7 @@ def test_a_failed_pack_keeps_its_complete_chunks_and_resumes_to_the_same_bytes(t
         f.write(b"22\t99")
     summary = pack_images(from_folder(images), tmp_path / "out", workers=1, chunk_size=7, resume=True,
                           progress="off")
-    assert summary["resumed_from"] == 21 and pack_bytes(tmp_path / "out") == expected and not partial.exists()
+    assert summary["resumed_from"] == 20 and pack_bytes(tmp_path / "out") == expected and not partial.exists()
 
 
 def test_resume_refuses_another_input(tmp_path: Path) -> None:

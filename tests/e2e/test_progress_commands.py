@@ -28,7 +28,8 @@ def make_inputs(root: Path) -> dict[str, str]:
     """Images, a tiny backbone file, a .bin of 4 pairs and an FC7 checkpoint of 2 shards."""
     import cv2
 
-    from megaface.checkpoint.fc7_shards import SHARD_FORMAT, shard_file_name
+    from megaface.checkpoint.fc7_shards import SHARD_FORMAT
+    from megaface.checkpoint.layout import fc7_shard_file_name
     from megaface.head.sharding import class_range
     from megaface.models import build_model
 
@@ -49,7 +50,7 @@ def make_inputs(root: Path) -> dict[str, str]:
         torch.save({"format": SHARD_FORMAT, "weight": torch.randn(count, 4), "momentum": None, "class_start": start,
                     "num_local": count, "num_classes": 10, "embedding_size": 4, "rank": rank, "world_size": 2,
                     "hyper": None, "sampler_rng": torch.zeros(8, dtype=torch.uint8), "margin": (1.0, 0.5, 0.0),
-                    "scale": 64.0}, tag / "fc7" / shard_file_name(rank, 2))
+                    "scale": 64.0}, tag / "fc7" / fc7_shard_file_name(rank, 2))
     (tag / "meta.json").write_text(json.dumps({"format": "megaface.checkpoint.v1", "iteration": 3, "num_classes": 10,
                                                "embedding_size": 4, "world_size": 2, "class_ranges": []}))
     return {"images": str(images), "ckpt": str(root / "backbone.pt"), "bin": str(root / "lfw.bin"), "tag": str(tag),

@@ -23,7 +23,10 @@ from tests.conftest import QUICKSTART, ROOT, run_distributed, tiny_args, train_w
                                      # AdaFace: its norm EMA is in the shard files and must resume exactly
                                      ("--head.margin=adaface", "--head.sample_rate=0.5"),
                                      # sub-center ArcFace, K = 3 rows per class sampled together
-                                     ("--head.subcenters=3", "--head.sample_rate=0.5")])
+                                     ("--head.subcenters=3", "--head.sample_rate=0.5"),
+                                     # bf16 master weight (stochastic rounding keyed by the step) + bf16 momentum
+                                     ("--head.weight_dtype=bf16", "--head.momentum_dtype=bf16",
+                                      "--head.sample_rate=0.5")])
 def test_two_ranks_fp32_loss_decreases_and_resume_is_exact(cache: Path, tmp_path: Path, variant: tuple) -> None:
     # 16 images seen again every 2 steps, plain softmax at a small scale: the loss falls within 8 steps
     easy = ("--head.margin=[1, 0, 0]", "--head.scale=8", "--data.synthetic.identities=8",

@@ -2,7 +2,7 @@
 
 No interface variable is set anywhere unless a case says so: each rank must advertise the address the other
 host reaches it by, although the host name resolves to 127.0.1.1 on both hosts. Every 2-rank job sees the
-same global batches as the single-host 2-rank run (`reference_losses` from tests/e2e/test_launchers.py), and the
+same global batches as the single-host 2-rank run (`reference_losses`, tests/support/launch_jobs.py), and the
 FC7 shards are exact across hosts, so the printed losses must be the same numbers, digit for digit.
 
 Slow (each case is a real launcher + DeepSpeed job on a shared 2-core machine); skipped with the reason
@@ -23,18 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.e2e.test_launchers import (
-    JOB_TIMEOUT_S,
-    ROOT,
-    TRAIN_LINE,
-    check_training,
-    job_env,
-    reference_losses,  # noqa: F401  (fixture)
-    synthetic_cache,  # noqa: F401  (fixture)
-    tiny_args,
-)
+from tests.conftest import ROOT, free_port
 from tests.multinode.hosts import ADDRS, IFACE, SSH_PORT, TwoHosts, missing, two_hosts
+from tests.support.launch_jobs import JOB_TIMEOUT_S, TRAIN_LINE, check_training, job_env, launcher_args
 
 pytestmark = pytest.mark.slow
 NETWORK_LINE = re.compile(r"network: (GLOO_SOCKET_IFNAME)=(\S+)")
@@ -135,10 +126,10 @@ def assert_chose_interface(out: str, ranks: int = 2) -> None:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S * 2 + 60)
-def test_torchrun_static(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                         reference_losses: list[float]) -> None:  # noqa: F811
+def test_torchrun_static(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                         reference_losses: list[float]) -> None:
     """The issue's case: it failed in gloo's connectFullMesh (each rank advertised 127.0.0.1)."""
-    port, args = free_port(), tiny_args(tmp_path / "out", synthetic_cache)
+    port, args = free_port(), launcher_args(tmp_path / "out", synthetic_cache)
     node0, node1 = run_on_both(hosts, [torchrun_static(0, port, args), torchrun_static(1, port, args)],
                                host_env(hosts))
     assert node1.returncode == 0, (node1.stdout + node1.stderr)[-6000:]
@@ -147,9 +138,9 @@ def test_torchrun_static(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S * 2 + 60)
-def test_torchrun_c10d(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                       reference_losses: list[float]) -> None:  # noqa: F811
-    port, args = free_port(), tiny_args(tmp_path / "out", synthetic_cache)
+def test_torchrun_c10d(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                       reference_losses: list[float]) -> None:
+    port, args = free_port(), launcher_args(tmp_path / "out", synthetic_cache)
     cmds = [torchrun_c10d(int(i == 0), ADDRS[i], port, args) for i in range(2)]
     node0, node1 = run_on_both(hosts, cmds, host_env(hosts))
     assert node0.returncode == 0 and node1.returncode == 0, (node0.stdout + node0.stderr + node1.stderr)[-6000:]
@@ -175,8 +166,8 @@ def write_hostfile(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                                     reference_losses: list[float]) -> None:  # noqa: F811
+def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                                     reference_losses: list[float]) -> None:
     """`deepspeed --hostfile` on host 0 starts both ranks over pdsh/ssh; `.deepspeed_env` in the working
     directory reaches the remote ranks: DeepSpeed exports its lines in the pdsh command, and its
     GLOO_SOCKET_IFNAME stops megaface from choosing on both hosts (no network line; without it each host
@@ -184,7 +175,7 @@ def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_
     if shutil.which("pdsh") is None:
         pytest.skip(PDSH_MISSING)
     (tmp_path / ".deepspeed_env").write_text(DS_ENV)
-    cmd = deepspeed_cmd(str(write_hostfile(tmp_path)), free_port(), tiny_args(tmp_path / "out", synthetic_cache))
+    cmd = deepspeed_cmd(str(write_hostfile(tmp_path)), free_port(), launcher_args(tmp_path / "out", synthetic_cache))
     proc = subprocess.run(hosts.in_host(0, cmd), cwd=tmp_path, env=host_env(hosts), capture_output=True,
                           text=True, timeout=JOB_TIMEOUT_S)
     out = proc.stdout + proc.stderr
@@ -198,12 +189,12 @@ def test_deepspeed_hostfile_over_ssh(hosts: TwoHosts, tmp_path: Path, synthetic_
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_mpirun_hosts(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                      reference_losses: list[float]) -> None:  # noqa: F811
+def test_mpirun_hosts(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                      reference_losses: list[float]) -> None:
     if shutil.which("mpirun") is None:
         pytest.skip("Open MPI's mpirun is not installed (apt-get install -y openmpi-bin libopenmpi-dev)")
     env = host_env(hosts, MASTER_ADDR=ADDRS[0], MASTER_PORT=str(free_port()))
-    cmd = mpirun_cmd(sys.executable, tiny_args(tmp_path / "out", synthetic_cache))
+    cmd = mpirun_cmd(sys.executable, launcher_args(tmp_path / "out", synthetic_cache))
     proc = subprocess.run(hosts.in_host(0, cmd), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=JOB_TIMEOUT_S)
     proc.wall_s = 0.0  # type: ignore[attr-defined]
@@ -216,15 +207,15 @@ def script_env(hosts: TwoHosts, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_seed_script_two_nodes(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,  # noqa: F811
-                               reference_losses: list[float]) -> None:  # noqa: F811
+def test_seed_script_two_nodes(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path,
+                               reference_losses: list[float]) -> None:
     """launch/train_r100_mp_pfc.sh with NODES=2 and the nodes' addresses: DRY_RUN prints the deepspeed
     command, the real run trains (the seed's r100 recipe with the quickstart's tiny settings on top)."""
     if shutil.which("pdsh") is None:
         pytest.skip(PDSH_MISSING)
     (tmp_path / ".deepspeed_env").write_text(SEED_DS_ENV)
     script = str(ROOT / SEED_SCRIPT)
-    args = [*SEED_TINY, *tiny_args(tmp_path / "out", synthetic_cache)[2:]]
+    args = [*SEED_TINY, *launcher_args(tmp_path / "out", synthetic_cache)[2:]]
     dry = subprocess.run(hosts.in_host(0, [script, *args]), cwd=tmp_path, capture_output=True, text=True,
                          env=script_env(hosts, tmp_path, DRY_RUN="1"), timeout=60)
     assert dry.returncode == 0, dry.stderr
@@ -256,12 +247,12 @@ def resume_args(max_steps: int | str) -> list[str]:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S * 3 + 60)
-def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path) -> None:  # noqa: F811
+def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache: Path) -> None:
     """Host 1 is lost mid-run (link down, then every process on it killed: no RST reaches host 0). Host 0
     ends within train.collective_timeout_s (plus torchrun's teardown) with one line naming host 1; after
     host 1 is back, `--resume latest` on both continues from the last checkpoint."""
     out = tmp_path / "out"
-    args = [*tiny_args(out, synthetic_cache), *LOSS_ARGS]
+    args = [*launcher_args(out, synthetic_cache), *LOSS_ARGS]
     port, env = free_port(), host_env(hosts)
     procs = [subprocess.Popen(hosts.in_host(i, torchrun_static(i, port, args)), cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
@@ -301,7 +292,7 @@ def test_node_lost_then_resume(hosts: TwoHosts, tmp_path: Path, synthetic_cache:
 
     step = int((out / "checkpoints" / "latest").read_text().strip().rsplit("_", 1)[-1])
     assert step >= 6
-    resume = [*tiny_args(out, synthetic_cache), *resume_args(step + 3)]
+    resume = [*launcher_args(out, synthetic_cache), *resume_args(step + 3)]
     port = free_port()
     node0, node1 = run_on_both(hosts, [torchrun_static(0, port, resume), torchrun_static(1, port, resume)], env)
     assert node0.returncode == 0 and node1.returncode == 0, (node0.stdout + node0.stderr + node1.stderr)[-6000:]
@@ -314,7 +305,7 @@ def test_docs_show_the_commands_run_here() -> None:
     doc = (ROOT / "docs" / "multinode.md").read_text()
     section = doc[doc.index("## Tested across two hosts"):doc.index("## Troubleshooting")]
     text = " ".join(section.replace("\\\n", " ").split())  # shell line continuations joined
-    tiny = " ".join(tiny_args(Path("$OUT"), Path("$CACHE"))).replace(f"{ROOT}/", "")
+    tiny = " ".join(launcher_args(Path("$OUT"), Path("$CACHE"))).replace(f"{ROOT}/", "")
     assert f'TINY="{tiny.replace(chr(34), chr(92) + chr(34))}"' in text, tiny
     tiny_cmd = ["$TINY"]
     expected = [

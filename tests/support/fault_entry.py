@@ -6,6 +6,8 @@ Environment (all optional):
     MEGAFACE_TEST_POISON_RANK   the rank that poisons (default 0)
     MEGAFACE_TEST_STEP_SLEEP    seconds each train step sleeps first (a slow step to signal into)
     MEGAFACE_TEST_EXIT_DIR      each rank writes its exit status to DIR/rank_<RANK> (launchers do not tell)
+    MEGAFACE_TEST_LATE_REPORT   RANK:SECONDS: that rank reaches its failed-checkpoint line SECONDS late (a rank
+                                descheduled on a loaded host, as in CI), after the other ranks have reported
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ def _install() -> None:
         return original(parts, images, labels)
 
     loop.train_step = injected
+    late = os.environ.get("MEGAFACE_TEST_LATE_REPORT")
+    if late:
+        _report_late(*late.split(":"))
+
+
+def _report_late(rank: str, seconds: str) -> None:
+    from megaface.train import checkpointing
+
+    original = checkpointing.not_written_message
+
+    def late(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.environ.get("RANK", "0") == rank:
+            time.sleep(float(seconds))
+        return original(*args, **kwargs)
+
+    checkpointing.not_written_message = late
 
 
 if __name__ == "__main__":

@@ -166,3 +166,15 @@ def test_print_config_shows_every_key_with_its_meaning(capsys: pytest.CaptureFix
 
     assert cli_main(["train", "--config", str(ROOT / "launch/configs/quickstart.yaml"), "--modle.network=x"]) == 2
     assert "did you mean 'model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("partial_fc", ["--head.sample_rate=0.5", "--head.num_sample=4"])
+def test_partial_fc_with_a_data_parallel_head_is_refused_once_at_load(partial_fc: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from megaface.cli import main as cli_main
+
+    assert cli_main(["train", "--config", str(ROOT / "launch/configs/quickstart.yaml"), "--head.parallel=data",
+                     partial_fc, f"--train.output_dir={tmp_path / 'o'}"]) == 2
+    assert capsys.readouterr().err.strip() == ("megaface train: error: head.sample_rate < 1 or head.num_sample "
+                                               "(Partial FC) needs head.parallel=model")
+    assert not (tmp_path / "o").exists()

@@ -52,6 +52,17 @@ def test_arcface_torch_backward_is_one_reduce_per_rank() -> None:
 
 def test_calibration_recovers_alpha_and_beta() -> None:
     link = sm.Link(alpha=3e-5, beta=2e9)
-    times = {n: 2 * 2 * link.alpha + 2 * 2 / 3 * n / link.beta for n in sm.CALIBRATION_BYTES}
+    times = {(kind, n): sm.cost(sm.Collective(kind, n), 3, link)
+             for kind in sm.CALIBRATION_KINDS for n in sm.CALIBRATION_BYTES}
     fitted = sm.fit_link(3, times)
     assert fitted.alpha == pytest.approx(link.alpha, rel=1e-6) and fitted.beta == pytest.approx(link.beta, rel=1e-6)
+
+
+def test_the_fit_weighs_small_messages_like_large_ones() -> None:
+    # 20% noise on one 4-byte all-reduce moves alpha by a bounded share, not by orders of magnitude
+    link = sm.Link(alpha=5e-5, beta=1e9)
+    times = {(kind, n): sm.cost(sm.Collective(kind, n), 2, link)
+             for kind in sm.CALIBRATION_KINDS for n in sm.CALIBRATION_BYTES}
+    times[("all_reduce", 4)] *= 1.2
+    fitted = sm.fit_link(2, times)
+    assert fitted.alpha == pytest.approx(link.alpha, rel=0.1) and fitted.beta == pytest.approx(link.beta, rel=0.1)
