@@ -59,6 +59,10 @@ class Heartbeat:
     def __init__(self, state: DistState, timeout_s: float, interval_s: float | None = None,
                  prefix: str = "train", exit_process: Callable[[int], None] = os._exit) -> None:
         self.rank, self.world_size = state.rank, state.world_size
+        # "address (host name)" from the start-up: the host name alone is the same on many hosts (a
+        # container's, or /etc/hosts cloned across a cluster), so it neither names a lost host nor says
+        # whether a silent rank runs here
+        self.host = state.hosts[state.rank] if state.hosts else socket.gethostname()
         self.timeout_s = float(timeout_s)
         self.interval_s = interval_s if interval_s is not None else max(0.5, min(2.0, self.timeout_s / 10))
         self.prefix = prefix
@@ -81,7 +85,7 @@ class Heartbeat:
         try:
             store = _connect(store_timeout)
             reader = _connect(store_timeout)
-            store.set(f"who/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+            store.set(f"who/{self.rank}", f"{os.getpid()} {self.host}")
             store.set(f"beat/{self.rank}", "0")
         except (RuntimeError, OSError, KeyError, ValueError) as err:  # no store to reach: train without it
             warnings.warn(f"rank {self.rank}: no store heartbeat ({' '.join(str(err).split())[:200]}); a failed "
@@ -183,8 +187,7 @@ class Heartbeat:
 
     def _silent(self, peer: int, seconds: float, store: dist.Store) -> str:
         """Post (first one wins) and return the line naming the silent `peer`; SIGKILL it when it is local."""
-        who = store.get(f"who/{peer}").decode().split() if store.check([f"who/{peer}"]) else []
-        host, pid = (who[0], int(who[1])) if len(who) == 2 else ("?", None)
+        host, pid = _parse_who(store.get(f"who/{peer}").decode() if store.check([f"who/{peer}"]) else None)
         line = (f"rank {peer} (pid {pid} on {host}) sent no heartbeat for {seconds:.0f} s (train."
                 f"collective_timeout_s={self.timeout_s:g}): it is stopped (SIGSTOP, a debugger), swapping or hung; "
                 "the job is ended. Check that rank's host, then resume with --resume latest")
@@ -193,7 +196,7 @@ class Heartbeat:
             line = store.get("error").decode()  # another rank may have posted first: say the same
         except (RuntimeError, OSError):
             line = f"rank {self.rank}: {line}"
-        if pid is not None and host == socket.gethostname():
+        if pid is not None and host == self.host:
             try:
                 os.kill(pid, signal.SIGKILL)  # a stopped process takes no other signal; the launcher would wait
             except (ProcessLookupError, PermissionError):
@@ -236,13 +239,12 @@ class Heartbeat:
         return self._reader.get(key).decode() if self._reader.check([key]) else None
 
     def _who(self, rank: int) -> tuple[str, int | None]:
-        who = (self._value(f"who/{rank}") or "").split()
-        return (who[0], int(who[1])) if len(who) == 2 else ("?", None)
+        return _parse_who(self._value(f"who/{rank}"))
 
     def _gone(self, rank: int) -> bool:
         """A rank on this host whose process no longer runs (or is a zombie its launcher has not reaped)."""
         host, pid = self._who(rank)
-        if pid is None or host != socket.gethostname() or self._value(f"beat/{rank}") == _DONE:
+        if pid is None or host != self.host or self._value(f"beat/{rank}") == _DONE:
             return False
         try:
             return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
@@ -270,6 +272,12 @@ class Heartbeat:
             print(f"{prefix_of(self.rank)}megaface {self.prefix}: error: {line}", file=sys.stderr, flush=True)
             self._exit(EXIT_PEER_FAILED)
         self._stop.set()
+
+
+def _parse_who(value: str | None) -> tuple[str, int | None]:
+    """(host as "address (host name)", pid) from a `who/<rank>` value "pid host"; ("?", None) if unknown."""
+    who = (value or "").split(" ", 1)
+    return (who[1], int(who[0])) if len(who) == 2 and who[0].isdigit() else ("?", None)
 
 
 def prefix_of(rank: int) -> str:

@@ -88,18 +88,18 @@ def test_a_rank_killed_without_a_word_is_named(store: dist.Store) -> None:
     gone.wait()  # reaped: its pid no longer runs
     survivor = _beat(0, exits)
     try:
-        store.set("who/1", f"{socket.gethostname()} {gone.pid}")
+        store.set("who/1", f"{gone.pid} {socket.gethostname()}")  # "pid host"
         store.set("beat/1", "7")
         line = survivor.explain_lost_peer()
         assert line is not None and line.startswith(f"rank 0: rank 1 (pid {gone.pid} on {socket.gethostname()}) "
                                                     "ended without an error line (its process is gone)"), line
         assert store.get("error").decode() == line  # posted for the other ranks
         store.delete_key("error")
-        store.set("who/1", f"elsewhere {os.getpid()}")  # remote: only its counter tells
+        store.set("who/1", f"{os.getpid()} 10.0.0.9 (elsewhere)")  # remote: only its counter tells
         line = survivor.explain_lost_peer()
         assert line is not None and "rank 1 (pid" in line and "(its heartbeat stopped)" in line, line
         store.delete_key("error")
-        store.set("who/1", f"{socket.gethostname()} {os.getpid()}")
+        store.set("who/1", f"{os.getpid()} {socket.gethostname()}")
         store.set("beat/1", "done")  # a rank that finished is not lost
         assert survivor.explain_lost_peer() is None
     finally:
