@@ -72,7 +72,8 @@ def message_classes() -> dict[str, Any]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     # GetMessageClass arrived in protobuf 4.22; older runtimes (tensorboard allows 3.19+) have GetPrototype
-    make = getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
+    factory: Any = message_factory.MessageFactory(pool)  # typed Any: current stubs no longer list GetPrototype
+    make = getattr(message_factory, "GetMessageClass", None) or factory.GetPrototype
     names = [*scalar, "Feature", "OFRecord"]
     return {n: make(pool.FindMessageTypeByName(f"oneflow.{n}")) for n in names}
 
