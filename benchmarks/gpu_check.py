@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import ROOT, build_parts_for  # noqa: E402 - benchmarks/ is not a package
+from train_step import ROOT, _batches, build_parts_for  # noqa: E402 - benchmarks/ is not a package
 
 DOCUMENTED_SYNCS = 2
 """Host syncs per step that megaface.train.step documents for a Partial FC step without inter-class filtering:
@@ -215,12 +215,6 @@ def _head_speed(state: Any, classes: int, batch: int = 128, steps: int = 10) -> 
             "samples_per_s": round(batch / seconds, 1), "finite": finite}
 
 
-def _loader_batches(loader: Any):
-    """Batches across epochs (a timed run may outlast one pass over the small pack)."""
-    while True:
-        yield from loader
-
-
 def check_input(state: Any, size: dict[str, Any]) -> dict[str, Any]:
     from megaface.data import TrainLoader, build_dataset
     from megaface.data.synthetic import ensure_synthetic
@@ -239,7 +233,7 @@ def check_input(state: Any, size: dict[str, Any]) -> dict[str, Any]:
                 new = path == "new"
                 loader = TrainLoader(dataset, batch, state.rank, state.world_size, workers=size["input_workers"],
                                      on_device=new, device=state.device if new else None, pin_memory=new and cuda)
-                batches = _loader_batches(loader)
+                batches = _batches(loader, 1)  # across epochs: a timed run may outlast the pack
                 read_losses([train_step(parts, *next(batches)) for _ in range(3)], parts, 0)  # warm-up, wait
                 started = time.perf_counter()
                 read_losses([train_step(parts, *next(batches)) for _ in range(steps)], parts, 3)
