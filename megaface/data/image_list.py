@@ -37,6 +37,13 @@ class PathTable(Sequence[str]):
         """(the bytes of every path, their end offsets): what the resume fingerprint hashes."""
         return bytes(self._buf), self._ends.tobytes()
 
+    def section(self, start: int, stop: int) -> PathTable:
+        """Paths [start, stop) as a table of their own: two buffers to pickle, not a string per path."""
+        part, base = PathTable(), self._ends[start - 1] if start else 0
+        part._buf = self._buf[base:self._ends[stop - 1]] if stop > start else bytearray()
+        part._ends.frombytes((np.frombuffer(self._ends, dtype=np.int64)[start:stop] - base).tobytes())
+        return part
+
     def __len__(self) -> int:
         return len(self._ends)
 

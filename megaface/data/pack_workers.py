@@ -117,13 +117,18 @@ class ChunkWorkers:
         sent = taken = 0
         exhausted = False
         while True:
-            for w in sorted(busy, key=lambda k: busy[k]):  # two chunks per worker, so that none waits for the parent
-                while not exhausted and busy[w] < 2 and sent < taken + self.window:
-                    chunk = next(source, None)
-                    exhausted = chunk is None
-                    if chunk is not None:
-                        self.connections[w].send((sent, chunk))
-                        busy[w], sent = busy[w] + 1, sent + 1
+            # Two chunks per worker, so that none waits for the parent, dealt one at a time to the least busy
+            # (the first chunks are the largest: dealing a worker two of them before the next has one leaves
+            # one worker with twice the others' work at the start).
+            while not exhausted and sent < taken + self.window:
+                w = min(busy, key=lambda k: busy[k])
+                if busy[w] >= 2:
+                    break
+                chunk = next(source, None)
+                exhausted = chunk is None
+                if chunk is not None:
+                    self.connections[w].send((sent, chunk))
+                    busy[w], sent = busy[w] + 1, sent + 1
             if taken in pending:
                 lengths, error = pending.pop(taken)
                 if error is not None:

@@ -67,6 +67,10 @@ def test_the_folder_listing_is_folder_datasets(tmp_path: Path) -> None:
     assert list(listed.labels) == list(reference.labels()) and listed.num_classes == reference.num_classes
     odd = PathTable(["a/\udcff.jpg", "b.jpg"])  # a file name that is not UTF-8 survives
     assert odd[0] == "a/\udcff.jpg" and odd[-1] == "b.jpg" and odd[0:2] == ["a/\udcff.jpg", "b.jpg"]
+    table = PathTable(f"id{i % 3}/{'x' * (i % 5)}{i}.jpg" for i in range(20))
+    for start, stop in [(0, 20), (0, 1), (5, 12), (19, 20), (7, 7)]:  # what a chunk carries to its worker
+        assert list(table.section(start, stop)) == table[start:stop]
+    assert list(odd.section(0, 1)) == ["a/\udcff.jpg"]
 
 
 def test_reencoded_pack_holds_the_jpeg_of_each_decoded_image(tmp_path: Path) -> None:

@@ -64,3 +64,15 @@ def test_append_range_copies_the_asked_bytes(tmp_path: Path) -> None:
         append_range(s.fileno(), d.fileno(), 12345, 2 << 20)
         append_range(s.fileno(), d.fileno(), 0, 10)
     assert dst.read_bytes() == b"head" + payload[12345:12345 + (2 << 20)] + payload[:10]
+
+
+def _pid(chunk: int) -> list[bytes]:
+    return [str(os.getpid()).encode()]
+
+
+def test_the_first_chunks_are_dealt_one_per_worker(tmp_path: Path) -> None:
+    # The first chunks are the largest (chunk_bounds shrinks them towards the end): a worker dealt the first
+    # two while the other got the next two would carry twice the other's work from the start.
+    with ChunkWorkers(_pid, 2, tmp_path / "staging", window=8) as workers:
+        owners = [path.read_bytes() for path, _ in workers.results(range(4))]
+    assert owners[0] != owners[1] and sorted(owners[:2]) == sorted(owners[2:])
