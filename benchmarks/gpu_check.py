@@ -25,6 +25,10 @@
     the first loss (same weights, same batch) within 1% (bf16), every loss finite, the time of the first
     steps (compilation) and samples/s after. Not in the dry run's default list: inductor's CPU build of even
     the tiny network takes minutes (`--dry-run --only compile` runs it).
+(g) decode: data.decode=gpu, nvJPEG (torchvision) against libjpeg-turbo on the new input path: mean and max
+    pixel difference on one batch, samples/s of each, bytes per image to the device (pixels vs JPEG). Needs
+    torchvision built for the installed torch on the GPU machine (the check reports its absence as a failure);
+    the dry run puts megaface's host decoder in nvJPEG's place (the plumbing; pixels must then be equal).
 The device and backend come from megaface's distributed state (cuda + nccl when a GPU is visible).
 """
 
@@ -216,7 +220,30 @@ def _head_speed(state: Any, classes: int, batch: int = 128, steps: int = 10) -> 
 
 
 def check_input(state: Any, size: dict[str, Any]) -> dict[str, Any]:
-    from megaface.data import TrainLoader, build_dataset
+    from megaface.data import TrainLoader
+
+    cuda = state.device.type == "cuda"
+
+    def loader(path: str, dataset: Any) -> Any:
+        new = path == "new"
+        return TrainLoader(dataset, size["input_batch"], state.rank, state.world_size, workers=size["input_workers"],
+                           on_device=new, device=state.device if new else None, pin_memory=new and cuda)
+
+    rates = _input_rates(state, size, ("old", "new"), loader)
+    best = {path: max(values) for path, values in rates.items()}
+    pixels = 3 * 112 * 112
+    return {"network": size["input_net"], "batch_per_rank": size["input_batch"], "steps": size["input_steps"],
+            "workers": size["input_workers"],
+            "samples_per_s": {path: [round(v, 1) for v in values] for path, values in rates.items()},
+            "new_over_old": round(best["new"] / best["old"], 3),
+            "bytes_per_image_to_device": {"old": 4 * pixels, "new": pixels}, "ok": all(best.values())}
+
+
+def _input_rates(state: Any, size: dict[str, Any], paths: tuple[str, ...], make: Callable[[str, Any], Any],
+                 extra: Callable[[Any], None] | None = None) -> dict[str, list[float]]:
+    """samples/s of bf16 train steps fed by `make(path, dataset)` for each path, alternated twice over one
+    synthetic RecordIO pack (a change of clock or load hits every path alike); `extra(dataset)` runs first."""
+    from megaface.data import build_dataset
     from megaface.data.synthetic import ensure_synthetic
     from megaface.train.step import read_losses, train_step
 
@@ -225,14 +252,13 @@ def check_input(state: Any, size: dict[str, Any]) -> dict[str, Any]:
     try:
         pack, _ = ensure_synthetic(root, identities, 4, 0)
         dataset = build_dataset("recordio", str(pack))
+        if extra is not None:
+            extra(dataset)
         parts = _parts(state, size["input_net"], "bf16", batch, identities)
-        cuda = state.device.type == "cuda"
-        rates: dict[str, list[float]] = {"old": [], "new": []}
-        for _ in range(2):  # old, new, old, new: a change of clock or load hits both alike
-            for path in ("old", "new"):
-                new = path == "new"
-                loader = TrainLoader(dataset, batch, state.rank, state.world_size, workers=size["input_workers"],
-                                     on_device=new, device=state.device if new else None, pin_memory=new and cuda)
+        rates: dict[str, list[float]] = {path: [] for path in paths}
+        for _ in range(2):
+            for path in paths:
+                loader = make(path, dataset)
                 batches = _batches(loader, 1)  # across epochs: a timed run may outlast the pack
                 read_losses([train_step(parts, *next(batches)) for _ in range(3)], parts, 0)  # warm-up, wait
                 started = time.perf_counter()
@@ -242,12 +268,42 @@ def check_input(state: Any, size: dict[str, Any]) -> dict[str, Any]:
         del parts
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return rates
+
+
+def check_decode(state: Any, size: dict[str, Any]) -> dict[str, Any]:
+    """(g) data.decode=gpu: nvJPEG's pixels against libjpeg-turbo's on the same batch, and train steps fed by
+    each decoder (both on the new input path), alternated twice: samples/s and bytes per image to the device.
+    The dry run has no nvJPEG: megaface's host decoder stands in (the plumbing, and pixels equal)."""
+    from megaface.data import TrainLoader
+    from megaface.data.device_decode import host_decoder, nvjpeg_decoder
+
+    cuda = state.device.type == "cuda"
+    decoder = nvjpeg_decoder(state.device) if cuda else host_decoder
+    pixels: dict[str, Any] = {}
+
+    def loader(path: str, dataset: Any) -> Any:
+        return TrainLoader(dataset, size["input_batch"], state.rank, state.world_size, workers=size["input_workers"],
+                           on_device=True, device=state.device, pin_memory=cuda, decode=path,
+                           device_decoder=decoder if path == "gpu" else None)
+
+    def compare(dataset: Any) -> None:
+        (a, _), (b, _) = next(iter(loader("cpu", dataset))), next(iter(loader("gpu", dataset)))
+        diff = (a.images.to(torch.int16) - b.images.to(torch.int16)).abs()
+        jpeg = sum(len(dataset[i][1]) for i in range(min(len(dataset), 512))) / min(len(dataset), 512)
+        pixels.update(mean_abs_diff=round(float(diff.float().mean()), 4), max_abs_diff=int(diff.max()),
+                      jpeg_bytes_per_image=round(jpeg))
+
+    rates = _input_rates(state, size, ("cpu", "gpu"), loader, extra=compare)
     best = {path: max(values) for path, values in rates.items()}
-    pixels = 3 * 112 * 112
-    return {"network": size["input_net"], "batch_per_rank": batch, "steps": steps, "workers": size["input_workers"],
-            "samples_per_s": {path: [round(v, 1) for v in values] for path, values in rates.items()},
-            "new_over_old": round(best["new"] / best["old"], 3),
-            "bytes_per_image_to_device": {"old": 4 * pixels, "new": pixels}, "ok": all(best.values())}
+    # nvJPEG and libjpeg-turbo round the IDCT and chroma upsampling differently: a level or two on average
+    close = pixels["mean_abs_diff"] < 2.0 if cuda else pixels["max_abs_diff"] == 0
+    return {"decoder": "nvjpeg (torchvision)" if cuda else "megaface host decoder (no CUDA: plumbing only)",
+            "network": size["input_net"], "batch_per_rank": size["input_batch"], "workers": size["input_workers"],
+            **pixels, "samples_per_s": {path: [round(v, 1) for v in values] for path, values in rates.items()},
+            "gpu_over_cpu": round(best["gpu"] / best["cpu"], 3),
+            "bytes_per_image_to_device": {"cpu": 3 * 112 * 112, "gpu": pixels["jpeg_bytes_per_image"]},
+            "ok": close and all(best.values())}
 
 
 def _raw_pool(state: Any, batch: int, classes: int, count: int = 4) -> list[tuple[Any, torch.Tensor]]:
@@ -359,11 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     size = _sizes(args.dry_run)
     checks = {"train": lambda: check_train(state, size), "overflow": lambda: check_overflow(state, size, args.dry_run),
               "speed": lambda: check_speed(state, size), "input": lambda: check_input(state, size),
-              "syncs": lambda: check_syncs(state, size), "compile": lambda: check_compile(state, size)}
+              "syncs": lambda: check_syncs(state, size), "compile": lambda: check_compile(state, size),
+              "decode": lambda: check_decode(state, size)}
     summary: dict[str, Any] = {"device": str(state.device), "dry_run": args.dry_run}
     ok = True
     try:
-        names = args.only or ("train,overflow,speed,input,syncs" if args.dry_run else ",".join(checks))
+        names = args.only or ("train,overflow,speed,input,syncs,decode" if args.dry_run else ",".join(checks))
         for name in names.split(","):
             summary[name], passed = _guarded(name, checks[name])
             ok = ok and passed

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU readiness check: 1-rank NCCL training (iresnet100, mobilefacenet; zero1_bf16, zero1_fp16), an injected
 # fp16 overflow, iresnet100 bf16 samples/s + MFU, the head alone at 1M / 10M classes, the old vs new input path,
-# host syncs per step by call site, and model.compile (see benchmarks/gpu_check.py). Prints one JSON line; exit 0
+# host syncs per step by call site, model.compile and data.decode=gpu (nvJPEG) (see benchmarks/gpu_check.py). Prints one JSON line; exit 0
 # when every check passed. Sized for one H100/H200 within the limit below; it has not run on a GPU yet.
 #   PEAK_BF16_FLOPS   dense bf16 peak of the device for the MFU (default 989e12: H100/H200 SXM)
 #   HEAD_SAMPLE_RATE  Partial FC sample rate of the head-only timing (default 0.1)

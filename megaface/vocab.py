@@ -15,6 +15,11 @@ NormalizeMode = Literal["arcface_torch", "oneflow"]
 oneflow = (x - 127.5)/128 (the OneFlow seed). Must match how the model was trained."""
 NORMALIZE_MODES: tuple[str, ...] = get_args(NormalizeMode)
 
+DecodeMode = Literal["cpu", "gpu"]
+"""Where training JPEGs are decoded: cpu = libjpeg-turbo in the loader workers; gpu = nvJPEG on the training
+device (torchvision), the workers only read and check headers (megaface.data.device_decode)."""
+DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
+
 DataSource = Literal["synthetic", "recordio", "folder", "ofrecord"]
 """Training data: built-in synthetic identities, an InsightFace RecordIO pack (train.rec/.idx/property),
 an image folder (one sub-folder per identity), or a OneFlow OFRecord directory (part-N files)."""

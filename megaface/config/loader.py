@@ -160,6 +160,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
     d = cfg.data
+    if d.decode == "gpu" and d.strict_decode:
+        raise ValueError("data.strict_decode=true needs data.decode=cpu (libjpeg's warnings about damaged data are "
+                         "what it checks; the device decoder gives none): drop one of the two")
     for name in ("part_num", "part_name_suffix_length"):
         value = getattr(d, name)
         if value is not None and d.source != "ofrecord":

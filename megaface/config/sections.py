@@ -168,6 +168,9 @@ class DataConfig:
     """Shuffle / flip seed."""
     skip_corrupt: bool = False
     """Skip images that fail to decode (each skip is logged with a running count) instead of stopping."""
+    decode: vocab.DecodeMode = "cpu"
+    """cpu: loader workers decode JPEGs (libjpeg-turbo) and send pixels; gpu: they send the compressed JPEGs and the
+    training device decodes each batch with nvJPEG (torchvision, CUDA only; megaface.data.device_decode)."""
     strict_decode: bool = False
     """A JPEG that decodes only with libjpeg warnings (damaged entropy data, truncated: partly grey) is an
     error (or a skip with skip_corrupt) instead of a counted, logged warning."""

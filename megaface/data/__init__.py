@@ -17,6 +17,7 @@
     datasets.py       training datasets by source (`build_dataset`)
     loader.py         TrainLoader: each rank's share of the global batch, exact resume
     augment.py        the input path on the device: uint8 batches, one ahead; augmentations and normalisation
+    device_decode.py  data.decode=gpu: batches of JPEGs decoded on the device (nvJPEG through torchvision)
     cli.py            `megaface pack`
 """
 

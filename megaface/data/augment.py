@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from megaface import vocab
 from megaface.data.decode import normalize_nchw
+from megaface.data.device_decode import Decoder, EncodedImages, decode_on_device
 
 # Slots of a sample's uniform numbers: one per random decision, fixed, so that adding an augmentation never
 # changes the draws of another.
@@ -96,21 +97,26 @@ class Augment:
 class RawBatch:
     """A rank's batch as the loader hands it over: uint8 pixels and each sample's random numbers."""
 
-    images: torch.Tensor
-    """uint8 [b, 3, H, W], flipped where the sample drew a flip; pinned when the loader's device is a GPU."""
+    images: torch.Tensor | EncodedImages
+    """uint8 [b, 3, H, W], flipped where the sample drew a flip; pinned when the loader's device is a GPU.
+    Under data.decode=gpu, until `to` decodes them on the device: the batch's JPEGs (`EncodedImages`)."""
     uniforms: torch.Tensor | None = None
     """float32 [b, NUM_SLOTS]: the samples' random numbers (`sample_uniforms`); None when no augmentation is on."""
     augment: Augment = field(default_factory=Augment)
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.images)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.images, self.uniforms) if t is not None]
+        return [t for t in (self.images, self.uniforms) if isinstance(t, torch.Tensor)]
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> RawBatch:
+    def to(self, device: torch.device, non_blocking: bool = True, decoder: Decoder | None = None) -> RawBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
+        if isinstance(self.images, EncodedImages):
+            if decoder is None:
+                raise ValueError("the batch holds JPEGs (data.decode=gpu) and no device decoder was given")
+            return RawBatch(decode_on_device(self.images, device, decoder), move(self.uniforms), self.augment)
         return RawBatch(self.images.to(device, non_blocking=non_blocking), move(self.uniforms), self.augment)
 
     def pin_memory(self) -> RawBatch:
@@ -259,6 +265,8 @@ def prepare_batch(batch: RawBatch, normalize: str, dtype: torch.dtype = torch.fl
     Without augmentations: uint8 -> `normalize_nchw` -> dtype/layout, no host sync.
     """
     x = batch.images
+    if not isinstance(x, torch.Tensor):
+        raise ValueError("prepare_batch takes a batch on the device (RawBatch.to decodes data.decode=gpu's JPEGs)")
     if batch.augment.enabled:
         if batch.uniforms is None:
             raise ValueError("augmentations are on but the batch carries no random numbers (RawBatch.uniforms)")
@@ -275,16 +283,16 @@ class DeviceCopy:
     The loader calls `start` for batch k+1 before it hands out batch k (`TrainLoader(device=...)`).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, decoder: Decoder | None = None) -> None:
+        self.device, self.decoder = device, decoder
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def start(self, item: tuple[RawBatch, torch.Tensor]) -> tuple[RawBatch, torch.Tensor]:
         raw, labels = item
         if self.stream is None:
-            return raw.to(self.device), labels.to(self.device, non_blocking=True)
+            return raw.to(self.device, decoder=self.decoder), labels.to(self.device, non_blocking=True)
         with torch.cuda.stream(self.stream):
-            return raw.to(self.device), labels.to(self.device, non_blocking=True)
+            return raw.to(self.device, decoder=self.decoder), labels.to(self.device, non_blocking=True)
 
     def ready(self, item: tuple[RawBatch, torch.Tensor]) -> tuple[RawBatch, torch.Tensor]:
         if self.stream is not None:

@@ -30,6 +30,7 @@ import torch
 from megaface.data.augment import Augment, DeviceCopy, RawBatch, sample_uniforms
 from megaface.data.datasets import dataset_where
 from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image_checked, normalize_nchw
+from megaface.data.device_decode import Decoder, encode_batch, jpeg_header, nvjpeg_decoder
 
 STATE_FORMAT = "megaface.loader.v1"
 
@@ -75,14 +76,14 @@ class _BatchTask(torch.utils.data.Dataset):
     with warnings (unless strict_decode)."""
 
     def __init__(self, dataset, skip_corrupt: bool, seed: int = 0, augment: Augment | None = None,
-                 strict_decode: bool = False):
+                 strict_decode: bool = False, decode: str = "cpu"):
         self.dataset, self.skip_corrupt, self.strict_decode = dataset, skip_corrupt, strict_decode
-        self.seed, self.augment = seed, augment
+        self.seed, self.augment, self.decode = seed, augment, decode
 
     def __len__(self) -> int:  # unused: items are index arrays from the sampler
         return 0
 
-    def _load(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+    def _load(self, i: int) -> tuple[int, np.ndarray | _Jpeg | None, str | None]:
         try:
             label, item = self.dataset[int(i)]
         except (ValueError, OSError, EOFError) as err:  # a damaged record, an unreadable file
@@ -94,6 +95,8 @@ class _BatchTask(torch.utils.data.Dataset):
         if isinstance(item, np.ndarray) and item.ndim == 3:
             return label, item, None
         try:
+            if self.decode == "gpu" and (size := jpeg_header(item)) is not None:
+                return label, _Jpeg(item, size), None  # decoded on the device (megaface.data.device_decode)
             image, damage = decode_image_checked(item)
             if damage is not None and self.strict_decode:
                 raise CorruptImageError(f"damaged JPEG data (libjpeg: {damage}) and data.strict_decode=true; "
@@ -128,7 +131,7 @@ class _BatchTask(torch.utils.data.Dataset):
             raise CorruptImageError(f"every image of a batch is corrupt, e.g. {skipped[0]}")
         # a corrupt image is replaced by a good one of the same batch so batch shapes stay equal on all ranks
         src = [k if loaded[k][1] is not None else good[k % len(good)] for k in range(len(loaded))]
-        shapes = {im.shape for _, im, _ in loaded if im is not None}
+        shapes = {_shape(im) for _, im, _ in loaded if im is not None}
         if len(shapes) > 1:
             raise ValueError(
                 f"images of one batch differ in size {sorted(shapes)} "
@@ -136,21 +139,41 @@ class _BatchTask(torch.utils.data.Dataset):
                 "align/resize the data to one size (112x112)"
             )
         h, w = shapes.pop()[:2] if shapes else (112, 112)
-        # uint8 NCHW crosses the process boundary (4x less than float32: measured ~30% more images/s
-        # with one worker); flip and HWC->CHW happen in the one copy into the batch buffer
-        images = torch.empty((len(src), 3, h, w), dtype=torch.uint8)
-        if torch.utils.data.get_worker_info() is not None:
-            images.share_memory_()  # filled in place: sending it to the main process then copies nothing
-        buffer = images.numpy()
-        for j, k in enumerate(src):
-            image = loaded[k][1]
-            assert image is not None  # src names good images only
-            buffer[j] = (image[:, ::-1] if flips[j] else image).transpose(2, 0, 1)
         labels = torch.tensor([int(loaded[k][0]) for k in src], dtype=torch.int64)
         uniforms = None
         if self.augment is not None and self.augment.enabled:
             uniforms = torch.from_numpy(sample_uniforms(self.seed, epoch, np.asarray(indices)[src]))
+        worker = torch.utils.data.get_worker_info() is not None
+        if self.decode == "gpu":
+            items = [loaded[k][1] for k in src]
+            encoded = encode_batch([x.data if isinstance(x, _Jpeg) else x for x in items],  # type: ignore[misc]
+                                   np.asarray(flips), (h, w),
+                                   [dataset_where(self.dataset, int(indices[k])) for k in src], shared=worker)
+            return encoded, labels, skipped, uniforms, damaged
+        # uint8 NCHW crosses the process boundary (4x less than float32: measured ~30% more images/s
+        # with one worker); flip and HWC->CHW happen in the one copy into the batch buffer
+        images = torch.empty((len(src), 3, h, w), dtype=torch.uint8)
+        if worker:
+            images.share_memory_()  # filled in place: sending it to the main process then copies nothing
+        buffer = images.numpy()
+        for j, k in enumerate(src):
+            image = loaded[k][1]
+            assert isinstance(image, np.ndarray)  # src names good images only; JPEG bytes only under decode=gpu
+            buffer[j] = (image[:, ::-1] if flips[j] else image).transpose(2, 0, 1)
         return images, labels, skipped, uniforms, damaged
+
+
+@dataclass(frozen=True)
+class _Jpeg:
+    """A record's JPEG left compressed for the device (data.decode=gpu), with the size its header gives."""
+
+    data: bytes
+    shape: tuple[int, int]
+
+
+def _shape(image: np.ndarray | bytes | _Jpeg) -> tuple[int, ...]:
+    assert not isinstance(image, bytes)  # _load returns decoded arrays or _Jpeg
+    return tuple(image.shape[:2])
 
 
 class WorkerDied(DataError):
@@ -235,7 +258,8 @@ class TrainLoader:
     def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  drop_last: bool = True, workers: int = 2, flip: bool = True, normalize: str = "arcface_torch",
                  skip_corrupt: bool = False, log=None, on_device: bool = False, augment: Augment | None = None,
-                 pin_memory: bool = False, device: torch.device | None = None, strict_decode: bool = False):
+                 pin_memory: bool = False, device: torch.device | None = None, strict_decode: bool = False,
+                 decode: str = "cpu", device_decoder: Decoder | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (per-rank batch), got {batch_size}")
         if not (world_size >= 1 and 0 <= rank < world_size):
@@ -248,8 +272,19 @@ class TrainLoader:
         self.on_device, self.augment, self.pin_memory = bool(on_device), augment or Augment(), bool(pin_memory)
         if self.augment.enabled and not self.on_device:
             raise ValueError("data.augment runs on the training device: build the loader with on_device=True")
+        decoder = None
+        if decode == "gpu":  # JPEGs cross compressed and are decoded on the device (megaface.data.device_decode)
+            if device is None or not self.on_device:
+                raise ValueError("data.decode=gpu decodes on the training device: build the loader with "
+                                 "on_device=True and a device")
+            if strict_decode:
+                raise ValueError("data.strict_decode=true needs data.decode=cpu (libjpeg's warnings about damaged "
+                                 "data are what it checks; the device decoder gives none): drop one of the two")
+            decoder = device_decoder or nvjpeg_decoder(device)
+        elif decode != "cpu":
+            raise ValueError(f"data.decode={decode!r}: choose cpu or gpu")
         # with a device, batch k+1 is copied there (one batch ahead) before batch k is handed out
-        self._copy = DeviceCopy(device) if (device is not None and self.on_device) else None
+        self._copy = DeviceCopy(device, decoder) if (device is not None and self.on_device) else None
         self._ahead = 0  # batches taken from the epoch but not handed out yet (0 or 1)
         self.num_samples = len(dataset)
         self.global_batch = self.batch_size * self.world_size
@@ -266,7 +301,7 @@ class TrainLoader:
         self._warned_classes = False
         self._log = log or print
         self._task = _BatchTask(dataset, self.skip_corrupt, seed=self.seed, augment=self.augment,
-                                strict_decode=bool(strict_decode))
+                                strict_decode=bool(strict_decode), decode=decode)
         self._sampler = _TaskList()
         self._pool: torch.utils.data.DataLoader | None = None
 

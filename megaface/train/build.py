@@ -303,7 +303,7 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
                          skip_corrupt=cfg.data.skip_corrupt, strict_decode=cfg.data.strict_decode, on_device=True,
-                         augment=cfg.data.augment,
+                         augment=cfg.data.augment, decode=cfg.data.decode,
                          pin_memory=state.device.type == "cuda", device=state.device)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,
                         **cfg.model.build_options())
