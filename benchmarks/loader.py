@@ -10,9 +10,13 @@ Prints one JSON line per case:
                                        path "cpu" = the former path (workers flip, this process normalises to
                                        float32 NCHW, 4 bytes a pixel cross to the device); path "device" = the
                                        training default (uint8 NCHW crosses; normalise runs on the device, timed
-                                       here separately on this CPU as "prepare").
+                                       here separately on this CPU as "prepare"); path "jpeg" = data.decode=gpu
+                                       (workers read and check JPEG headers, the batch's JPEG bytes cross; the
+                                       device's nvJPEG decode is not part of it: this is what the loader must
+                                       sustain when the GPU decodes).
 
-  python benchmarks/loader.py [--identities 100 --images-per-identity 20 --workers 0 1 2 --batch-size 64]
+  python benchmarks/loader.py [--identities 100 --images-per-identity 20 --workers 0 1 2 --batch-size 64
+                               --epochs 2]
 """
 
 from __future__ import annotations
@@ -96,16 +100,25 @@ def bench_loader(pack, workers: int, batch_size: int, epochs: int, path: str) ->
     from megaface.data.augment import RawBatch, prepare_batch
 
     torch.set_num_threads(1)
-    on_device = path == "device"
+    from megaface.data.device_decode import EncodedImages, host_decoder
+
+    on_device = path in ("device", "jpeg")
     children_before = _children_cpu()
     loader = TrainLoader(pack, batch_size, workers=workers, seed=0, on_device=on_device,
-                         device=torch.device("cpu") if on_device else None)
+                         device=torch.device("cpu") if on_device else None, decode="gpu" if path == "jpeg" else "cpu",
+                         device_decoder=host_decoder if path == "jpeg" else None)
+    if path == "jpeg":
+        loader._copy = None  # hand the batches over as the workers send them: no host decoder in nvJPEG's place
     for _ in loader:  # warm-up epoch: worker start-up, page cache
         pass
     n, moved, prepare_s = 0, 0, 0.0
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for images, labels in loader:
+            if isinstance(images, RawBatch) and isinstance(images.images, EncodedImages):
+                moved += images.images.nbytes + labels.nbytes
+                n += len(images)
+                continue
             if isinstance(images, RawBatch):
                 moved += images.images.nbytes + labels.nbytes
                 t = time.perf_counter()
@@ -159,7 +172,7 @@ def main() -> None:
     blobs = [pack[i][1] for i in range(min(len(pack), 512))]
     bench_decode(blobs, args.decode_seconds)
     for w in args.workers:
-        for path in ("cpu", "device"):  # the former path and the default, alternating, in one run
+        for path in ("cpu", "device", "jpeg"):  # the former path, the default and decode=gpu, alternating
             bench_loader(pack, w, args.batch_size, args.epochs, path)
 
 
