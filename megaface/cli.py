@@ -20,6 +20,7 @@ import errno
 import importlib
 import os
 import pickle
+import signal
 import sys
 import warnings
 from typing import Any
@@ -197,9 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     func_args = rest
     if rest and (name, rest[0]) in ROUTES:
         (module_name, func_name), func_args = ROUTES[(name, rest[0])], rest[1:]
-    func = getattr(importlib.import_module(module_name), func_name)
     try:
-        return int(func(func_args) or 0)
+        with _stop_on_sigterm():
+            func = getattr(importlib.import_module(module_name), func_name)
+            return int(func(func_args) or 0)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through _stop_on_sigterm (train has its own handlers)
+        if os.environ.get("MEGAFACE_TRACEBACK"):
+            raise
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        hint = STOP_HINTS.get((name, rest[0] if rest else ""), STOP_HINTS[("", "")])
+        print(f"megaface {_command_name(name, rest)}: stopped by {signal.Signals(signum).name}; {hint}",
+              file=sys.stderr, flush=True)
+        return 128 + signum
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         # Errors a user can cause carry their own explanation (value, constraint, fix): print it alone.
         if os.environ.get("MEGAFACE_TRACEBACK"):
@@ -231,13 +241,59 @@ def _warning_line(name: str) -> Any:
     return format_warning
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a batch system's stop, `kill`) raised in the main thread, so that every `with` block of the
+    command cleans up as after Ctrl-C: temporaries removed, outputs renamed into place only when complete."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_HINTS = {
+    ("", ""): "outputs appear only when complete, so nothing half-written was left: rerun the command",
+    ("pack", "rec"): "the chunks packed before are kept: rerun with --resume to continue",
+    ("pack", "ofrecord"): "outputs appear only when complete, so nothing half-written was left: rerun the command",
+}
+"""The line's advice after a stop, by (command, subcommand)."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Any:
+    """SIGTERM raises `Stopped` in this process for the length of the command. A forked child (a loader or
+    pack worker) that gets it ends as before: by the signal, quietly; its parent reports."""
+    pid = os.getpid()
+
+    def handle(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread (megaface.cli.main called from a thread): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _command_name(name: str, rest: list[str]) -> str:
+    if rest and (name in NESTED_COMMANDS or (name, rest[0]) in ROUTES) and not rest[0].startswith("-"):
+        return f"{name} {rest[0]}"
+    return name
+
+
 def _print_error(name: str, rest: list[str], message: str) -> None:
     """`[rank R] megaface <command> [<subcommand>]: error: <message>` on stderr, one line.
 
     Under a launcher every rank prints its own line (the prefix says which), so no rank fails silently.
     """
-    if rest and (name in NESTED_COMMANDS or (name, rest[0]) in ROUTES) and not rest[0].startswith("-"):
-        name = f"{name} {rest[0]}"
+    name = _command_name(name, rest)
     world = os.environ.get("WORLD_SIZE", "1")
     prefix = f"[rank {os.environ['RANK']}] " if world.isdigit() and int(world) > 1 and "RANK" in os.environ else ""
     print(f"{prefix}megaface {name}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)

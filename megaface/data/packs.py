@@ -260,8 +260,12 @@ class PackWriter:
         move_into_place(self._tmp, self.directory)
 
     def abort(self) -> None:
+        """Discard the partial pack. Its close may fail again (a full disk fails the flush of the buffered
+        records too): that error is dropped, the one that made the writer abort is the one to report."""
         try:
-            self._writer.close()  # may fail again (a full disk): the temporary goes in any case
+            self._writer.close()
+        except OSError:
+            pass
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
 

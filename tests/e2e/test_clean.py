@@ -149,3 +149,61 @@ def test_retrain_k1_on_the_cleaned_pack_then_k1_is_refused(trained: dict[str, An
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "subcenters=1" in err[0] and "--head.subcenters=3" in err[0], err
     assert not (root / "again").exists()
+
+
+def _clean_argv(trained: dict[str, Any], out: Path) -> list[str]:
+    return ["clean", "--checkpoint", str(trained["root"] / "k3"), "--pack", str(trained["pack"]), "--output",
+            str(out), "--threshold-deg", repr(trained["threshold"]), "--min-images", str(trained["min_images"])]
+
+
+def test_a_full_disk_during_clean_leaves_no_output(trained: dict[str, Any]) -> None:
+    """The cleaned pack is ~0.5 MB: a 100 KB file-size limit fails its write half-way (EFBIG, as ENOSPC)."""
+    from tests.support.fault_fixtures import megaface, one_error_line
+
+    parent = trained["root"] / "full_disk"
+    parent.mkdir()
+    out = parent / "cleaned"
+    line = one_error_line(megaface(_clean_argv(trained, out), limit_bytes=100_000), "clean", 1)
+    assert str(out) in line or str(parent) in line, line
+    assert list(parent.iterdir()) == []  # no pack, no report, no temporary left behind
+    assert megaface(_clean_argv(trained, out)).returncode == 0  # the same command with room: a complete pack
+    assert _records(out) == _records(trained["out"])
+
+
+def test_sigterm_or_ctrl_c_during_clean_leaves_nothing_or_the_whole_output(trained: dict[str, Any]) -> None:
+    """Stopped at some moment (model loading, embedding or writing): the output is absent or complete, and a
+    stop inside the command is one line with 128 + the signal number."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    from tests.support.fault_fixtures import PROGRESS
+
+    stopped_inside = {signal.SIGTERM: 0, signal.SIGINT: 0}
+    for after_s in (1.0, 2.0, 3.0):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            parent = trained["root"] / f"stopped_{sig.name}_{after_s}"
+            parent.mkdir()
+            out = parent / "cleaned"
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            proc = subprocess.Popen([sys.executable, "-m", "megaface", *_clean_argv(trained, out)], cwd=ROOT,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(after_s)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=120)
+            left = sorted(p.name for p in parent.iterdir())
+            # -sig: the signal came while Python was starting (before its handlers) or exiting (after them)
+            assert proc.returncode in (0, 128 + sig, -sig), (proc.returncode, err[-2000:])
+            if left == ["cleaned"]:  # it had finished: the whole output
+                assert proc.returncode != 128 + sig and _records(out) == _records(trained["out"])
+                continue
+            assert left == [], (left, err[-2000:])  # no output, no temporary
+            if proc.returncode == 128 + sig:
+                stopped_inside[sig] += 1
+                lines = [ln for ln in err.strip().splitlines() if not PROGRESS.match(ln)]
+                assert lines == [f"megaface clean: stopped by {sig.name}; outputs appear only when complete, so "
+                                 "nothing half-written was left: rerun the command"], err[-2000:]
+    assert all(stopped_inside.values()), stopped_inside  # each signal was caught inside the command at least once

@@ -281,23 +281,34 @@ def _group_alive(pgid: int) -> list[int]:
 
 
 @pytest.mark.timeout(240)
-def test_a_killed_pack_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_killed_pack_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path, sig: int) -> None:
+    """SIGKILL to the parent (the OOM killer); SIGTERM and SIGINT to the whole process group, as a batch
+    system's stop and a terminal's Ctrl-C reach the parent and its workers."""
     images = make_folder(tmp_path / "faces", classes=300, per_class=(9, 10, 11), size=16)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     expected = pack_bytes(reference_pack(images, tmp_path / "whole", size=16))
     out = tmp_path / "killed"
     journal = partial_dir(out) / JOURNAL_NAME
     proc = subprocess.Popen(_pack_cmd(images, out, "--workers", "2", "--chunk-size", "5"), env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if journal.is_file() and journal.read_text().count("\n") >= 6:  # header + 5 chunks complete
             break
         time.sleep(0.002)
     assert proc.poll() is None, "the pack ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    if sig == signal.SIGKILL:
+        os.kill(proc.pid, sig)
+    else:
+        os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=30)
     assert not out.exists() and journal.is_file()
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig and err.strip().splitlines()[-1] == (
+            f"megaface pack: stopped by {signal.Signals(sig).name}; the chunks packed before are kept: rerun "
+            "with --resume to continue"), err[-2000:]
+        assert "Traceback" not in err, err[-3000:]
     for _ in range(100):  # the workers die with their parent (PR_SET_PDEATHSIG)
         if not _group_alive(proc.pid):
             break

@@ -43,7 +43,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-PROGRESS = re.compile(r"^[\w ]+: \d+/\d+ \w+, ")  # the plain progress lines of long commands (utils.progress)
+PROGRESS = re.compile(r"^[\w ]+(: [\w ]+)?: \d+/\d+ \w+, ")  # the plain progress lines of long commands (utils.progress)
 
 
 def one_error_line(result: subprocess.CompletedProcess, command: str, code: int | None = None) -> str:
