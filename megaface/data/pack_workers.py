@@ -80,6 +80,7 @@ class ChunkWorkers:
         self.encode, self.workers, self.staging, self.window = encode, workers, staging, max(window, 2 * workers)
         self.processes: list[Any] = []
         self.connections: list[Connection] = []
+        self._finished = 0  # workers told that no chunk follows
 
     def __enter__(self) -> ChunkWorkers:
         shutil.rmtree(self.staging, ignore_errors=True)  # chunks a killed run left behind
@@ -97,12 +98,9 @@ class ChunkWorkers:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._finish_workers()
         for conn in self.connections:
-            if exc[0] is None:
-                try:
-                    conn.send(None)  # done: the worker returns
-                except OSError:
-                    pass
             conn.close()
         for process in self.processes:
             if exc[0] is not None:
@@ -129,6 +127,8 @@ class ChunkWorkers:
                 if chunk is not None:
                     self.connections[w].send((sent, chunk))
                     busy[w], sent = busy[w] + 1, sent + 1
+            if exhausted:  # the workers may exit while the parent appends the last chunks
+                self._finish_workers()
             if taken in pending:
                 lengths, error = pending.pop(taken)
                 if error is not None:
@@ -141,11 +141,21 @@ class ChunkWorkers:
             elif exhausted and taken == sent:
                 return
             else:
-                for conn in wait(self.connections):
+                # only the workers holding chunks: one told to finish may have closed its end already
+                for conn in wait([self.connections[k] for k in busy if busy[k]]):
                     w = self.connections.index(conn)  # type: ignore[arg-type]  # wait() returns what it was given
                     number, lengths, error = self._receive(w)
                     busy[w] -= 1
                     pending[number] = (lengths, error)
+
+    def _finish_workers(self) -> None:
+        """Tell every worker there is nothing more (each returns after the chunks it holds), once."""
+        for conn in self.connections[self._finished:]:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        self._finished = len(self.connections)
 
     def _receive(self, w: int) -> tuple[int, array | None, BaseException | None]:
         try:
