@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,15 @@ def test_sigterm_or_ctrl_c_during_clean_leaves_nothing_or_the_whole_output(train
                 assert lines == [f"megaface clean: stopped by {sig.name}; outputs appear only when complete, so "
                                  "nothing half-written was left: rerun the command"], err[-2000:]
     assert all(stopped_inside.values()), stopped_inside  # each signal was caught inside the command at least once
+
+
+def test_clean_draws_bars_on_a_terminal(trained: dict[str, Any]) -> None:
+    from tests.conftest import ROOT, run_under_pty
+
+    out = trained["root"] / "on_a_terminal"
+    rc, text = run_under_pty([sys.executable, "-m", "megaface", *_clean_argv(trained, out)],
+                             env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=240)
+    kept = int(trained["keep"].sum())
+    assert rc == 0 and "clean: embed: 100%|" in text and "clean: write: 100%|" in text, text[-3000:]
+    assert f"{len(trained['labels'])}/{len(trained['labels'])}" in text and f"{kept}/{kept}" in text, text[-3000:]
+    assert "\r" in text and "done in" not in text, text[-3000:]

@@ -173,3 +173,15 @@ def test_tar_at_far_equals_arcface_torch_eval_ijbc(larger_run: dict) -> None:
     fpr, tpr, _ = roc_curve(labels, pair_scores)
     lowest = [f"{100 * tpr[np.argmin(np.abs(fpr - far))]:.2f}" for far in ijb.FAR_TARGETS]
     assert lowest != reference_digits  # this set has vertical ROC steps at the targets: the tie rule is tested
+
+
+def test_eval_ijb_draws_a_bar_on_a_terminal(run: dict, tmp_path: Path) -> None:
+    from tests.conftest import run_under_pty
+
+    root = run["root"]
+    rc, out = run_under_pty([sys.executable, "-m", "megaface", "eval-ijb", "--checkpoint", str(run["ckpt"]),
+                             "--ijb-dir", str(root / "IJBC"), "--target", "IJBC", "--batch-size", "16"],
+                            env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=240)
+    n = run["counts"]["images"]
+    assert rc == 0 and "eval-ijb IJBC: 100%|" in out and f"{n}/{n}" in out and "\r" in out, out[-3000:]
+    assert "done in" not in out, out[-3000:]  # no plain progress lines on a terminal

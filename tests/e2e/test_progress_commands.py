@@ -2,7 +2,9 @@
 
 One interpreter under a pty runs pack rec, pack ofrecord, embed, eval and convert fc7 --reshard (a start of
 Python with torch costs seconds on a shared machine); the piped case runs the same commands in this process,
-where stderr is not a terminal. `convert consolidate` needs a DeepSpeed checkpoint: slow test.
+where stderr is not a terminal. `convert consolidate` needs a DeepSpeed checkpoint: slow test. `clean` and
+`eval-ijb` are tried under a pty beside their trained model and IJB folder (tests/e2e/test_clean.py,
+tests/e2e/test_ijb_end_to_end.py).
 """
 
 from __future__ import annotations
