@@ -130,6 +130,7 @@ def test_evaluate_on_lfw(workdir: Path, trained: str) -> None:
     assert accuracy is not None and 0.0 <= float(accuracy.group(1)) <= 1.0, out[-4000:]
 
 
+@pytest.mark.slow  # 1-3 minutes; the deepspeed launcher with a hostfile runs by default in test_launchers.py
 @pytest.mark.timeout(FIXTURES_S + JOB_TIMEOUT_S)
 def test_scale_with_a_deepspeed_hostfile(workdir: Path, packed: Path) -> None:
     """Step 4 on one node of 2 CPU ranks (the README's 2 x 8 GPUs need a cluster), tiny network."""
