@@ -288,7 +288,12 @@ def check_decode(state: Any, size: dict[str, Any]) -> dict[str, Any]:
                            device_decoder=decoder if path == "gpu" else None)
 
     def compare(dataset: Any) -> None:
-        (a, _), (b, _) = next(iter(loader("cpu", dataset))), next(iter(loader("gpu", dataset)))
+        batches = []
+        for path in ("cpu", "gpu"):
+            source = loader(path, dataset)
+            batches.append(next(iter(source))[0])
+            source.close()
+        a, b = batches
         diff = (a.images.to(torch.int16) - b.images.to(torch.int16)).abs()
         jpeg = sum(len(dataset[i][1]) for i in range(min(len(dataset), 512))) / min(len(dataset), 512)
         pixels.update(mean_abs_diff=round(float(diff.float().mean()), 4), max_abs_diff=int(diff.max()),

@@ -253,7 +253,6 @@ class Stopped(KeyboardInterrupt):
 STOP_HINTS = {
     ("", ""): "outputs appear only when complete, so nothing half-written was left: rerun the command",
     ("pack", "rec"): "the chunks packed before are kept: rerun with --resume to continue",
-    ("pack", "ofrecord"): "outputs appear only when complete, so nothing half-written was left: rerun the command",
 }
 """The line's advice after a stop, by (command, subcommand)."""
 

@@ -25,6 +25,7 @@ import yaml
 from megaface import vocab
 from megaface.config.ranges import check_ranges, range_docs
 from megaface.config.sections import ExperimentConfig, OptimConfig, _to_plain
+from megaface.data.device_decode import check_decode
 from megaface.head.margin import resolve_margin
 
 # the section classes are exported by the package (`megaface.config`), where callers import them from
@@ -160,9 +161,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
     d = cfg.data
-    if d.decode == "gpu" and d.strict_decode:
-        raise ValueError("data.strict_decode=true needs data.decode=cpu (libjpeg's warnings about damaged data are "
-                         "what it checks; the device decoder gives none): drop one of the two")
+    check_decode(d.decode, d.strict_decode)
     for name in ("part_num", "part_name_suffix_length"):
         value = getattr(d, name)
         if value is not None and d.source != "ofrecord":

@@ -31,11 +31,21 @@ import numpy as np
 import torch
 
 from megaface.data.decode import CorruptImageError, decode_image
+from megaface.vocab import DECODE_MODES
 
 Decoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 """Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic)."""
+
+
+def check_decode(decode: str, strict_decode: bool) -> None:
+    """data.decode and data.strict_decode together (config load and TrainLoader both ask here)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"data.decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    if decode == "gpu" and strict_decode:
+        raise ValueError("data.strict_decode=true needs data.decode=cpu (libjpeg's warnings about damaged data are "
+                         "what it checks; the device decoder gives none): drop one of the two")
 
 
 def jpeg_header(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:

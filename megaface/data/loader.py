@@ -30,7 +30,7 @@ import torch
 from megaface.data.augment import Augment, DeviceCopy, RawBatch, sample_uniforms
 from megaface.data.datasets import dataset_where
 from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image_checked, normalize_nchw
-from megaface.data.device_decode import Decoder, encode_batch, jpeg_header, nvjpeg_decoder
+from megaface.data.device_decode import Decoder, check_decode, encode_batch, jpeg_header, nvjpeg_decoder
 
 STATE_FORMAT = "megaface.loader.v1"
 
@@ -131,7 +131,7 @@ class _BatchTask(torch.utils.data.Dataset):
             raise CorruptImageError(f"every image of a batch is corrupt, e.g. {skipped[0]}")
         # a corrupt image is replaced by a good one of the same batch so batch shapes stay equal on all ranks
         src = [k if loaded[k][1] is not None else good[k % len(good)] for k in range(len(loaded))]
-        shapes = {_shape(im) for _, im, _ in loaded if im is not None}
+        shapes = {tuple(im.shape[:2]) for _, im, _ in loaded if im is not None}  # arrays, or _Jpeg headers
         if len(shapes) > 1:
             raise ValueError(
                 f"images of one batch differ in size {sorted(shapes)} "
@@ -169,11 +169,6 @@ class _Jpeg:
 
     data: bytes
     shape: tuple[int, int]
-
-
-def _shape(image: np.ndarray | bytes | _Jpeg) -> tuple[int, ...]:
-    assert not isinstance(image, bytes)  # _load returns decoded arrays or _Jpeg
-    return tuple(image.shape[:2])
 
 
 class WorkerDied(DataError):
@@ -272,17 +267,13 @@ class TrainLoader:
         self.on_device, self.augment, self.pin_memory = bool(on_device), augment or Augment(), bool(pin_memory)
         if self.augment.enabled and not self.on_device:
             raise ValueError("data.augment runs on the training device: build the loader with on_device=True")
+        check_decode(decode, strict_decode)
         decoder = None
         if decode == "gpu":  # JPEGs cross compressed and are decoded on the device (megaface.data.device_decode)
             if device is None or not self.on_device:
                 raise ValueError("data.decode=gpu decodes on the training device: build the loader with "
                                  "on_device=True and a device")
-            if strict_decode:
-                raise ValueError("data.strict_decode=true needs data.decode=cpu (libjpeg's warnings about damaged "
-                                 "data are what it checks; the device decoder gives none): drop one of the two")
             decoder = device_decoder or nvjpeg_decoder(device)
-        elif decode != "cpu":
-            raise ValueError(f"data.decode={decode!r}: choose cpu or gpu")
         # with a device, batch k+1 is copied there (one batch ahead) before batch k is handed out
         self._copy = DeviceCopy(device, decoder) if (device is not None and self.on_device) else None
         self._ahead = 0  # batches taken from the epoch but not handed out yet (0 or 1)
