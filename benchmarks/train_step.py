@@ -23,7 +23,8 @@ phase's share of the step, timed exclusively (a collective inside backward count
   other           the rest of the step (lr bookkeeping, Python)
 A variant is NAME:ITEMS with comma-separated items: `legacy`, `channels_last` (the model converted: ZeRO
 refuses it), `input_channels_last` (the library's model.channels_last: only the batch is NHWC; without it the
-batch is fed NCHW), or a DeepSpeed JSON override
+batch is fed NCHW), `compile` (model.compile=true: torch.compile of the backbone; give it warm-up steps, the
+first ones compile), or a DeepSpeed JSON override
 `key.path=value` applied to ds_configs/zero1_<precision>.json (or --ds-config). Data: the images come from
 the loader; labels are spread over all classes (label * classes // identities) so positives fall on every
 shard. On CPU there is no device queue, so host_sync here is the cost of the work the syncs force (a norm
@@ -54,6 +55,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("data", "backbone_fwd", "head_fwd", "backward", "backbone_step", "fc7_step", "communication",
           "host_sync", "other")
+ITEMS = ("legacy", "channels_last", "input_channels_last", "compile")
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                 "broadcast", "reduce", "all_to_all_single", "barrier")
 
@@ -172,7 +174,8 @@ def build_case(state: Any, case: dict[str, Any], data_root: Path) -> tuple[Any, 
     path = case["ds_config"] or ROOT / "ds_configs" / f"zero1_{case['precision']}.json"
     parts = build_parts_for(state, case["network"], path, [o for o in case["items"] if "=" in o], case["batch"],
                             case["classes"], case["sample_rate"], case["embedding_size"],
-                            "channels_last" in case["items"], "input_channels_last" in case["items"])
+                            "channels_last" in case["items"], "input_channels_last" in case["items"],
+                            ["--model.compile=true"] if "compile" in case["items"] else [])
     pack_dir, _ = ensure_synthetic(data_root, case["identities"], 4, 0, 0)
     loader = TrainLoader(build_dataset("recordio", str(pack_dir)), case["batch"], state.rank, state.world_size,
                          workers=case["workers"], on_device=True, device=state.device)  # training's input path
@@ -325,7 +328,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--networks", default="mobilefacenet,iresnet50")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--variant", action="append", default=None,
-                        help="NAME:ITEMS (items: legacy, channels_last, ds.key=value); default before:legacy, after:")
+                        help=f"NAME:ITEMS (items: {', '.join(ITEMS)}, ds.key=value); default before:legacy, after:")
     parser.add_argument("--ds-config", default=None, help="base JSON (default ds_configs/zero1_<precision>.json)")
     parser.add_argument("--classes", type=int, default=100_000)
     parser.add_argument("--sample-rate", type=float, default=0.2)
@@ -350,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         for prec in args.precisions.split(","):
             for text in variants:
                 name, _, items = text.partition(":")
+                unknown = [i for i in items.split(",") if i and "=" not in i and i not in ITEMS]
+                if unknown:
+                    raise SystemExit(f"--variant {text}: unknown item(s) {unknown}; choose from {ITEMS} or key=value")
                 cases.append({"network": network, "precision": prec, "variant": name,
                               "items": [i for i in items.split(",") if i], "ds_config": args.ds_config,
                               "classes": args.classes, "sample_rate": args.sample_rate, "batch": args.batch,

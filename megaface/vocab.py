@@ -20,6 +20,12 @@ DecodeMode = Literal["cpu", "gpu"]
 device (torchvision), the workers only read and check headers (megaface.data.device_decode)."""
 DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 
+PrepareMode = Literal["device", "host"]
+"""Where a training batch is flipped, augmented and normalised: device = uint8 batches cross to the training
+device and it does the rest in the backbone's dtype; host = the loader's process normalises to float32 and the
+float batch crosses (the former path, 4x the bytes; no data.augment, no data.decode=gpu)."""
+PREPARE_MODES: tuple[str, ...] = get_args(PrepareMode)
+
 DataSource = Literal["synthetic", "recordio", "folder", "ofrecord"]
 """Training data: built-in synthetic identities, an InsightFace RecordIO pack (train.rec/.idx/property),
 an image folder (one sub-folder per identity), or a OneFlow OFRecord directory (part-N files)."""

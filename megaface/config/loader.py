@@ -25,7 +25,7 @@ import yaml
 from megaface import vocab
 from megaface.config.ranges import check_ranges, range_docs
 from megaface.config.sections import ExperimentConfig, OptimConfig, _to_plain
-from megaface.data.device_decode import check_decode
+from megaface.data.device_decode import check_input_path
 from megaface.head.margin import resolve_margin
 
 # the section classes are exported by the package (`megaface.config`), where callers import them from
@@ -161,7 +161,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ValueError(f"data.source={cfg.data.source!r} needs data.path (the pack or folder to train on)")
     d = cfg.data
-    check_decode(d.decode, d.strict_decode)
+    check_input_path(d.decode, d.strict_decode, d.prepare, d.augment.enabled)
     for name in ("part_num", "part_name_suffix_length"):
         value = getattr(d, name)
         if value is not None and d.source != "ofrecord":

@@ -171,6 +171,9 @@ class DataConfig:
     decode: vocab.DecodeMode = "cpu"
     """cpu: loader workers decode JPEGs (libjpeg-turbo) and send pixels; gpu: they send the compressed JPEGs and the
     training device decodes each batch with nvJPEG (torchvision, CUDA only; megaface.data.device_decode)."""
+    prepare: vocab.PrepareMode = "device"
+    """device: uint8 batches cross to the training device, which flips, augments and normalises them; host: the
+    loader's process normalises to float32 (the former path: 4x the bytes cross; no augment, decode=cpu)."""
     strict_decode: bool = False
     """A JPEG that decodes only with libjpeg warnings (damaged entropy data, truncated: partly grey) is an
     error (or a skip with skip_corrupt) instead of a counted, logged warning."""

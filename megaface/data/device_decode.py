@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from megaface.data.decode import CorruptImageError, decode_image
-from megaface.vocab import DECODE_MODES
+from megaface.vocab import DECODE_MODES, PREPARE_MODES
 
 Decoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 
@@ -39,13 +39,22 @@ _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0x
 """Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic)."""
 
 
-def check_decode(decode: str, strict_decode: bool) -> None:
-    """data.decode and data.strict_decode together (config load and TrainLoader both ask here)."""
+def check_input_path(decode: str, strict_decode: bool, prepare: str = "device", augmenting: bool = False) -> None:
+    """data.decode, data.strict_decode, data.prepare and data.augment together (config load and TrainLoader both
+    ask here)."""
     if decode not in DECODE_MODES:
         raise ValueError(f"data.decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    if prepare not in PREPARE_MODES:
+        raise ValueError(f"data.prepare={prepare!r}: choose one of {', '.join(PREPARE_MODES)}")
     if decode == "gpu" and strict_decode:
         raise ValueError("data.strict_decode=true needs data.decode=cpu (libjpeg's warnings about damaged data are "
                          "what it checks; the device decoder gives none): drop one of the two")
+    if prepare == "host" and decode == "gpu":
+        raise ValueError("data.decode=gpu decodes on the training device, data.prepare=host normalises on the host: "
+                         "set data.prepare=device (the default) or data.decode=cpu")
+    if prepare == "host" and augmenting:
+        raise ValueError("data.augment runs on the training device: set data.prepare=device (the default) or turn "
+                         "the augmentations off")
 
 
 def jpeg_header(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:

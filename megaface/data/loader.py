@@ -30,7 +30,7 @@ import torch
 from megaface.data.augment import Augment, DeviceCopy, RawBatch, sample_uniforms
 from megaface.data.datasets import dataset_where
 from megaface.data.decode import NORMALIZE_MODES, CorruptImageError, decode_image_checked, normalize_nchw
-from megaface.data.device_decode import Decoder, check_decode, encode_batch, jpeg_header, nvjpeg_decoder
+from megaface.data.device_decode import Decoder, check_input_path, encode_batch, jpeg_header, nvjpeg_decoder
 
 STATE_FORMAT = "megaface.loader.v1"
 
@@ -265,14 +265,11 @@ class TrainLoader:
         self.seed, self.drop_last, self.workers, self.flip = int(seed), bool(drop_last), int(workers), bool(flip)
         self.normalize, self.skip_corrupt = normalize, bool(skip_corrupt)
         self.on_device, self.augment, self.pin_memory = bool(on_device), augment or Augment(), bool(pin_memory)
-        if self.augment.enabled and not self.on_device:
-            raise ValueError("data.augment runs on the training device: build the loader with on_device=True")
-        check_decode(decode, strict_decode)
+        check_input_path(decode, strict_decode, "device" if self.on_device else "host", self.augment.enabled)
         decoder = None
         if decode == "gpu":  # JPEGs cross compressed and are decoded on the device (megaface.data.device_decode)
-            if device is None or not self.on_device:
-                raise ValueError("data.decode=gpu decodes on the training device: build the loader with "
-                                 "on_device=True and a device")
+            if device is None:
+                raise ValueError("data.decode=gpu decodes on the training device: build the loader with a device")
             decoder = device_decoder or nvjpeg_decoder(device)
         # with a device, batch k+1 is copied there (one batch ahead) before batch k is handed out
         self._copy = DeviceCopy(device, decoder) if (device is not None and self.on_device) else None

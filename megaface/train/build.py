@@ -299,10 +299,12 @@ def build_run(cfg: ExperimentConfig, ds_raw: dict[str, Any], state: DistState, l
 
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
     head_dtype = auto_head_dtype(cfg.head.compute_dtype, precision, state.device, log)
-    # uint8 batches to the device, one batch ahead; flip, augmentations and normalisation run there
+    # data.prepare=device: uint8 batches to the device, one batch ahead; flip, augmentations and normalisation
+    # run there. host: float32 batches normalised in this process (the former path)
     loader = TrainLoader(dataset, micro, state.rank, state.world_size, seed=cfg.data.seed,
                          workers=cfg.data.workers, flip=cfg.data.flip, normalize=cfg.data.normalize,
-                         skip_corrupt=cfg.data.skip_corrupt, strict_decode=cfg.data.strict_decode, on_device=True,
+                         skip_corrupt=cfg.data.skip_corrupt, strict_decode=cfg.data.strict_decode,
+                         on_device=cfg.data.prepare == "device",
                          augment=cfg.data.augment, decode=cfg.data.decode,
                          pin_memory=state.device.type == "cuda", device=state.device)
     model = build_model(cfg.model.network, embedding_size=cfg.model.embedding_size, dropout=cfg.model.dropout,

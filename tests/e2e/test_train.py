@@ -170,3 +170,13 @@ def test_resume_is_exact_with_augmentations_on_the_device(cache: Path, tmp_path:
                                                          *augment))
     assert [r["code"] for r in resumed] == [0, 0]
     assert resumed[0]["losses"] == full[0]["losses"][3:]
+
+
+def test_host_and_device_input_paths_train_alike(cache: Path, tmp_path: Path) -> None:
+    """data.prepare=host (float32 normalised by the loader, the former path) and the default device path (uint8
+    to the device, flipped and normalised there) give the same losses bit for bit on the CPU."""
+    args = ("--data.workers=1", "--data.synthetic.identities=8", "--data.synthetic.images_per_identity=2")
+    device = run_distributed(train_worker, 2, tiny_args(cache, tmp_path / "d", 4, *args))
+    host = run_distributed(train_worker, 2, tiny_args(cache, tmp_path / "h", 4, "--data.prepare=host", *args))
+    assert [r["code"] for r in device + host] == [0] * 4
+    assert len(device[0]["losses"]) == 4 and host[0]["losses"] == device[0]["losses"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from megaface.config import load_config
 from megaface.data.augment import (
     NUM_SLOTS,
     SLOT_CROP,
@@ -124,8 +125,10 @@ def test_probability_picks_the_samples_by_their_own_numbers() -> None:
 
 
 def test_augmentations_need_the_device_path() -> None:
-    with pytest.raises(ValueError, match="on_device=True"):
+    with pytest.raises(ValueError, match=r"^data\.augment runs on the training device: set data\.prepare=device"):
         TrainLoader(SyntheticDataset(4, 4), 4, augment=Augment(gray_p=0.1))
+    with pytest.raises(ValueError, match=r"^data\.augment runs on the training device: set data\.prepare=device"):
+        load_config(None, ["--train.max_steps=9", "--data.prepare=host", "--data.augment.gray_p=0.1"])
 
 
 def test_pack_preview_writes_a_grid(tmp_path, capsys) -> None:

@@ -135,8 +135,12 @@ def test_decode_gpu_is_refused_where_it_cannot_run(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"^data\.decode=gpu decodes JPEGs with nvJPEG on a CUDA device, and this "
                                          r"run's device is cpu .*set data\.decode=cpu$"):
         TrainLoader(ds, 8, on_device=True, device=CPU, decode="gpu")
-    with pytest.raises(ValueError, match="build the loader with on_device=True"):
+    with pytest.raises(ValueError, match=r"^data\.decode=gpu decodes on the training device, data\.prepare=host"):
         TrainLoader(ds, 8, decode="gpu", device_decoder=host_decoder)
+    with pytest.raises(ValueError, match=r"^data\.decode=gpu decodes on the training device, data\.prepare=host"):
+        load_config(None, ["--train.max_steps=9", "--data.decode=gpu", "--data.prepare=host"])
+    with pytest.raises(ValueError, match="build the loader with a device"):
+        TrainLoader(ds, 8, on_device=True, decode="gpu", device_decoder=host_decoder)
     with pytest.raises(ValueError, match=r"data\.strict_decode=true needs data\.decode=cpu"):
         TrainLoader(ds, 8, on_device=True, device=CPU, decode="gpu", strict_decode=True, device_decoder=host_decoder)
     with pytest.raises(ValueError, match=r"data\.strict_decode=true needs data\.decode=cpu"):
