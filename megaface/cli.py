@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     func_args = rest
     if rest and (name, rest[0]) in ROUTES:
         (module_name, func_name), func_args = ROUTES[(name, rest[0])], rest[1:]
+    from megaface import fileio  # (light: no torch)
+
+    placed_before = len(fileio.PLACED)
     try:
         with _stop_on_sigterm():
             func = getattr(importlib.import_module(module_name), func_name)
@@ -207,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
         hint = STOP_HINTS.get((name, rest[0] if rest else ""), STOP_HINTS[("", "")])
+        placed = [p for p in fileio.PLACED[placed_before:] if p.exists()]  # not a staged part, removed since
+        if placed:  # the stop came after the output was in place, whole
+            hint = f"{placed[-1]} was already complete (written aside, then renamed into place whole)"
         print(f"megaface {_command_name(name, rest)}: stopped by {signal.Signals(signum).name}; {hint}",
               file=sys.stderr, flush=True)
         return 128 + signum

@@ -211,16 +211,23 @@ def copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(item, target)
 
 
+PLACED: list[Path] = []
+"""Output directories renamed into place whole by this process (move_into_place, replace_dir), in order: a
+command stopped after its output was placed says so (megaface.cli)."""
+
+
 def move_into_place(tmp: Path, target: Path) -> None:
     """Rename directory `tmp` to `target`; into an existing `target`, entry by entry."""
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         if target.exists():
             target.rmdir()
         os.rename(tmp, target)
+        PLACED.append(target)
         return
     for item in tmp.iterdir():
         os.replace(item, target / item.name)
     tmp.rmdir()
+    PLACED.append(target)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
@@ -230,10 +237,12 @@ def replace_dir(tmp: Path, target: Path) -> None:
         target.rmdir()
     if not target.exists():
         os.rename(tmp, target)
+        PLACED.append(target)
         return
     old = target.with_name(f".{target.name}.old")
     if old.exists():  # left by an interrupted earlier replacement
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     target.rename(old)
     os.rename(tmp, target)
+    PLACED.append(target)
     shutil.rmtree(old) if old.is_dir() else old.unlink()

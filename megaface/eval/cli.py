@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence, cast
 
 import numpy as np
 
-from megaface.fileio import atomic_output_files, atomic_write_text, save_npy, save_text
+from megaface.fileio import atomic_output_files, atomic_write_text, make_temp_dir, replace_dir, save_npy, save_text
 from megaface.vocab import CLEAN_FORMATS, IJB_POOLINGS, IMAGE_SUFFIXES, NORMALIZE_MODES, PROGRESS_MODES, IjbPooling
 
 # ---- shared helpers ----------------------------------------------------------------------------------
@@ -296,11 +297,19 @@ def _clean_main(args: argparse.Namespace, tag_dir: Path, pack: Any, labels: np.n
     angles = clean.angles_to_dominant(cosines, labels, dominant)
     plan = clean.plan_clean(angles, labels, len(dominant), args.threshold_deg, args.min_images)
     fmt = args.format or clean.pack_format(pack)
-    order = clean.write_pack(pack, plan, labels, args.output, fmt, overwrite=args.force)
-    report = clean.report(plan, angles, dominant, labels, k, args.threshold_deg, args.min_images,
-                          source=str(args.pack), checkpoint=str(tag_dir), output=str(args.output), format=fmt)
-    report["noise"] = clean.noise_score(args.pack, plan)  # a synthetic pack's truth, when it has one
-    clean.write_outputs(Path(args.output), order, report, angles, args.threshold_deg)
+    # The pack and its report files are written into a hidden sibling and renamed into place together: the
+    # output appears whole or not at all (a stop between the pack and its report left a pack without one).
+    output = Path(args.output)
+    staging = make_temp_dir(output)
+    try:
+        order = clean.write_pack(pack, plan, labels, staging / output.name, fmt)
+        report = clean.report(plan, angles, dominant, labels, k, args.threshold_deg, args.min_images,
+                              source=str(args.pack), checkpoint=str(tag_dir), output=str(args.output), format=fmt)
+        report["noise"] = clean.noise_score(args.pack, plan)  # a synthetic pack's truth, when it has one
+        clean.write_outputs(staging / output.name, order, report, angles, args.threshold_deg)
+        replace_dir(staging / output.name, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"output": args.output, "format": fmt, "samples": f"{report['samples_in']}->{report['samples_out']}",
             "classes": f"{report['classes_in']}->{report['classes_out']}",
             "dropped_angle": report["samples_dropped"]["angle"],

@@ -196,8 +196,12 @@ def test_sigterm_or_ctrl_c_during_clean_leaves_nothing_or_the_whole_output(train
             left = sorted(p.name for p in parent.iterdir())
             # -sig: the signal came while Python was starting (before its handlers) or exiting (after them)
             assert proc.returncode in (0, 128 + sig, -sig), (proc.returncode, err[-2000:])
-            if left == ["cleaned"]:  # it had finished: the whole output
-                assert proc.returncode != 128 + sig and _records(out) == _records(trained["out"])
+            if left == ["cleaned"]:  # it had finished: the whole output, its report included
+                assert _records(out) == _records(trained["out"]) and (out / "clean.json").is_file()
+                if proc.returncode == 128 + sig:  # the stop landed after the rename: the line says so
+                    lines = [ln for ln in err.strip().splitlines() if not PROGRESS.match(ln)]
+                    assert lines == [f"megaface clean: stopped by {sig.name}; {out} was already complete (written "
+                                     "aside, then renamed into place whole)"], err[-2000:]
                 continue
             assert left == [], (left, err[-2000:])  # no output, no temporary
             if proc.returncode == 128 + sig:
@@ -206,6 +210,31 @@ def test_sigterm_or_ctrl_c_during_clean_leaves_nothing_or_the_whole_output(train
                 assert lines == [f"megaface clean: stopped by {sig.name}; outputs appear only when complete, so "
                                  "nothing half-written was left: rerun the command"], err[-2000:]
     assert all(stopped_inside.values()), stopped_inside  # each signal was caught inside the command at least once
+
+
+def test_a_stop_right_after_the_rename_names_the_complete_output(trained: dict[str, Any], capsys,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C landing between the final rename and the end of the command: the output stays (whole, report
+    included) and the one line says it is complete instead of advising a rerun."""
+    import megaface.eval.cli as eval_cli
+
+    real = eval_cli.replace_dir
+
+    def rename_then_stop(tmp: Path, target: Path) -> None:
+        real(tmp, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cli, "replace_dir", rename_then_stop)
+    out = trained["root"] / "stopped_after_rename"
+    capsys.readouterr()
+    assert cli.main(_clean_argv(trained, out)) == 130
+    from tests.support.fault_fixtures import PROGRESS
+
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not PROGRESS.match(ln)]
+    assert lines == [f"megaface clean: stopped by SIGINT; {out} was already complete (written aside, then renamed "
+                     "into place whole)"], lines
+    assert _records(out) == _records(trained["out"]) and (out / "clean.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
 
 
 def test_clean_draws_bars_on_a_terminal(trained: dict[str, Any]) -> None:
