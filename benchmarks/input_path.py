@@ -35,15 +35,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: learning.py's helpers through the benchmarks package
+from benchmarks.learning import ACCURACY, _env, _free_port  # noqa: E402
+
 PATHS = ("device", "host")
 START = re.compile(r"start-up: .*?(\d+) iterations, global batch (\d+)")
 LOSS = re.compile(r"train: iter (\d+), loss ([0-9.e+-]+|nan|inf)")
 THROUGHPUT = re.compile(r"avg throughput: ([0-9.]+)")
-ACCURACY = re.compile(r"Accuracy-Flip: ([0-9.]+|nan)")
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -86,14 +84,6 @@ def run_one(path: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"path": path, "seed": seed, **found, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "samples": samples, "samples_per_cpu_s": round(samples / cpu, 2),
             "accuracy": found["accuracies"][-1] if found["accuracies"] else None, "log": str(log)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _mean_spread(values: list[float]) -> list[float]:
