@@ -179,8 +179,9 @@ def _records(pack: Any, order: np.ndarray, labels: np.ndarray, new_label: np.nda
 
 
 def write_pack(pack: Any, plan: CleanPlan, labels: np.ndarray, output: str | os.PathLike, fmt: CleanFormat,
-               overwrite: bool = False, progress: bool = True) -> np.ndarray:
-    """Write the kept records of `pack` to `output` in `fmt`; returns their source positions (written order)."""
+               progress: bool = True) -> np.ndarray:
+    """Write the kept records of `pack` to a new `output` in `fmt`; returns their source positions (written order).
+    (The command writes it into a staging directory and replaces an existing output as a whole, with --force.)"""
     from megaface.data.decode import decode_image
     from megaface.data.ofrecord import encode_record
     from megaface.data.ofrecord_pack import write_parts
@@ -195,12 +196,11 @@ def write_pack(pack: Any, plan: CleanPlan, labels: np.ndarray, output: str | os.
     with Progress("clean: write", int(order.size), "images", enabled=progress) as bar:
         records = _records(pack, order, labels, plan.new_label, bar)
         if fmt == "ofrecord":
-            write_parts(output, int(order.size), (encode_record({"encoded": img, "label": lab}) for lab, img in records),
-                        overwrite=overwrite)
+            write_parts(output, int(order.size), (encode_record({"encoded": img, "label": lab}) for lab, img in records))
         else:
             # an OFRecord source does not know its image size without decoding one image
             size = getattr(pack, "image_size", None) or decode_image(pack[int(order[0])][1]).shape[:2]
-            with PackWriter(output, (int(size[0]), int(size[1])), overwrite=overwrite) as writer:
+            with PackWriter(output, (int(size[0]), int(size[1]))) as writer:
                 for lab, img in records:
                     writer.add(lab, img)
     return order
